@@ -1,0 +1,5 @@
+//! throttlefs: a FUSE passthrough filesystem that throttles each file's I/O
+//! with QEMU's disk-limit semantics.
+
+pub mod options;
+pub mod throttle;

@@ -1,0 +1,655 @@
+//! Leaky-bucket throttle maths ("leaky bucket as a meter", as QEMU's
+//! `util/throttle.c`), kept pure: no clock, no threads, no FUSE. Every
+//! function that needs the time takes `now`, a `Duration` since an arbitrary
+//! epoch chosen by the caller, so tests drive it with a fake clock and get
+//! exact deadlines.
+//!
+//! Levels are kept in integer *nano-units* (bytes or operations times 10^9)
+//! so that leaking at `avg` units per second for `d` nanoseconds removes
+//! exactly `avg * d` nano-units: no floating point, no rounding drift, and
+//! waits are rounded up so a request is never released early.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Nano-units per unit: one byte (or one operation) is 10^9 nano-units.
+const NANO_UNITS_PER_UNIT: u128 = 1_000_000_000;
+
+/// Without a burst setting a bucket holds this much I/O at the average rate
+/// (QEMU: avg/10), so short bursts pass and steady flow stays smooth.
+pub const BUCKET_WITHOUT_BURST: Duration = Duration::from_millis(100);
+
+/// The burst-rate bucket holds this much I/O at the burst rate (QEMU: max/10).
+pub const BURST_RATE_BUCKET: Duration = Duration::from_millis(100);
+
+/// Burst length used when `*_max` is set without `*_max_length` (QEMU's default).
+pub const DEFAULT_BURST_LENGTH: Duration = Duration::from_secs(1);
+
+/// Largest accepted rate or size, QEMU's THROTTLE_VALUE_MAX (10^15).
+pub const MAX_LIMIT_VALUE: u64 = 1_000_000_000_000_000;
+
+/// Number of buckets a file has (one per basic limit).
+pub const BUCKET_COUNT: usize = 6;
+
+/// Which way a request moves data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Read,
+    Write,
+}
+
+/// The six basic limits, in QEMU's order; `as usize` indexes `Limits::buckets`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BucketKind {
+    BpsTotal = 0,
+    BpsRead = 1,
+    BpsWrite = 2,
+    IopsTotal = 3,
+    IopsRead = 4,
+    IopsWrite = 5,
+}
+
+impl BucketKind {
+    pub const ALL: [BucketKind; BUCKET_COUNT] = [
+        BucketKind::BpsTotal,
+        BucketKind::BpsRead,
+        BucketKind::BpsWrite,
+        BucketKind::IopsTotal,
+        BucketKind::IopsRead,
+        BucketKind::IopsWrite,
+    ];
+
+    /// QEMU's `block_set_io_throttle` name of the average limit.
+    pub fn name(self) -> &'static str {
+        match self {
+            BucketKind::BpsTotal => "bps",
+            BucketKind::BpsRead => "bps_rd",
+            BucketKind::BpsWrite => "bps_wr",
+            BucketKind::IopsTotal => "iops",
+            BucketKind::IopsRead => "iops_rd",
+            BucketKind::IopsWrite => "iops_wr",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<BucketKind> {
+        BucketKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Bytes (true) or operations (false).
+    pub fn counts_bytes(self) -> bool {
+        matches!(
+            self,
+            BucketKind::BpsTotal | BucketKind::BpsRead | BucketKind::BpsWrite
+        )
+    }
+
+    pub fn is_total(self) -> bool {
+        matches!(self, BucketKind::BpsTotal | BucketKind::IopsTotal)
+    }
+
+    /// Whether a request going `dir` is metered by this bucket.
+    pub fn applies_to(self, dir: Direction) -> bool {
+        match self {
+            BucketKind::BpsTotal | BucketKind::IopsTotal => true,
+            BucketKind::BpsRead | BucketKind::IopsRead => dir == Direction::Read,
+            BucketKind::BpsWrite | BucketKind::IopsWrite => dir == Direction::Write,
+        }
+    }
+}
+
+/// One limit: average rate, optional burst rate and burst length.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitSpec {
+    /// Average rate in units (bytes or operations) per second; 0 = unlimited.
+    pub avg: u64,
+    /// Burst rate in units per second; 0 = no burst.
+    pub max: u64,
+    /// How long a burst at `max` may last; `None` = `DEFAULT_BURST_LENGTH`.
+    pub max_length: Option<Duration>,
+}
+
+impl LimitSpec {
+    pub fn is_set(&self) -> bool {
+        self.avg != 0 || self.max != 0 || self.max_length.is_some()
+    }
+
+    fn burst_length(&self) -> Duration {
+        self.max_length.unwrap_or(DEFAULT_BURST_LENGTH)
+    }
+}
+
+/// Every limit of one file (or of one set of defaults).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Indexed by `BucketKind as usize`.
+    pub buckets: [LimitSpec; BUCKET_COUNT],
+    /// Requests larger than this many bytes count as size/iops_size
+    /// operations; 0 = every request is one operation.
+    pub iops_size: u64,
+}
+
+/// Why a set of limits was refused; the message names the offending option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidLimits(pub String);
+
+impl fmt::Display for InvalidLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidLimits {}
+
+impl Limits {
+    pub fn get(&self, kind: BucketKind) -> &LimitSpec {
+        &self.buckets[kind as usize]
+    }
+
+    pub fn get_mut(&mut self, kind: BucketKind) -> &mut LimitSpec {
+        &mut self.buckets[kind as usize]
+    }
+
+    /// No bucket limits anything: requests need not be metered at all.
+    pub fn is_unlimited(&self) -> bool {
+        self.buckets.iter().all(|b| b.avg == 0)
+    }
+
+    /// A total (read + write) limit is set, so reads and writes share budget
+    /// and must be released in one arrival order.
+    pub fn has_total(&self) -> bool {
+        BucketKind::ALL
+            .iter()
+            .any(|k| k.is_total() && self.get(*k).avg != 0)
+    }
+
+    /// QEMU's `throttle_is_valid` rules, with messages naming the option.
+    pub fn validate(&self) -> Result<(), InvalidLimits> {
+        let err = |msg: String| Err(InvalidLimits(msg));
+        for (total, rd, wr) in [
+            (
+                BucketKind::BpsTotal,
+                BucketKind::BpsRead,
+                BucketKind::BpsWrite,
+            ),
+            (
+                BucketKind::IopsTotal,
+                BucketKind::IopsRead,
+                BucketKind::IopsWrite,
+            ),
+        ] {
+            let (t, r, w) = (self.get(total), self.get(rd), self.get(wr));
+            if t.avg != 0 && (r.avg != 0 || w.avg != 0) {
+                let split = if r.avg != 0 { rd } else { wr };
+                return err(format!(
+                    "{} cannot be used together with {}",
+                    split.name(),
+                    total.name()
+                ));
+            }
+            if t.max != 0 && (r.max != 0 || w.max != 0) {
+                let split = if r.max != 0 { rd } else { wr };
+                return err(format!(
+                    "{}_max cannot be used together with {}_max",
+                    split.name(),
+                    total.name()
+                ));
+            }
+        }
+        for kind in BucketKind::ALL {
+            let spec = self.get(kind);
+            let name = kind.name();
+            if spec.avg > MAX_LIMIT_VALUE {
+                return err(format!("{name} must be at most {MAX_LIMIT_VALUE}"));
+            }
+            if spec.max > MAX_LIMIT_VALUE {
+                return err(format!("{name}_max must be at most {MAX_LIMIT_VALUE}"));
+            }
+            if spec.max != 0 && spec.avg == 0 {
+                return err(format!("{name}_max requires {name}"));
+            }
+            if spec.max != 0 && spec.max < spec.avg {
+                return err(format!("{name}_max must not be lower than {name}"));
+            }
+            if let Some(length) = spec.max_length {
+                if spec.max == 0 {
+                    return err(format!("{name}_max_length requires {name}_max"));
+                }
+                if length.is_zero() {
+                    return err(format!("{name}_max_length must be greater than 0"));
+                }
+                // QEMU's bound: the burst bucket (max * length) stays within
+                // the value range, so levels can never overflow.
+                if u128::from(spec.max) * length.as_nanos()
+                    > u128::from(MAX_LIMIT_VALUE) * NANO_UNITS_PER_UNIT
+                {
+                    return err(format!(
+                        "{name}_max_length is too long for {name}_max (max * length must be at most {MAX_LIMIT_VALUE})"
+                    ));
+                }
+            }
+        }
+        if self.iops_size > MAX_LIMIT_VALUE {
+            return err(format!("iops_size must be at most {MAX_LIMIT_VALUE}"));
+        }
+        Ok(())
+    }
+
+    /// How many operations a request of `bytes` counts as, in nano-ops.
+    fn nano_ops(&self, bytes: u64) -> u128 {
+        if self.iops_size != 0 && bytes > self.iops_size {
+            // Rounded up: an iops limit must never be undercharged.
+            (u128::from(bytes) * NANO_UNITS_PER_UNIT).div_ceil(u128::from(self.iops_size))
+        } else {
+            NANO_UNITS_PER_UNIT
+        }
+    }
+}
+
+/// Fill levels of one bucket, in nano-units.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Level {
+    /// Leaks at `avg`; capacity avg*100ms, or max*max_length with a burst.
+    main: u128,
+    /// Leaks at `max`; capacity max*100ms; only used with a burst, where it
+    /// caps the rate during the burst.
+    burst: u128,
+}
+
+fn nanos(d: Duration) -> u128 {
+    d.as_nanos()
+}
+
+/// Saturating `Duration` from nanoseconds (a wait of centuries is still a wait).
+fn duration_from_nanos(ns: u128) -> Duration {
+    let secs = ns / 1_000_000_000;
+    if secs > u128::from(u64::MAX) {
+        return Duration::MAX;
+    }
+    Duration::new(secs as u64, (ns % 1_000_000_000) as u32)
+}
+
+/// Wait until `level` has leaked down to `capacity` at `rate` units/s.
+fn wait_for(level: u128, capacity: u128, rate: u64) -> Option<u128> {
+    // Leaking at `rate` units/s removes `rate` nano-units per nanosecond.
+    (level > capacity).then(|| (level - capacity).div_ceil(u128::from(rate)))
+}
+
+/// The meter of one file: its limits and its buckets' levels.
+#[derive(Clone, Debug)]
+pub struct ThrottleState {
+    limits: Limits,
+    levels: [Level; BUCKET_COUNT],
+    last_leak: Duration,
+}
+
+impl ThrottleState {
+    pub fn new(limits: Limits, now: Duration) -> ThrottleState {
+        ThrottleState {
+            limits,
+            levels: [Level::default(); BUCKET_COUNT],
+            last_leak: now,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Change limits on the fly. Buckets keep what they hold (a lowered limit
+    /// slows the next releases; a raised one drains the debt faster); a bucket
+    /// whose limit is removed forgets its level.
+    pub fn set_limits(&mut self, limits: Limits, now: Duration) {
+        self.leak(now);
+        for kind in BucketKind::ALL {
+            if limits.get(kind).avg == 0 {
+                self.levels[kind as usize] = Level::default();
+            }
+            if limits.get(kind).max == 0 {
+                self.levels[kind as usize].burst = 0;
+            }
+        }
+        self.limits = limits;
+    }
+
+    /// Let every bucket leak for the time since the last call. Time that
+    /// goes backwards is ignored.
+    pub fn leak(&mut self, now: Duration) {
+        let Some(delta) = now.checked_sub(self.last_leak) else {
+            return;
+        };
+        let delta_ns = nanos(delta);
+        for kind in BucketKind::ALL {
+            let spec = self.limits.get(kind);
+            let level = &mut self.levels[kind as usize];
+            level.main = level
+                .main
+                .saturating_sub(u128::from(spec.avg).saturating_mul(delta_ns));
+            level.burst = level
+                .burst
+                .saturating_sub(u128::from(spec.max).saturating_mul(delta_ns));
+        }
+        self.last_leak = now;
+    }
+
+    /// How long a request going `dir` must still wait at `now`; zero means
+    /// it may be dispatched now. Every bucket that applies must be at or
+    /// below its capacity; the longest wait wins.
+    pub fn wait(&mut self, dir: Direction, now: Duration) -> Duration {
+        self.leak(now);
+        let mut longest: u128 = 0;
+        for kind in BucketKind::ALL {
+            if !kind.applies_to(dir) {
+                continue;
+            }
+            let spec = self.limits.get(kind);
+            if spec.avg == 0 {
+                continue;
+            }
+            let level = self.levels[kind as usize];
+            let wait = if spec.max == 0 {
+                let capacity = u128::from(spec.avg) * nanos(BUCKET_WITHOUT_BURST);
+                wait_for(level.main, capacity, spec.avg)
+            } else {
+                // Main bucket: a burst of max*length, refilled at avg. While
+                // it has room, the burst bucket caps the rate at max.
+                let capacity = u128::from(spec.max) * nanos(spec.burst_length());
+                let burst_capacity = u128::from(spec.max) * nanos(BURST_RATE_BUCKET);
+                wait_for(level.main, capacity, spec.avg)
+                    .or_else(|| wait_for(level.burst, burst_capacity, spec.max))
+            };
+            longest = longest.max(wait.unwrap_or(0));
+        }
+        duration_from_nanos(longest)
+    }
+
+    /// Charge a dispatched request of `bytes` going `dir` to every bucket
+    /// that applies: its bytes to bps buckets, its operation count
+    /// (1, or bytes/iops_size when larger) to iops buckets.
+    pub fn account(&mut self, dir: Direction, bytes: u64, now: Duration) {
+        self.leak(now);
+        let nano_bytes = u128::from(bytes) * NANO_UNITS_PER_UNIT;
+        let nano_ops = self.limits.nano_ops(bytes);
+        for kind in BucketKind::ALL {
+            let spec = self.limits.get(kind);
+            if !kind.applies_to(dir) || spec.avg == 0 {
+                continue;
+            }
+            let amount = if kind.counts_bytes() {
+                nano_bytes
+            } else {
+                nano_ops
+            };
+            let level = &mut self.levels[kind as usize];
+            level.main = level.main.saturating_add(amount);
+            if spec.max != 0 {
+                level.burst = level.burst.saturating_add(amount);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * 1024;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn limits(kind: BucketKind, avg: u64) -> Limits {
+        let mut l = Limits::default();
+        l.get_mut(kind).avg = avg;
+        l
+    }
+
+    #[test]
+    fn unlimited_never_waits() {
+        let mut s = ThrottleState::new(Limits::default(), Duration::ZERO);
+        for _ in 0..1000 {
+            assert_eq!(s.wait(Direction::Read, Duration::ZERO), Duration::ZERO);
+            s.account(Direction::Read, MIB, Duration::ZERO);
+        }
+        assert!(Limits::default().is_unlimited());
+    }
+
+    #[test]
+    fn bps_read_exact_deadline() {
+        // 1 MiB/s: the bucket holds 0.1 s = 104857.6 bytes.
+        let mut s = ThrottleState::new(limits(BucketKind::BpsRead, MIB), Duration::ZERO);
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), Duration::ZERO);
+        s.account(Direction::Read, 256 * KIB, Duration::ZERO);
+        // Level 262144 B, capacity 104857.6 B: 157286.4 B over, at 1 MiB/s
+        // that is exactly 0.15 s.
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(150));
+        assert_eq!(s.wait(Direction::Read, ms(100)), ms(50));
+        assert_eq!(s.wait(Direction::Read, ms(150)), Duration::ZERO);
+        // Writes are not metered by a read limit.
+        assert_eq!(s.wait(Direction::Write, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn wait_rounds_up_never_early() {
+        // 3 B/s, capacity 0.3 B; 1 byte over by 0.7 B needs 233333333.33 ns.
+        let mut s = ThrottleState::new(limits(BucketKind::BpsWrite, 3), Duration::ZERO);
+        s.account(Direction::Write, 1, Duration::ZERO);
+        assert_eq!(s.wait(Direction::Write, Duration::ZERO), Duration::from_nanos(233_333_334));
+    }
+
+    #[test]
+    fn bps_total_meters_both_directions() {
+        let mut s = ThrottleState::new(limits(BucketKind::BpsTotal, MIB), Duration::ZERO);
+        s.account(Direction::Read, 128 * KIB, Duration::ZERO);
+        s.account(Direction::Write, 128 * KIB, Duration::ZERO);
+        // 262144 - 104857.6 = 157286.4 B over at 1 MiB/s = 150 ms for both.
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(150));
+        assert_eq!(s.wait(Direction::Write, Duration::ZERO), ms(150));
+    }
+
+    #[test]
+    fn iops_counts_operations() {
+        // 100 ops/s: capacity 10 ops. Eleven ops fill it one past capacity.
+        let mut s = ThrottleState::new(limits(BucketKind::IopsWrite, 100), Duration::ZERO);
+        for _ in 0..10 {
+            s.account(Direction::Write, 4 * KIB, Duration::ZERO);
+        }
+        assert_eq!(s.wait(Direction::Write, Duration::ZERO), Duration::ZERO);
+        s.account(Direction::Write, MIB, Duration::ZERO);
+        assert_eq!(s.wait(Direction::Write, Duration::ZERO), ms(10));
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn iops_total_meters_both_directions() {
+        let mut s = ThrottleState::new(limits(BucketKind::IopsTotal, 10), Duration::ZERO);
+        s.account(Direction::Read, 1, Duration::ZERO);
+        s.account(Direction::Write, 1, Duration::ZERO);
+        // 2 ops, capacity 1 op: 1 op over at 10/s = 100 ms.
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(100));
+        assert_eq!(s.wait(Direction::Write, Duration::ZERO), ms(100));
+    }
+
+    #[test]
+    fn iops_size_splits_large_requests() {
+        let mut l = limits(BucketKind::IopsRead, 10);
+        l.iops_size = 64 * KIB;
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        // 1 MiB counts as 16 ops; capacity 1 op; 15 over at 10/s = 1.5 s.
+        s.account(Direction::Read, MIB, Duration::ZERO);
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(1500));
+        // A request at or below iops_size is one op.
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        s.account(Direction::Read, 64 * KIB, Duration::ZERO);
+        s.account(Direction::Read, 1, Duration::ZERO);
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(100));
+        // Fractions count: 96 KiB is 1.5 ops; 0.5 over = 50 ms.
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        s.account(Direction::Read, 96 * KIB, Duration::ZERO);
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(50));
+    }
+
+    #[test]
+    fn request_larger_than_bucket_goes_then_file_waits() {
+        // 511 B/s and a 1 MiB request: it must be dispatched at once (no hang)
+        // and then the file waits for the bucket to drain.
+        let mut s = ThrottleState::new(limits(BucketKind::BpsRead, 511), Duration::ZERO);
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), Duration::ZERO);
+        s.account(Direction::Read, MIB, Duration::ZERO);
+        // (1048576 - 51.1) / 511 s, rounded up to the nanosecond.
+        let expected_ns = (1_048_576u128 * 1_000_000_000 - 51_100_000_000).div_ceil(511);
+        assert_eq!(
+            s.wait(Direction::Read, Duration::ZERO),
+            duration_from_nanos(expected_ns)
+        );
+    }
+
+    #[test]
+    fn burst_allows_max_for_length_then_avg() {
+        // avg 1 MiB/s, burst 10 MiB/s for 2 s: the main bucket holds 20 MiB;
+        // the burst bucket (1 MiB) caps the burst rate at 10 MiB/s.
+        let mut l = limits(BucketKind::BpsWrite, MIB);
+        l.get_mut(BucketKind::BpsWrite).max = 10 * MIB;
+        l.get_mut(BucketKind::BpsWrite).max_length = Some(Duration::from_secs(2));
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        s.account(Direction::Write, 2 * MIB, Duration::ZERO);
+        // Burst bucket: 2 MiB - 1 MiB over at 10 MiB/s = 100 ms.
+        assert_eq!(s.wait(Direction::Write, Duration::ZERO), ms(100));
+        // Keep writing at the burst rate until the main bucket is full.
+        let mut now = Duration::ZERO;
+        let mut written = 2 * MIB;
+        loop {
+            let w = s.wait(Direction::Write, now);
+            now += w;
+            assert_eq!(s.wait(Direction::Write, now), Duration::ZERO);
+            s.account(Direction::Write, MIB, now);
+            written += MIB;
+            if s.wait(Direction::Write, now) > ms(100) {
+                break;
+            }
+        }
+        // The burst lasted about 2 s at 10 MiB/s, minus the avg leak.
+        assert!(written >= 20 * MIB, "burst wrote only {written}");
+        assert!(now >= Duration::from_millis(1800) && now <= Duration::from_millis(2300), "{now:?}");
+        // After the burst the wait is set by avg: each further MiB costs 1 s.
+        let w = s.wait(Direction::Write, now);
+        now += w;
+        s.account(Direction::Write, MIB, now);
+        assert_eq!(s.wait(Direction::Write, now), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn burst_with_default_length() {
+        let mut l = limits(BucketKind::IopsRead, 10);
+        l.get_mut(BucketKind::IopsRead).max = 100;
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        // Main capacity 100 ops (1 s at max); burst capacity 10 ops.
+        for _ in 0..11 {
+            s.account(Direction::Read, 1, Duration::ZERO);
+        }
+        // Burst bucket 11 > 10: 1 op over at 100/s = 10 ms.
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(10));
+    }
+
+    #[test]
+    fn longest_wait_of_all_applicable_buckets_wins() {
+        let mut l = limits(BucketKind::BpsTotal, MIB);
+        l.get_mut(BucketKind::IopsRead).avg = 1;
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        s.account(Direction::Read, 4 * KIB, Duration::ZERO);
+        s.account(Direction::Read, 4 * KIB, Duration::ZERO);
+        // iops_rd: 2 ops, capacity 0.1, 1.9 ops over at 1/s = 1.9 s.
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(1900));
+        // Writes only see the bps bucket, which has room.
+        assert_eq!(s.wait(Direction::Write, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn set_limits_keeps_debt_and_clears_removed_buckets() {
+        let mut s = ThrottleState::new(limits(BucketKind::BpsRead, MIB), Duration::ZERO);
+        s.account(Direction::Read, 256 * KIB, Duration::ZERO);
+        // Raising to 2 MiB/s: capacity 209715.2, over 52428.8 B = 25 ms.
+        s.set_limits(limits(BucketKind::BpsRead, 2 * MIB), Duration::ZERO);
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(25));
+        s.set_limits(Limits::default(), Duration::ZERO);
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), Duration::ZERO);
+        // Setting it back starts from an empty bucket.
+        s.set_limits(limits(BucketKind::BpsRead, MIB), Duration::ZERO);
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn time_going_backwards_is_ignored() {
+        let mut s = ThrottleState::new(limits(BucketKind::BpsRead, MIB), ms(1000));
+        s.account(Direction::Read, 256 * KIB, ms(1000));
+        assert_eq!(s.wait(Direction::Read, ms(500)), ms(150));
+    }
+
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        let mut l = limits(BucketKind::BpsTotal, u64::MAX);
+        l.get_mut(BucketKind::BpsTotal).max = u64::MAX;
+        l.get_mut(BucketKind::IopsTotal).avg = 1;
+        l.iops_size = 1;
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        for _ in 0..4 {
+            s.account(Direction::Write, u64::MAX, Duration::MAX);
+        }
+        let _ = s.wait(Direction::Write, Duration::MAX);
+        let _ = s.wait(Direction::Write, Duration::ZERO);
+    }
+
+    #[test]
+    fn validate_rejects_total_with_split() {
+        let mut l = limits(BucketKind::BpsTotal, MIB);
+        l.get_mut(BucketKind::BpsWrite).avg = MIB;
+        assert_eq!(
+            l.validate().unwrap_err().0,
+            "bps_wr cannot be used together with bps"
+        );
+        let mut l = limits(BucketKind::IopsRead, 5);
+        l.get_mut(BucketKind::IopsTotal).avg = 5;
+        assert_eq!(
+            l.validate().unwrap_err().0,
+            "iops_rd cannot be used together with iops"
+        );
+        // Read and write splits together are fine.
+        let mut l = limits(BucketKind::BpsRead, MIB);
+        l.get_mut(BucketKind::BpsWrite).avg = MIB;
+        l.get_mut(BucketKind::IopsTotal).avg = 100;
+        assert!(l.validate().is_ok());
+    }
+
+    #[test]
+    fn validate_rejects_bad_bursts() {
+        let mut l = Limits::default();
+        l.get_mut(BucketKind::BpsRead).max = MIB;
+        assert_eq!(l.validate().unwrap_err().0, "bps_rd_max requires bps_rd");
+        let mut l = limits(BucketKind::IopsTotal, 100);
+        l.get_mut(BucketKind::IopsTotal).max = 50;
+        assert_eq!(l.validate().unwrap_err().0, "iops_max must not be lower than iops");
+        let mut l = limits(BucketKind::BpsWrite, MIB);
+        l.get_mut(BucketKind::BpsWrite).max_length = Some(Duration::from_secs(5));
+        assert_eq!(
+            l.validate().unwrap_err().0,
+            "bps_wr_max_length requires bps_wr_max"
+        );
+        l.get_mut(BucketKind::BpsWrite).max = 2 * MIB;
+        assert!(l.validate().is_ok());
+        l.get_mut(BucketKind::BpsWrite).max_length = Some(Duration::ZERO);
+        assert_eq!(
+            l.validate().unwrap_err().0,
+            "bps_wr_max_length must be greater than 0"
+        );
+        let mut l = limits(BucketKind::BpsTotal, MIB);
+        l.get_mut(BucketKind::BpsTotal).max = MIB;
+        l.get_mut(BucketKind::BpsRead).max = MIB;
+        assert_eq!(
+            l.validate().unwrap_err().0,
+            "bps_rd_max cannot be used together with bps_max"
+        );
+        let l = limits(BucketKind::BpsTotal, MAX_LIMIT_VALUE + 1);
+        assert!(l.validate().unwrap_err().0.starts_with("bps must be at most"));
+    }
+}
