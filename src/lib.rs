@@ -1,5 +1,8 @@
 //! throttlefs: a FUSE passthrough filesystem that throttles each file's I/O
 //! with QEMU's disk-limit semantics.
 
+pub mod fs;
+pub mod io;
 pub mod options;
+pub mod scheduler;
 pub mod throttle;

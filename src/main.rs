@@ -1,1 +1,182 @@
-fn main() {}
+//! throttlefs: mount a directory of disk images with per-file I/O limits.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::process::ExitCode;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use crossbeam_channel::Sender;
+use fuser::{MountOption, SessionACL};
+
+use throttlefs::fs::ThrottleFs;
+use throttlefs::io::IoPool;
+use throttlefs::options::{MountConfig, parse_args};
+use throttlefs::scheduler::{Msg, Scheduler};
+
+/// How long a shutdown waits for released requests to finish on the
+/// underlying files before the daemon exits anyway.
+const SHUTDOWN_IO_GRACE: Duration = Duration::from_secs(30);
+
+/// FUSE session threads; they only hand throttled requests over, but serve
+/// unthrottled files inline, so a few are kept.
+const FUSE_THREADS_MAX: usize = 16;
+
+fn main() -> ExitCode {
+    let cfg = match parse_args(std::env::args_os()) {
+        Ok(cfg) => cfg,
+        Err((text, 0)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err((msg, code)) => {
+            eprintln!("throttlefs: {msg}");
+            return ExitCode::from(u8::try_from(code).unwrap_or(2));
+        }
+    };
+    init_logging(cfg.verbose);
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("throttlefs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    // fuser warns about its own second unmount attempt after every clean
+    // unmount; that one module is kept at error unless -vv.
+    let default = match verbose {
+        0 => "warn,fuser::session=error",
+        1 => "info,fuser::session=error",
+        _ => "debug",
+    };
+    let env = env_logger::Env::default().default_filter_or(default);
+    env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .init();
+}
+
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local value.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+fn run(cfg: MountConfig) -> Result<()> {
+    // Block the termination signals before any thread starts, so they all
+    // inherit the mask and only the signal thread receives them.
+    let signals = termination_signals();
+    // SAFETY: setting this thread's signal mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    // Modes from the kernel already have the caller's umask applied.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0) };
+
+    let (sched_tx, sched_rx) = crossbeam_channel::unbounded();
+    let (job_tx, job_rx) = crossbeam_channel::unbounded();
+    let done_tx = sched_tx.clone();
+    let pool = IoPool::start(cfg.io_threads, job_rx, move |c| {
+        let _ = done_tx.send(Msg::Done(c));
+    })
+    .context("starting I/O threads")?;
+    let scheduler = Scheduler::new(cfg.limits, job_tx)
+        .spawn(sched_rx)
+        .context("starting the scheduler")?;
+
+    let fs = ThrottleFs::new(&cfg.source, cfg.limits, sched_tx.clone())
+        .with_context(|| format!("opening source '{}'", cfg.source.display()))?;
+
+    let mut options = cfg.fuse_options.clone();
+    if !options.iter().any(|o| matches!(o, MountOption::FSName(_))) {
+        options.push(MountOption::FSName(
+            cfg.source.to_string_lossy().into_owned(),
+        ));
+    }
+    if !options.iter().any(|o| matches!(o, MountOption::Subtype(_))) {
+        options.push(MountOption::Subtype("throttlefs".into()));
+    }
+    // Permission checks are the kernel's, from the underlying owners and
+    // modes: the daemon itself runs with the rights to do anything.
+    if !options.contains(&MountOption::DefaultPermissions) {
+        options.push(MountOption::DefaultPermissions);
+    }
+    let mut fuse_cfg = fuser::Config::default();
+    fuse_cfg.mount_options = options;
+    fuse_cfg.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    fuse_cfg.n_threads = Some(cfg.io_threads.clamp(2, FUSE_THREADS_MAX));
+    fuse_cfg.clone_fd = true;
+
+    let session = fuser::Session::new(fs, &cfg.mountpoint, &fuse_cfg)
+        .with_context(|| format!("mounting on '{}'", cfg.mountpoint.display()))?;
+    log::info!(
+        "mounted {} on {}",
+        cfg.source.display(),
+        cfg.mountpoint.display()
+    );
+
+    let mountpoint = CString::new(cfg.mountpoint.as_os_str().as_bytes())?;
+    let signal_tx = sched_tx.clone();
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || signal_thread(signals, mountpoint, signal_tx))
+        .context("starting the signal thread")?;
+
+    let result = session.run();
+    log::info!("unmounted; answering what is still queued");
+    let _ = sched_tx.send(Msg::Exit);
+    drop(sched_tx);
+    let _ = scheduler.join();
+    pool.join();
+    result.context("serving the mount")
+}
+
+/// Waits for SIGINT/SIGTERM/SIGHUP and shuts down without losing a request:
+/// queued requests are released at once, then the mount goes away.
+fn signal_thread(signals: libc::sigset_t, mountpoint: CString, scheduler: Sender<Msg>) {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: waits on a valid, blocked signal set.
+        if unsafe { libc::sigwait(&signals, &mut sig) } != 0 {
+            continue;
+        }
+        log::info!("signal {sig}: shutting down");
+        let _ = scheduler.send(Msg::Drain);
+        // SAFETY: unmount of a NUL-terminated path.
+        if unsafe { libc::umount2(mountpoint.as_ptr(), 0) } == 0 {
+            // The session sees the unmount and main finishes the shutdown.
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EINVAL) {
+            // Already unmounted: the session is ending.
+            continue;
+        }
+        // Busy (files still open): detach the mount so no new opens reach
+        // us, let every released request finish, then exit; the kernel
+        // answers anything later with ENOTCONN when our device closes.
+        log::warn!("mount busy ({err}); detaching it lazily");
+        // SAFETY: as above.
+        if unsafe { libc::umount2(mountpoint.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let err = std::io::Error::last_os_error();
+            log::warn!("lazy unmount failed: {err}");
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if scheduler.send(Msg::WhenIdle(tx)).is_ok() {
+            let _ = rx.recv_timeout(SHUTDOWN_IO_GRACE);
+        }
+        std::process::exit(0);
+    }
+}

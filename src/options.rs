@@ -1,1 +1,1034 @@
-//! Command line and `-o` option parsing (placeholder, being written).
+//! Command line and `-o` option parsing.
+//!
+//! Limit names and value syntax follow QEMU's `block_set_io_throttle`, so
+//! users can carry settings over. Everything here returns plain one-line
+//! messages (no clap types) because `apply_limit` and the value parsers are
+//! reused for per-file xattr values.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+
+use crate::throttle::{BucketKind, Limits};
+
+/// Worker threads doing the real file I/O when `--io-threads` is not given.
+pub const DEFAULT_IO_THREAD_COUNT: usize = 8;
+
+/// Upper bound for `--io-threads`; more only burns memory and descriptors.
+pub const MAX_IO_THREAD_COUNT: usize = 1024;
+
+/// Exit code for bad usage or bad values (clap's and sysexits' convention).
+const USAGE_EXIT_CODE: i32 = 2;
+
+/// Exit code after printing help or version.
+const HELP_EXIT_CODE: i32 = 0;
+
+/// Most decimal places accepted in a size: keeps `fraction * 2^60` within u128.
+const MAX_SIZE_FRACTION_DIGITS: usize = 20;
+
+/// Decimal places in a nanosecond count.
+const NANOS_FRACTION_DIGITS: usize = 9;
+
+/// Limit name of the iops size setting, which is not tied to one bucket.
+const IOPS_SIZE_NAME: &str = "iops_size";
+
+/// Option name of the worker thread count in `-o`.
+const IO_THREADS_NAME: &str = "io_threads";
+
+/// Everything `main` needs to mount.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// Canonicalized existing directory whose files are served.
+    pub source: PathBuf,
+    /// Canonicalized empty directory the filesystem is mounted on.
+    pub mountpoint: PathBuf,
+    /// Validated defaults applied to every file.
+    pub limits: Limits,
+    /// FUSE options from `-o`, without `allow_other`.
+    pub fuse_options: Vec<fuser::MountOption>,
+    pub allow_other: bool,
+    /// Number of `-v` given.
+    pub verbose: u8,
+    /// Worker threads for file I/O, 1..=MAX_IO_THREAD_COUNT.
+    pub io_threads: usize,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "throttlefs",
+    version,
+    about = "Mount SOURCE on MOUNTPOINT through FUSE, throttling each file's I/O \
+             with QEMU's disk-limit semantics. Runs in the foreground."
+)]
+struct Cli {
+    /// limit total (read + write) bytes per second (0 = unlimited)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
+    bps: Vec<String>,
+    /// limit read bytes per second (0 = unlimited)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
+    bps_rd: Vec<String>,
+    /// limit write bytes per second (0 = unlimited)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
+    bps_wr: Vec<String>,
+    /// limit total operations per second (0 = unlimited)
+    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
+    iops: Vec<String>,
+    /// limit read operations per second (0 = unlimited)
+    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
+    iops_rd: Vec<String>,
+    /// limit write operations per second (0 = unlimited)
+    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
+    iops_wr: Vec<String>,
+    /// limit (NAME=VALUE, see below) or FUSE mount option; repeatable
+    #[arg(short = 'o', value_name = "OPT[,OPT...]", action = ArgAction::Append)]
+    options: Vec<String>,
+    /// more log output; repeat for even more
+    #[arg(short = 'v', action = ArgAction::Count)]
+    verbose: u8,
+    /// worker threads doing file I/O (1 to 1024, default 8)
+    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
+    io_threads: Vec<String>,
+    /// directory whose contents are served
+    source: PathBuf,
+    /// empty directory to mount on (not inside SOURCE)
+    mountpoint: PathBuf,
+}
+
+/// All limit names accepted by `apply_limit`: per bucket the average, its
+/// burst rate and burst length, then `iops_size`.
+pub fn limit_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for kind in BucketKind::ALL {
+        let name = kind.name();
+        names.push(name.to_string());
+        names.push(format!("{name}_max"));
+        names.push(format!("{name}_max_length"));
+    }
+    names.push(IOPS_SIZE_NAME.to_string());
+    names
+}
+
+/// Which field of a `LimitSpec` a limit name sets.
+#[derive(Clone, Copy)]
+enum LimitField {
+    Avg,
+    Max,
+    MaxLength,
+}
+
+/// Split a limit name into its bucket and field; None for unknown names.
+fn lookup_limit(name: &str) -> Option<(BucketKind, LimitField)> {
+    let (base, field) = if let Some(base) = name.strip_suffix("_max_length") {
+        (base, LimitField::MaxLength)
+    } else if let Some(base) = name.strip_suffix("_max") {
+        (base, LimitField::Max)
+    } else {
+        (name, LimitField::Avg)
+    };
+    BucketKind::from_name(base).map(|kind| (kind, field))
+}
+
+/// Set one limit by its QEMU name. Does not validate the whole set (call
+/// `Limits::validate` once everything is applied) and does not detect
+/// repeats, so callers may overwrite.
+pub fn apply_limit(limits: &mut Limits, name: &str, value: &str) -> Result<(), String> {
+    let named = |msg: String| format!("{name}: {msg}");
+    if name == IOPS_SIZE_NAME {
+        limits.iops_size = parse_size(value).map_err(named)?;
+        return Ok(());
+    }
+    let (kind, field) = lookup_limit(name).ok_or_else(|| format!("unknown limit {name}"))?;
+    let parse_rate = |v: &str| {
+        if kind.counts_bytes() {
+            parse_size(v)
+        } else {
+            parse_count(v)
+        }
+    };
+    let spec = limits.get_mut(kind);
+    match field {
+        LimitField::Avg => spec.avg = parse_rate(value).map_err(named)?,
+        LimitField::Max => spec.max = parse_rate(value).map_err(named)?,
+        LimitField::MaxLength => spec.max_length = Some(parse_duration(value).map_err(named)?),
+    }
+    Ok(())
+}
+
+/// Bytes per unit for a size suffix (case-insensitive): none or "B" = bytes;
+/// K M G T P E, each optionally followed by "B" or "iB", are powers of 1024
+/// (QEMU reads sizes this way, so "MB" means MiB too).
+fn size_multiplier(suffix: &str) -> Option<u64> {
+    let lower = suffix.to_ascii_lowercase();
+    if lower.is_empty() || lower == "b" {
+        return Some(1);
+    }
+    let mut chars = lower.chars();
+    let shift_bits = match chars.next()? {
+        'k' => 10,
+        'm' => 20,
+        'g' => 30,
+        't' => 40,
+        'p' => 50,
+        'e' => 60,
+        _ => return None,
+    };
+    matches!(chars.as_str(), "" | "b" | "ib").then_some(1u64 << shift_bits)
+}
+
+/// Decimal digits to a u128, None on overflow.
+fn digits_to_u128(digits: &str) -> Option<u128> {
+    digits.bytes().try_fold(0u128, |acc, d| {
+        acc.checked_mul(10)?.checked_add(u128::from(d - b'0'))
+    })
+}
+
+/// Split "12.5rest" into ("12", Some("5"), "rest"); the integer part may be
+/// empty and the fraction is None when there is no dot.
+fn split_number(s: &str) -> (&str, Option<&str>, &str) {
+    let int_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (int, rest) = s.split_at(int_end);
+    let Some(after_dot) = rest.strip_prefix('.') else {
+        return (int, None, rest);
+    };
+    let frac_end = after_dot
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(after_dot.len());
+    let (frac, rest) = after_dot.split_at(frac_end);
+    (int, Some(frac), rest)
+}
+
+/// Parse a size in bytes: "4096", "10M" (= 10 MiB), "1.5G". Suffixes are
+/// binary (see `size_multiplier`). A fraction needs a suffix and the result
+/// is rounded down to a whole byte. No surrounding whitespace or sign.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let invalid = || format!("invalid size '{s}'");
+    let (int, frac, suffix) = split_number(s);
+    if int.is_empty() || frac.is_some_and(str::is_empty) {
+        return Err(invalid());
+    }
+    let multiplier = size_multiplier(suffix).ok_or_else(invalid)?;
+    let too_large = || format!("invalid size '{s}': too large (at most {} bytes)", u64::MAX);
+    let whole = digits_to_u128(int)
+        .and_then(|n| n.checked_mul(u128::from(multiplier)))
+        .ok_or_else(too_large)?;
+    let part = match frac {
+        None => 0,
+        // QEMU rejects fractional bytes too: they cannot be meant.
+        Some(_) if multiplier == 1 => {
+            return Err(format!(
+                "invalid size '{s}': a fraction needs a suffix (K, M, G, ...)"
+            ));
+        }
+        Some(f) if f.len() > MAX_SIZE_FRACTION_DIGITS => {
+            return Err(format!("invalid size '{s}': too many decimal places"));
+        }
+        Some(f) => {
+            // Exact: floor(0.f * multiplier), fits u128 by the digit cap.
+            let numerator = digits_to_u128(f).ok_or_else(invalid)? * u128::from(multiplier);
+            numerator / 10u128.pow(f.len() as u32)
+        }
+    };
+    u64::try_from(whole + part).map_err(|_| too_large())
+}
+
+/// Parse an operation count: a plain unsigned decimal integer.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("invalid count '{s}'"));
+    }
+    // Only digits remain, so the only possible failure is overflow.
+    s.parse::<u64>()
+        .map_err(|_| format!("invalid count '{s}': too large (at most {})", u64::MAX))
+}
+
+/// Parse a duration: humantime ("30s", "1m", "500ms", "1s 500ms") or a bare
+/// number of seconds ("2", "1.5"; digits past nanoseconds are dropped).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (int, frac, rest) = split_number(s);
+    if !int.is_empty() && rest.is_empty() && !frac.is_some_and(str::is_empty) {
+        let too_long = || format!("invalid duration '{s}': too long");
+        let secs = int.parse::<u64>().map_err(|_| too_long())?;
+        let frac = frac.unwrap_or("");
+        let nanos_digits = &frac[..frac.len().min(NANOS_FRACTION_DIGITS)];
+        let nanos = format!("{nanos_digits:0<NANOS_FRACTION_DIGITS$}")
+            .parse::<u32>()
+            .map_err(|_| format!("invalid duration '{s}'"))?;
+        return Ok(Duration::new(secs, nanos));
+    }
+    humantime::parse_duration(s).map_err(|_| {
+        format!("invalid duration '{s}' (use e.g. 30s, 500ms, 1m or a number of seconds)")
+    })
+}
+
+/// What each limit name means, for the help text.
+fn limit_meaning(name: &str) -> String {
+    if name == IOPS_SIZE_NAME {
+        return "requests larger than this many bytes count as size/iops_size operations"
+            .to_string();
+    }
+    if let Some(base) = name.strip_suffix("_max_length") {
+        return format!("how long a burst at {base}_max may last (default 1s)");
+    }
+    if let Some(base) = name.strip_suffix("_max") {
+        return format!("burst rate for {base}");
+    }
+    match BucketKind::from_name(name) {
+        Some(BucketKind::BpsTotal) => "limit total (read + write) bytes per second",
+        Some(BucketKind::BpsRead) => "limit read bytes per second",
+        Some(BucketKind::BpsWrite) => "limit write bytes per second",
+        Some(BucketKind::IopsTotal) => "limit total operations per second",
+        Some(BucketKind::IopsRead) => "limit read operations per second",
+        Some(BucketKind::IopsWrite) => "limit write operations per second",
+        None => "",
+    }
+    .to_string()
+}
+
+/// Value placeholder of a limit name, for the help text.
+fn limit_value_name(name: &str) -> &'static str {
+    match lookup_limit(name) {
+        _ if name == IOPS_SIZE_NAME => "SIZE",
+        Some((_, LimitField::MaxLength)) => "DURATION",
+        Some((kind, _)) if kind.counts_bytes() => "SIZE",
+        _ => "N",
+    }
+}
+
+/// FUSE flag options accepted in `-o`, without a value.
+const FUSE_FLAGS: [(&str, fuser::MountOption); 14] = [
+    (
+        "default_permissions",
+        fuser::MountOption::DefaultPermissions,
+    ),
+    ("ro", fuser::MountOption::RO),
+    ("rw", fuser::MountOption::RW),
+    ("dev", fuser::MountOption::Dev),
+    ("nodev", fuser::MountOption::NoDev),
+    ("suid", fuser::MountOption::Suid),
+    ("nosuid", fuser::MountOption::NoSuid),
+    ("exec", fuser::MountOption::Exec),
+    ("noexec", fuser::MountOption::NoExec),
+    ("atime", fuser::MountOption::Atime),
+    ("noatime", fuser::MountOption::NoAtime),
+    ("sync", fuser::MountOption::Sync),
+    ("async", fuser::MountOption::Async),
+    ("dirsync", fuser::MountOption::DirSync),
+];
+
+fn after_help() -> String {
+    let mut text = String::from(
+        "Limits, also settable as -o NAME=VALUE (0 = unlimited; each name at most once):\n",
+    );
+    for name in limit_names() {
+        let left = format!("{name}={}", limit_value_name(&name));
+        text.push_str(&format!("  {left:<28} {}\n", limit_meaning(&name)));
+    }
+    text.push_str(
+        "\nSIZE is in bytes and takes binary suffixes K, M, G, T, P, E (powers of 1024,\n\
+         case-insensitive; KiB and KB both mean 1024). Fractions like 1.5M are allowed\n\
+         (with a suffix only) and rounded down to whole bytes. DURATION is like 30s,\n\
+         500ms, 1m, or a plain number of seconds. Burst rules follow QEMU: a total limit (bps, iops) cannot be\n\
+         combined with its read/write split, *_max needs its average and must not be\n\
+         lower, *_max_length needs *_max.\n\
+         \nOther -o options (FUSE mount options):\n  allow_other",
+    );
+    for (i, (name, _)) in FUSE_FLAGS.iter().enumerate() {
+        // Break the list so it stays within 80 columns.
+        text.push_str(if i == 7 { ",\n  " } else { ", " });
+        text.push_str(name);
+    }
+    text.push_str(",\n  fsname=NAME, subtype=NAME, io_threads=N (same as --io-threads).");
+    text
+}
+
+/// Render a clap error: help/version in full, anything else as one line.
+fn clap_error(err: clap::Error) -> (String, i32) {
+    let text = err.render().to_string();
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        return (text.trim_end().to_string(), HELP_EXIT_CODE);
+    }
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut line = lines
+        .next()
+        .unwrap_or("error: invalid arguments")
+        .to_string();
+    // "the following required arguments were not provided:" lists them on
+    // the next lines; fold them in so the one line names what is missing.
+    if line.ends_with(':') {
+        for next in lines.take_while(|l| !l.starts_with("Usage:")) {
+            line.push(' ');
+            line.push_str(next);
+        }
+    }
+    (line, USAGE_EXIT_CODE)
+}
+
+/// Strip io::Error's " (os error N)" tail: users want the strerror text only.
+fn io_message(err: &io::Error) -> String {
+    let text = err.to_string();
+    match text.find(" (os error ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
+/// Canonicalize an existing directory; `role` is "source" or "mountpoint".
+fn existing_dir(role: &str, path: &Path) -> Result<PathBuf, String> {
+    let shown = path.display();
+    let canonical =
+        fs::canonicalize(path).map_err(|e| format!("{role} '{shown}': {}", io_message(&e)))?;
+    let meta =
+        fs::metadata(&canonical).map_err(|e| format!("{role} '{shown}': {}", io_message(&e)))?;
+    if !meta.is_dir() {
+        return Err(format!("{role} '{shown}' is not a directory"));
+    }
+    Ok(canonical)
+}
+
+fn check_paths(source: &Path, mountpoint: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let canonical_source = existing_dir("source", source)?;
+    let canonical_mountpoint = existing_dir("mountpoint", mountpoint)?;
+    let shown = mountpoint.display();
+    // Serving a tree from under our own mount would recurse into ourselves.
+    if canonical_mountpoint.starts_with(&canonical_source) {
+        return Err(format!(
+            "mountpoint '{shown}' lies inside the source '{}'",
+            source.display()
+        ));
+    }
+    let mut entries = fs::read_dir(&canonical_mountpoint)
+        .map_err(|e| format!("mountpoint '{shown}': {}", io_message(&e)))?;
+    match entries.next() {
+        None => Ok((canonical_source, canonical_mountpoint)),
+        Some(Ok(_)) => Err(format!("mountpoint '{shown}' is not empty")),
+        Some(Err(e)) => Err(format!("mountpoint '{shown}': {}", io_message(&e))),
+    }
+}
+
+/// Options gathered from long flags and `-o`, with repeat detection.
+#[derive(Default)]
+struct Collected {
+    limits: Limits,
+    seen: HashSet<String>,
+    fuse_options: Vec<fuser::MountOption>,
+    allow_other: bool,
+    io_threads: Option<usize>,
+}
+
+impl Collected {
+    /// Record that `name` was given; a second time is an error.
+    fn once(&mut self, name: &str) -> Result<(), String> {
+        if self.seen.insert(name.to_string()) {
+            Ok(())
+        } else {
+            Err(format!("{name} given twice"))
+        }
+    }
+
+    fn limit(&mut self, name: &str, value: &str) -> Result<(), String> {
+        self.once(name)?;
+        apply_limit(&mut self.limits, name, value)
+    }
+
+    fn io_threads(&mut self, value: &str) -> Result<(), String> {
+        self.once(IO_THREADS_NAME)?;
+        let named = |msg: String| format!("{IO_THREADS_NAME}: {msg}");
+        let count = parse_count(value).map_err(named)?;
+        match usize::try_from(count) {
+            Ok(n) if (1..=MAX_IO_THREAD_COUNT).contains(&n) => {
+                self.io_threads = Some(n);
+                Ok(())
+            }
+            _ => Err(named(format!(
+                "must be between 1 and {MAX_IO_THREAD_COUNT}, got {value}"
+            ))),
+        }
+    }
+
+    /// One `-o` item: a limit, io_threads, or a FUSE mount option.
+    fn mount_option(&mut self, opt: &str) -> Result<(), String> {
+        if let Some((key, value)) = opt.split_once('=') {
+            if key == IOPS_SIZE_NAME || lookup_limit(key).is_some() {
+                return self.limit(key, value);
+            }
+            if key == IO_THREADS_NAME {
+                return self.io_threads(value);
+            }
+            let make: fn(String) -> fuser::MountOption = match key {
+                "fsname" => fuser::MountOption::FSName,
+                "subtype" => fuser::MountOption::Subtype,
+                _ => return Err(format!("unknown mount option '{opt}'")),
+            };
+            self.once(key)?;
+            if value.is_empty() {
+                return Err(format!("{key}: empty value"));
+            }
+            self.fuse_options.push(make(value.to_string()));
+            return Ok(());
+        }
+        if opt == "allow_other" {
+            self.allow_other = true;
+            return Ok(());
+        }
+        if let Some((_, option)) = FUSE_FLAGS.iter().find(|(name, _)| *name == opt) {
+            self.fuse_options.push(option.clone());
+            return Ok(());
+        }
+        if opt == IOPS_SIZE_NAME || opt == IO_THREADS_NAME || lookup_limit(opt).is_some() {
+            return Err(format!("{opt}: missing value (use -o {opt}=VALUE)"));
+        }
+        Err(format!("unknown mount option '{opt}'"))
+    }
+}
+
+/// Parse argv (including argv[0]). Errors are one line without a trailing
+/// newline, naming the offending option, with exit code 2; for --help and
+/// --version the error holds the full text (trailing newline trimmed) and
+/// exit code 0.
+pub fn parse_args<I, T>(args: I) -> Result<MountConfig, (String, i32)>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = Cli::command()
+        .after_help(after_help())
+        .try_get_matches_from(args)
+        .map_err(clap_error)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(clap_error)?;
+    let usage = |msg: String| (msg, USAGE_EXIT_CODE);
+
+    let mut collected = Collected::default();
+    let flags = [
+        (BucketKind::BpsTotal, &cli.bps),
+        (BucketKind::BpsRead, &cli.bps_rd),
+        (BucketKind::BpsWrite, &cli.bps_wr),
+        (BucketKind::IopsTotal, &cli.iops),
+        (BucketKind::IopsRead, &cli.iops_rd),
+        (BucketKind::IopsWrite, &cli.iops_wr),
+    ];
+    for (kind, values) in flags {
+        for value in values {
+            collected.limit(kind.name(), value).map_err(usage)?;
+        }
+    }
+    for value in &cli.io_threads {
+        collected.io_threads(value).map_err(usage)?;
+    }
+    for group in &cli.options {
+        // Empty items ("a,,b") are skipped, as mount(8) does.
+        for opt in group.split(',').filter(|o| !o.is_empty()) {
+            collected.mount_option(opt).map_err(usage)?;
+        }
+    }
+    collected.limits.validate().map_err(|e| usage(e.0))?;
+
+    let (source, mountpoint) = check_paths(&cli.source, &cli.mountpoint).map_err(usage)?;
+    Ok(MountConfig {
+        source,
+        mountpoint,
+        limits: collected.limits,
+        fuse_options: collected.fuse_options,
+        allow_other: collected.allow_other,
+        verbose: cli.verbose,
+        io_threads: collected.io_threads.unwrap_or(DEFAULT_IO_THREAD_COUNT),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * KIB;
+    const GIB: u64 = 1024 * MIB;
+    const TIB: u64 = 1024 * GIB;
+
+    /// A directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "throttlefs-options-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A source with one file and an empty mountpoint beside it.
+    struct Fixture {
+        root: TempDir,
+        source: PathBuf,
+        mountpoint: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let root = TempDir::new();
+        let source = root.0.join("src");
+        let mountpoint = root.0.join("mnt");
+        fs::create_dir(&source).unwrap();
+        fs::create_dir(&mountpoint).unwrap();
+        fs::write(source.join("file"), b"data").unwrap();
+        Fixture {
+            root,
+            source,
+            mountpoint,
+        }
+    }
+
+    fn argv(flags: &[&str], source: &Path, mountpoint: &Path) -> Vec<OsString> {
+        let mut v: Vec<OsString> = vec!["throttlefs".into()];
+        v.extend(flags.iter().map(OsString::from));
+        v.push(source.into());
+        v.push(mountpoint.into());
+        v
+    }
+
+    fn parse(flags: &[&str]) -> Result<MountConfig, (String, i32)> {
+        let f = fixture();
+        parse_args(argv(flags, &f.source, &f.mountpoint))
+    }
+
+    fn parse_err(flags: &[&str]) -> String {
+        let (msg, code) = parse(flags).unwrap_err();
+        assert_eq!(code, 2, "{msg}");
+        assert!(!msg.contains('\n'), "not one line: {msg:?}");
+        msg
+    }
+
+    #[test]
+    fn size_accepts_plain_and_binary_suffixes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("512B"), Ok(512));
+        assert_eq!(parse_size("10M"), Ok(10_485_760));
+        assert_eq!(parse_size("10MB"), Ok(10 * MIB));
+        assert_eq!(parse_size("10mib"), Ok(10 * MIB));
+        assert_eq!(parse_size("1K"), Ok(KIB));
+        assert_eq!(parse_size("1k"), Ok(KIB));
+        assert_eq!(parse_size("1KiB"), Ok(KIB));
+        assert_eq!(parse_size("2G"), Ok(2 * GIB));
+        assert_eq!(parse_size("1T"), Ok(TIB));
+        assert_eq!(parse_size("1.5M"), Ok(MIB + MIB / 2));
+        assert_eq!(parse_size("16383P"), Ok(16383 << 50));
+        // 0.3 KiB = 307.2 bytes, rounded down.
+        assert_eq!(parse_size("0.3K"), Ok(307));
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn size_rejects_bad_input() {
+        for bad in [
+            "", "-1", "abc", "10X", "x1", "1.", ".5M", "+1", " 1", "1 ", "1KK", "1iB",
+        ] {
+            assert_eq!(
+                parse_size(bad),
+                Err(format!("invalid size '{bad}'")),
+                "{bad:?}"
+            );
+        }
+        // Fractional bytes get a more helpful message.
+        assert!(
+            parse_size("1.5")
+                .unwrap_err()
+                .contains("fraction needs a suffix")
+        );
+        for big in [
+            "16385P",
+            "16384P",
+            "99999999999999999999",
+            "16E",
+            "999999999999999999999999999999999999999999M",
+        ] {
+            let err = parse_size(big).unwrap_err();
+            assert!(err.contains("too large"), "{big}: {err}");
+        }
+    }
+
+    #[test]
+    fn count_parsing() {
+        assert_eq!(parse_count("0"), Ok(0));
+        assert_eq!(parse_count("500"), Ok(500));
+        assert_eq!(parse_count("18446744073709551615"), Ok(u64::MAX));
+        for bad in ["", "-1", "+1", "1K", "1.5", "abc"] {
+            assert_eq!(parse_count(bad), Err(format!("invalid count '{bad}'")));
+        }
+        assert!(
+            parse_count("18446744073709551616")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn duration_parsing() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.0000000019"), Ok(Duration::from_nanos(1)));
+        for bad in ["", "abc", "-1", "1.", "1.5x", "99999999999999999999"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn apply_limit_sets_every_name() {
+        let names = limit_names();
+        assert_eq!(names.len(), 19);
+        for name in &names {
+            let mut limits = Limits::default();
+            let value = if name.ends_with("_max_length") {
+                "3s"
+            } else {
+                "7"
+            };
+            apply_limit(&mut limits, name, value).unwrap();
+            let mut expected = Limits::default();
+            if name == "iops_size" {
+                expected.iops_size = 7;
+            } else {
+                let (kind, field) = lookup_limit(name).unwrap();
+                let spec = expected.get_mut(kind);
+                match field {
+                    LimitField::Avg => spec.avg = 7,
+                    LimitField::Max => spec.max = 7,
+                    LimitField::MaxLength => spec.max_length = Some(Duration::from_secs(3)),
+                }
+            }
+            assert_eq!(limits, expected, "{name}");
+        }
+        let mut limits = Limits::default();
+        apply_limit(&mut limits, "bps_wr", "10M").unwrap();
+        apply_limit(&mut limits, "bps_wr_max", "1G").unwrap();
+        apply_limit(&mut limits, "iops_size", "4K").unwrap();
+        assert_eq!(limits.get(BucketKind::BpsWrite).avg, 10 * MIB);
+        assert_eq!(limits.get(BucketKind::BpsWrite).max, GIB);
+        assert_eq!(limits.iops_size, 4 * KIB);
+    }
+
+    #[test]
+    fn apply_limit_errors_name_the_limit() {
+        let mut limits = Limits::default();
+        assert_eq!(
+            apply_limit(&mut limits, "bps_rd", "x1"),
+            Err("bps_rd: invalid size 'x1'".into())
+        );
+        assert_eq!(
+            apply_limit(&mut limits, "iops", "1M"),
+            Err("iops: invalid count '1M'".into())
+        );
+        assert!(
+            apply_limit(&mut limits, "iops_rd_max_length", "abc")
+                .unwrap_err()
+                .starts_with("iops_rd_max_length: invalid duration 'abc'")
+        );
+        assert_eq!(
+            apply_limit(&mut limits, "bps_max_max", "1"),
+            Err("unknown limit bps_max_max".into())
+        );
+        assert_eq!(
+            apply_limit(&mut limits, "foo", "1"),
+            Err("unknown limit foo".into())
+        );
+        assert_eq!(limits, Limits::default());
+    }
+
+    #[test]
+    fn valid_command_line() {
+        let f = fixture();
+        let config = parse_args(argv(
+            &[
+                "--bps-wr",
+                "1M",
+                "-o",
+                "iops=500",
+                "-v",
+                "-v",
+                "--io-threads",
+                "4",
+            ],
+            &f.source,
+            &f.mountpoint,
+        ))
+        .unwrap();
+        assert_eq!(config.source, fs::canonicalize(&f.source).unwrap());
+        assert_eq!(config.mountpoint, fs::canonicalize(&f.mountpoint).unwrap());
+        assert_eq!(config.limits.get(BucketKind::BpsWrite).avg, MIB);
+        assert_eq!(config.limits.get(BucketKind::IopsTotal).avg, 500);
+        assert_eq!(config.verbose, 2);
+        assert_eq!(config.io_threads, 4);
+        assert!(!config.allow_other);
+        assert!(config.fuse_options.is_empty());
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.io_threads, DEFAULT_IO_THREAD_COUNT);
+        assert_eq!(config.verbose, 0);
+    }
+
+    #[test]
+    fn every_long_flag_and_burst_options() {
+        let config = parse(&[
+            "--bps-rd",
+            "1M",
+            "--bps-wr",
+            "2M",
+            "--iops-rd",
+            "10",
+            "--iops-wr",
+            "20",
+            "-o",
+            "bps_rd_max=4M,bps_rd_max_length=30s,iops_size=64K",
+        ])
+        .unwrap();
+        let l = config.limits;
+        assert_eq!(l.get(BucketKind::BpsRead).avg, MIB);
+        assert_eq!(l.get(BucketKind::BpsWrite).avg, 2 * MIB);
+        assert_eq!(l.get(BucketKind::IopsRead).avg, 10);
+        assert_eq!(l.get(BucketKind::IopsWrite).avg, 20);
+        assert_eq!(l.get(BucketKind::BpsRead).max, 4 * MIB);
+        assert_eq!(
+            l.get(BucketKind::BpsRead).max_length,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(l.iops_size, 64 * KIB);
+        let l = parse(&["--bps", "5M", "--iops", "100"]).unwrap().limits;
+        assert_eq!(l.get(BucketKind::BpsTotal).avg, 5 * MIB);
+        assert_eq!(l.get(BucketKind::IopsTotal).avg, 100);
+    }
+
+    #[test]
+    fn long_flag_values_name_the_limit() {
+        assert_eq!(
+            parse_err(&["--bps-rd", "abc"]),
+            "bps_rd: invalid size 'abc'"
+        );
+        assert_eq!(parse_err(&["--bps", "-1"]), "bps: invalid size '-1'");
+        assert_eq!(
+            parse_err(&["--iops-wr", "1.5"]),
+            "iops_wr: invalid count '1.5'"
+        );
+        assert_eq!(parse_err(&["-o", "bps_wr=x1"]), "bps_wr: invalid size 'x1'");
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        assert_eq!(
+            parse_err(&["--bps", "1M", "-o", "bps=2M"]),
+            "bps given twice"
+        );
+        assert_eq!(parse_err(&["-o", "bps=1M,bps=2M"]), "bps given twice");
+        assert_eq!(
+            parse_err(&["-o", "iops=1", "-o", "iops=2"]),
+            "iops given twice"
+        );
+        assert_eq!(
+            parse_err(&["--bps", "1M", "--bps", "2M"]).lines().count(),
+            1
+        );
+        assert_eq!(
+            parse_err(&["--io-threads", "2", "-o", "io_threads=3"]),
+            "io_threads given twice"
+        );
+    }
+
+    #[test]
+    fn validation_messages() {
+        assert_eq!(
+            parse_err(&["--bps", "1M", "--bps-rd", "1M"]),
+            "bps_rd cannot be used together with bps"
+        );
+        assert_eq!(parse_err(&["-o", "bps_max=2M"]), "bps_max requires bps");
+        assert_eq!(
+            parse_err(&["--iops", "100", "-o", "iops_max=50"]),
+            "iops_max must not be lower than iops"
+        );
+        assert_eq!(
+            parse_err(&["--bps-wr", "1M", "-o", "bps_wr_max_length=5s"]),
+            "bps_wr_max_length requires bps_wr_max"
+        );
+    }
+
+    #[test]
+    fn mount_options() {
+        let config = parse(&[
+            "-o",
+            "allow_other,ro",
+            "-o",
+            "fsname=data,subtype=throttle,noatime",
+        ])
+        .unwrap();
+        assert!(config.allow_other);
+        assert_eq!(
+            config.fuse_options,
+            vec![
+                fuser::MountOption::RO,
+                fuser::MountOption::FSName("data".into()),
+                fuser::MountOption::Subtype("throttle".into()),
+                fuser::MountOption::NoAtime,
+            ]
+        );
+        for (name, option) in &FUSE_FLAGS {
+            assert_eq!(
+                parse(&["-o", name]).unwrap().fuse_options,
+                vec![option.clone()]
+            );
+        }
+        assert_eq!(parse(&["-o", "io_threads=1024"]).unwrap().io_threads, 1024);
+        assert_eq!(
+            parse_err(&["-o", "nonempty"]),
+            "unknown mount option 'nonempty'"
+        );
+        assert_eq!(parse_err(&["-o", "ro=1"]), "unknown mount option 'ro=1'");
+        assert_eq!(
+            parse_err(&["-o", "bps"]),
+            "bps: missing value (use -o bps=VALUE)"
+        );
+        assert_eq!(parse_err(&["-o", "fsname="]), "fsname: empty value");
+        assert_eq!(
+            parse_err(&["-o", "bps_foo=1"]),
+            "unknown mount option 'bps_foo=1'"
+        );
+    }
+
+    #[test]
+    fn io_threads_range() {
+        assert!(
+            parse_err(&["--io-threads", "0"]).starts_with("io_threads: must be between 1 and 1024")
+        );
+        assert!(
+            parse_err(&["--io-threads", "1025"])
+                .starts_with("io_threads: must be between 1 and 1024")
+        );
+        assert_eq!(
+            parse_err(&["--io-threads", "x"]),
+            "io_threads: invalid count 'x'"
+        );
+        assert_eq!(parse(&["--io-threads", "1"]).unwrap().io_threads, 1);
+    }
+
+    #[test]
+    fn path_rejections() {
+        let f = fixture();
+        let missing = f.root.0.join("missing");
+        let file = f.source.join("file");
+        let err = |src: &Path, mnt: &Path| {
+            let (msg, code) = parse_args(argv(&[], src, mnt)).unwrap_err();
+            assert_eq!(code, 2);
+            msg
+        };
+        assert_eq!(
+            err(&missing, &f.mountpoint),
+            format!("source '{}': No such file or directory", missing.display())
+        );
+        assert_eq!(
+            err(&file, &f.mountpoint),
+            format!("source '{}' is not a directory", file.display())
+        );
+        assert_eq!(
+            err(&f.source, &missing),
+            format!(
+                "mountpoint '{}': No such file or directory",
+                missing.display()
+            )
+        );
+        assert_eq!(
+            err(&f.source, &file),
+            format!("mountpoint '{}' is not a directory", file.display())
+        );
+        assert_eq!(
+            err(&f.source, &f.root.0),
+            format!("mountpoint '{}' is not empty", f.root.0.display())
+        );
+        let inside = f.source.join("sub");
+        fs::create_dir(&inside).unwrap();
+        assert_eq!(
+            err(&f.source, &inside),
+            format!(
+                "mountpoint '{}' lies inside the source '{}'",
+                inside.display(),
+                f.source.display()
+            )
+        );
+        // Equal paths, also spelled differently, count as inside.
+        let dotted = f.root.0.join("src/sub/..");
+        assert_eq!(
+            err(&f.source, &dotted),
+            format!(
+                "mountpoint '{}' lies inside the source '{}'",
+                dotted.display(),
+                f.source.display()
+            )
+        );
+    }
+
+    #[test]
+    fn clap_errors_are_one_line() {
+        let f = fixture();
+        let (msg, code) = parse_args(argv(&["--foo"], &f.source, &f.mountpoint)).unwrap_err();
+        assert_eq!(
+            (msg.as_str(), code),
+            ("error: unexpected argument '--foo' found", 2)
+        );
+        let (msg, code) = parse_args(["throttlefs"]).unwrap_err();
+        assert_eq!(code, 2);
+        assert!(!msg.contains('\n'), "{msg:?}");
+        assert!(
+            msg.contains("<SOURCE>") && msg.contains("<MOUNTPOINT>"),
+            "{msg}"
+        );
+        let (msg, code) = parse_args(["throttlefs", "a", "b", "c"]).unwrap_err();
+        assert_eq!(code, 2);
+        assert!(!msg.contains('\n') && msg.contains("'c'"), "{msg:?}");
+    }
+
+    #[test]
+    fn help_and_version() {
+        let (help, code) = parse_args(["throttlefs", "--help"]).unwrap_err();
+        assert_eq!(code, 0);
+        assert!(help.contains("limit read bytes per second"), "{help}");
+        assert!(help.contains("0 = unlimited"));
+        assert!(help.contains("binary suffixes"));
+        assert!(help.contains("burst rate for bps"));
+        assert!(help.contains("how long a burst at bps_max may last (default 1s)"));
+        assert!(
+            help.contains(
+                "requests larger than this many bytes count as size/iops_size operations"
+            )
+        );
+        for name in limit_names() {
+            assert!(
+                help.contains(&format!("{name}=")),
+                "{name} missing from help"
+            );
+        }
+        let (version, code) = parse_args(["throttlefs", "--version"]).unwrap_err();
+        assert_eq!(code, 0);
+        assert!(version.contains(env!("CARGO_PKG_VERSION")));
+    }
+}

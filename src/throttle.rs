@@ -435,7 +435,10 @@ mod tests {
         // 3 B/s, capacity 0.3 B; 1 byte over by 0.7 B needs 233333333.33 ns.
         let mut s = ThrottleState::new(limits(BucketKind::BpsWrite, 3), Duration::ZERO);
         s.account(Direction::Write, 1, Duration::ZERO);
-        assert_eq!(s.wait(Direction::Write, Duration::ZERO), Duration::from_nanos(233_333_334));
+        assert_eq!(
+            s.wait(Direction::Write, Duration::ZERO),
+            Duration::from_nanos(233_333_334)
+        );
     }
 
     #[test]
@@ -531,7 +534,10 @@ mod tests {
         }
         // The burst lasted about 2 s at 10 MiB/s, minus the avg leak.
         assert!(written >= 20 * MIB, "burst wrote only {written}");
-        assert!(now >= Duration::from_millis(1800) && now <= Duration::from_millis(2300), "{now:?}");
+        assert!(
+            now >= Duration::from_millis(1800) && now <= Duration::from_millis(2300),
+            "{now:?}"
+        );
         // After the burst the wait is set by avg: each further MiB costs 1 s.
         let w = s.wait(Direction::Write, now);
         now += w;
@@ -628,7 +634,10 @@ mod tests {
         assert_eq!(l.validate().unwrap_err().0, "bps_rd_max requires bps_rd");
         let mut l = limits(BucketKind::IopsTotal, 100);
         l.get_mut(BucketKind::IopsTotal).max = 50;
-        assert_eq!(l.validate().unwrap_err().0, "iops_max must not be lower than iops");
+        assert_eq!(
+            l.validate().unwrap_err().0,
+            "iops_max must not be lower than iops"
+        );
         let mut l = limits(BucketKind::BpsWrite, MIB);
         l.get_mut(BucketKind::BpsWrite).max_length = Some(Duration::from_secs(5));
         assert_eq!(
@@ -650,6 +659,11 @@ mod tests {
             "bps_rd_max cannot be used together with bps_max"
         );
         let l = limits(BucketKind::BpsTotal, MAX_LIMIT_VALUE + 1);
-        assert!(l.validate().unwrap_err().0.starts_with("bps must be at most"));
+        assert!(
+            l.validate()
+                .unwrap_err()
+                .0
+                .starts_with("bps must be at most")
+        );
     }
 }

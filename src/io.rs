@@ -1,0 +1,258 @@
+//! The I/O side: jobs that perform a released request on the underlying
+//! file and send its reply, and the worker pool that runs them so that a slow
+//! disk under one file never delays the scheduler.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use crossbeam_channel::{Receiver, Sender};
+use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
+
+use crate::throttle::Direction;
+
+/// An open file of the underlying tree. Queued requests hold an `Arc` to it,
+/// so a `release` that races with a queued request (a caller killed while
+/// waiting) cannot close the descriptor, or let its number be reused, under
+/// that request.
+#[derive(Debug)]
+pub struct Handle {
+    pub fd: OwnedFd,
+    /// The scheduler's key for the file (the FUSE inode number).
+    pub file: u64,
+}
+
+impl Handle {
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Read up to `size` bytes at `offset`, short only at end of file.
+pub fn pread_full(fd: RawFd, offset: u64, size: usize) -> io::Result<Vec<u8>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(size);
+    while buf.len() < size {
+        let done = buf.len();
+        let spare = buf.spare_capacity_mut();
+        let n = retry_eintr(|| {
+            // SAFETY: the kernel writes at most spare.len() bytes into the
+            // spare capacity of `buf`, which stays alive for the call.
+            let r = unsafe {
+                libc::pread(
+                    fd,
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as usize)
+            }
+        });
+        match n {
+            Ok(0) => break,
+            // SAFETY: `n` bytes past `done` were just initialised by pread.
+            Ok(n) => unsafe { buf.set_len(done + n) },
+            Err(e) if done > 0 => {
+                log::debug!("short read at {offset}+{done}: {e}");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
+}
+
+/// Write all of `data` at `offset`. An error after a partial write reports
+/// the bytes written, as write(2) does; an error before any byte is returned.
+pub fn pwrite_full(fd: RawFd, offset: u64, data: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < data.len() {
+        let rest = &data[done..];
+        let n = retry_eintr(|| {
+            // SAFETY: `rest` is a valid slice for the duration of the call.
+            let r = unsafe {
+                libc::pwrite(
+                    fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as usize)
+            }
+        });
+        match n {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if done > 0 => {
+                log::debug!("short write at {offset}+{done}: {e}");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
+    retry_eintr(|| {
+        // SAFETY: plain syscalls on a descriptor we own.
+        let r = unsafe {
+            if datasync {
+                libc::fdatasync(fd)
+            } else {
+                libc::fsync(fd)
+            }
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// A request waiting for (or released by) the throttle, with the reply
+/// that answers it. Dropping a job without running it answers EIO (fuser's
+/// safety net), so no caller can be left hanging.
+pub enum Job {
+    Read {
+        handle: Arc<Handle>,
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    },
+    Write {
+        handle: Arc<Handle>,
+        offset: u64,
+        data: Vec<u8>,
+        reply: ReplyWrite,
+    },
+    /// A barrier: answered only after every earlier request of the file has
+    /// been performed (seed 004), then fsyncs the underlying file.
+    Fsync {
+        handle: Arc<Handle>,
+        datasync: bool,
+        reply: ReplyEmpty,
+    },
+    /// A barrier with nothing to do on the underlying file.
+    Flush { reply: ReplyEmpty },
+}
+
+impl Job {
+    /// Read or write, or `None` for a barrier (which charges nothing).
+    pub fn direction(&self) -> Option<Direction> {
+        match self {
+            Job::Read { .. } => Some(Direction::Read),
+            Job::Write { .. } => Some(Direction::Write),
+            Job::Fsync { .. } | Job::Flush { .. } => None,
+        }
+    }
+
+    /// Bytes the request moves, as charged to bps buckets.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Job::Read { size, .. } => u64::from(*size),
+            Job::Write { data, .. } => data.len() as u64,
+            Job::Fsync { .. } | Job::Flush { .. } => 0,
+        }
+    }
+
+    /// Perform the request on the underlying file and answer the caller,
+    /// with the underlying errno on failure.
+    pub fn run(self) {
+        match self {
+            Job::Read {
+                handle,
+                offset,
+                size,
+                reply,
+            } => match pread_full(handle.raw(), offset, size as usize) {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(Errno::from(e)),
+            },
+            Job::Write {
+                handle,
+                offset,
+                data,
+                reply,
+            } => match pwrite_full(handle.raw(), offset, &data) {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(Errno::from(e)),
+            },
+            Job::Fsync {
+                handle,
+                datasync,
+                reply,
+            } => match fsync(handle.raw(), datasync) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(Errno::from(e)),
+            },
+            Job::Flush { reply } => reply.ok(),
+        }
+    }
+}
+
+/// A finished job, reported back to the scheduler so barriers know when
+/// every earlier request of a file has been performed.
+pub struct Completion {
+    pub file: u64,
+}
+
+/// Worker threads that run released jobs.
+pub struct IoPool {
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl IoPool {
+    /// Start `threads` workers taking jobs from `jobs` and reporting each
+    /// completion through `done`. They stop when every sender of `jobs` is
+    /// gone and the queue is empty.
+    pub fn start(
+        threads: usize,
+        jobs: Receiver<(u64, Job)>,
+        done: impl Fn(Completion) + Send + Clone + 'static,
+    ) -> io::Result<IoPool> {
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let jobs = jobs.clone();
+            let done = done.clone();
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("io-{i}"))
+                    .spawn(move || {
+                        for (file, job) in jobs {
+                            job.run();
+                            done(Completion { file });
+                        }
+                    })?,
+            );
+        }
+        Ok(IoPool { workers })
+    }
+
+    pub fn join(self) {
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Where the scheduler sends released jobs.
+pub type JobSender = Sender<(u64, Job)>;
