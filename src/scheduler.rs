@@ -34,15 +34,29 @@ pub enum Msg {
     WhenIdle(Sender<()>),
 }
 
-struct Waiting {
-    job: Job,
+/// What the queue needs to know of a request.
+pub trait Queued {
+    /// Read or write, or `None` for a barrier (which charges nothing).
+    fn direction(&self) -> Option<Direction>;
+    /// Bytes charged to bps buckets.
+    fn bytes(&self) -> u64;
 }
 
-/// One file's throttle state and queue.
-struct FileQueue {
+impl Queued for Job {
+    fn direction(&self) -> Option<Direction> {
+        Job::direction(self)
+    }
+    fn bytes(&self) -> u64 {
+        Job::bytes(self)
+    }
+}
+
+/// One file's throttle state and queue: the ordering rules, kept free of
+/// threads and clocks so they are tested with a fake clock.
+struct FileQueue<J> {
     state: ThrottleState,
     /// Waiting requests in arrival order.
-    queue: VecDeque<Waiting>,
+    queue: VecDeque<J>,
     /// Released jobs not yet performed by the pool.
     in_flight: usize,
     /// The deadline this file has in the heap, if any; heap entries that do
@@ -51,9 +65,77 @@ struct FileQueue {
     forgotten: bool,
 }
 
-impl FileQueue {
+impl<J: Queued> FileQueue<J> {
+    fn new(limits: Limits, at: Duration) -> FileQueue<J> {
+        FileQueue {
+            state: ThrottleState::new(limits, at),
+            queue: VecDeque::new(),
+            in_flight: 0,
+            armed: None,
+            forgotten: false,
+        }
+    }
+
     fn is_idle(&self) -> bool {
         self.queue.is_empty() && self.in_flight == 0
+    }
+
+    /// Move whatever may go at `at` to `out`, in order, charging it, and
+    /// return how long until the next waiting request may be looked at
+    /// again (`None` when nothing waits on a bucket).
+    ///
+    /// Order: with a total limit (reads and writes share a bucket) the queue
+    /// is one strict FIFO. With only per-direction limits, reads and writes
+    /// are independent FIFOs in one list: a waiting read holds back later
+    /// reads but not a write its own buckets allow. A barrier holds back
+    /// everything after it and goes only when everything before it has been
+    /// performed. When draining, the buckets are not asked.
+    fn release(&mut self, at: Duration, draining: bool, out: &mut Vec<J>) -> Option<Duration> {
+        let strict = self.state.limits().has_total();
+        let mut blocked = [false; 2];
+        let mut earliest: Option<Duration> = None;
+        let mut i = 0;
+        while i < self.queue.len() {
+            let Some(dir) = self.queue[i].direction() else {
+                if i == 0 && self.in_flight == 0 {
+                    let job = self.queue.pop_front().expect("non-empty");
+                    self.in_flight += 1;
+                    out.push(job);
+                    continue;
+                }
+                break;
+            };
+            let lane = match dir {
+                Direction::Read => 0,
+                Direction::Write => 1,
+            };
+            if blocked[lane] {
+                i += 1;
+                continue;
+            }
+            let wait = if draining {
+                Duration::ZERO
+            } else {
+                self.state.wait(dir, at)
+            };
+            if wait.is_zero() {
+                let job = self.queue.remove(i).expect("index in range");
+                self.state.account(dir, job.bytes(), at);
+                self.in_flight += 1;
+                out.push(job);
+                continue;
+            }
+            earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
+            if strict {
+                break;
+            }
+            blocked[lane] = true;
+            if blocked == [true, true] {
+                break;
+            }
+            i += 1;
+        }
+        earliest
     }
 }
 
@@ -61,7 +143,7 @@ pub struct Scheduler {
     /// Time zero of the throttle maths.
     epoch: Instant,
     defaults: Limits,
-    files: HashMap<u64, FileQueue>,
+    files: HashMap<u64, FileQueue<Job>>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     jobs: JobSender,
     draining: bool,
@@ -122,7 +204,7 @@ impl Scheduler {
     }
 
     fn is_idle(&self) -> bool {
-        self.files.values().all(FileQueue::is_idle)
+        self.files.values().all(|f| f.is_idle())
     }
 
     fn handle(&mut self, msg: Msg, now: Instant) {
@@ -130,15 +212,12 @@ impl Scheduler {
             Msg::Submit { file, job } => {
                 let at = self.since_epoch(now);
                 let defaults = self.defaults;
-                let f = self.files.entry(file).or_insert_with(|| FileQueue {
-                    state: ThrottleState::new(defaults, at),
-                    queue: VecDeque::new(),
-                    in_flight: 0,
-                    armed: None,
-                    forgotten: false,
-                });
+                let f = self
+                    .files
+                    .entry(file)
+                    .or_insert_with(|| FileQueue::new(defaults, at));
                 f.forgotten = false;
-                f.queue.push_back(Waiting { job });
+                f.queue.push_back(job);
                 self.pump(file, now);
             }
             Msg::Done(Completion { file }) => {
@@ -202,80 +281,27 @@ impl Scheduler {
         }
     }
 
-    /// Release whatever of `file`'s queue may go at `now`, in order, and arm
-    /// the file's next deadline.
-    ///
-    /// Order: with a total limit (reads and writes share a bucket) the queue
-    /// is one strict FIFO. With only per-direction limits, reads and writes
-    /// are independent FIFOs in one list: a waiting read holds back later
-    /// reads but not a write its own buckets allow. A barrier holds back
-    /// everything after it and goes only when everything before it has been
-    /// performed.
+    /// Release whatever of `file`'s queue may go at `now` and arm the
+    /// file's next deadline.
     fn pump(&mut self, file: u64, now: Instant) {
         let at = self.since_epoch(now);
-        let Scheduler {
-            files,
-            deadlines,
-            jobs,
-            draining,
-            ..
-        } = self;
-        let Some(f) = files.get_mut(&file) else {
+        let Some(f) = self.files.get_mut(&file) else {
             return;
         };
-        let strict = f.state.limits().has_total();
-        let mut blocked = [false; 2];
-        let mut earliest: Option<Duration> = None;
-        let mut i = 0;
-        while i < f.queue.len() {
-            let Some(dir) = f.queue[i].job.direction() else {
-                if i == 0 && f.in_flight == 0 {
-                    let w = f.queue.pop_front().expect("non-empty");
-                    f.in_flight += 1;
-                    dispatch(jobs, file, w.job);
-                    continue;
-                }
-                break;
-            };
-            let lane = match dir {
-                Direction::Read => 0,
-                Direction::Write => 1,
-            };
-            if blocked[lane] {
-                i += 1;
-                continue;
-            }
-            let wait = if *draining {
-                Duration::ZERO
-            } else {
-                f.state.wait(dir, at)
-            };
-            if wait.is_zero() {
-                let w = f.queue.remove(i).expect("index in range");
-                f.state.account(dir, w.job.bytes(), at);
-                f.in_flight += 1;
-                dispatch(jobs, file, w.job);
-                continue;
-            }
-            earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
-            if strict {
-                break;
-            }
-            blocked[lane] = true;
-            if blocked == [true, true] {
-                break;
-            }
-            i += 1;
-        }
-        match earliest {
+        let mut released = Vec::new();
+        let next = f.release(at, self.draining, &mut released);
+        match next {
             Some(wait) => {
                 let when = now + wait;
                 if f.armed != Some(when) {
                     f.armed = Some(when);
-                    deadlines.push(Reverse((when, file)));
+                    self.deadlines.push(Reverse((when, file)));
                 }
             }
             None => f.armed = None,
+        }
+        for job in released {
+            dispatch(&self.jobs, file, job);
         }
     }
 }
@@ -286,5 +312,205 @@ fn dispatch(jobs: &JobSender, file: u64, job: Job) {
         // answers its caller EIO.
         log::warn!("I/O pool gone, failing a request of inode {file}");
         drop(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::throttle::BucketKind;
+
+    const KIB: u64 = 1024;
+
+    #[derive(Debug, PartialEq)]
+    struct Fake {
+        id: u32,
+        dir: Option<Direction>,
+        bytes: u64,
+    }
+
+    impl Queued for Fake {
+        fn direction(&self) -> Option<Direction> {
+            self.dir
+        }
+        fn bytes(&self) -> u64 {
+            self.bytes
+        }
+    }
+
+    fn read(id: u32, bytes: u64) -> Fake {
+        Fake {
+            id,
+            dir: Some(Direction::Read),
+            bytes,
+        }
+    }
+
+    fn write(id: u32, bytes: u64) -> Fake {
+        Fake {
+            id,
+            dir: Some(Direction::Write),
+            bytes,
+        }
+    }
+
+    fn barrier(id: u32) -> Fake {
+        Fake {
+            id,
+            dir: None,
+            bytes: 0,
+        }
+    }
+
+    fn limits(kind: BucketKind, avg: u64) -> Limits {
+        let mut l = Limits::default();
+        l.get_mut(kind).avg = avg;
+        l
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn ids(v: &[Fake]) -> Vec<u32> {
+        v.iter().map(|f| f.id).collect()
+    }
+
+    /// Run the queue with a fake clock: jump from deadline to deadline and
+    /// record when each request is released.
+    fn drive(q: &mut FileQueue<Fake>, mut at: Duration) -> Vec<(u32, Duration)> {
+        let mut log = Vec::new();
+        loop {
+            let mut out = Vec::new();
+            let next = q.release(at, false, &mut out);
+            log.extend(out.iter().map(|f| (f.id, at)));
+            q.in_flight = 0; // performed at once
+            match next {
+                Some(wait) => at += wait,
+                None if q.queue.is_empty() => return log,
+                None => {} // a barrier waited on in-flight work
+            }
+        }
+    }
+
+    #[test]
+    fn queued_requests_go_in_arrival_order_at_exact_deadlines() {
+        // iops_rd = 2: capacity 0.2 ops; one op after another every 0.5 s.
+        let mut q = FileQueue::new(limits(BucketKind::IopsRead, 2), Duration::ZERO);
+        for id in 1..=3 {
+            q.queue.push_back(read(id, 4 * KIB));
+        }
+        let log = drive(&mut q, Duration::ZERO);
+        assert_eq!(log, vec![(1, ms(0)), (2, ms(400)), (3, ms(900))]);
+    }
+
+    #[test]
+    fn new_request_does_not_overtake_queued_ones() {
+        // 1 MiB/s read: a 512 KiB read waits; a tiny read arriving later
+        // must not pass it even though it alone would fit the bucket.
+        let mut q = FileQueue::new(limits(BucketKind::BpsRead, 1024 * KIB), Duration::ZERO);
+        let mut out = Vec::new();
+        q.queue.push_back(read(1, 512 * KIB));
+        q.queue.push_back(read(2, 512 * KIB));
+        assert_eq!(q.release(Duration::ZERO, false, &mut out), Some(ms(400)));
+        assert_eq!(ids(&out), vec![1]);
+        q.queue.push_back(read(3, 1));
+        out.clear();
+        assert_eq!(q.release(ms(10), false, &mut out), Some(ms(390)));
+        assert!(out.is_empty(), "the small read overtook the queue");
+        out.clear();
+        q.release(ms(400), false, &mut out);
+        assert_eq!(ids(&out), vec![2]);
+        out.clear();
+        q.release(ms(900), false, &mut out);
+        assert_eq!(ids(&out), vec![3]);
+    }
+
+    #[test]
+    fn large_request_is_not_starved_by_small_ones() {
+        let mut q = FileQueue::new(limits(BucketKind::BpsRead, 100 * KIB), Duration::ZERO);
+        q.queue.push_back(read(1, 64 * KIB));
+        q.queue.push_back(read(2, 1024 * KIB));
+        for id in 3..10 {
+            q.queue.push_back(read(id, 1));
+        }
+        let log = drive(&mut q, Duration::ZERO);
+        assert_eq!(
+            log.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            (1..10).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn directions_are_independent_without_a_total_limit() {
+        let mut q = FileQueue::new(limits(BucketKind::BpsRead, 100 * KIB), Duration::ZERO);
+        q.queue.push_back(read(1, 64 * KIB));
+        q.queue.push_back(read(2, 64 * KIB));
+        q.queue.push_back(write(3, 64 * KIB));
+        let mut out = Vec::new();
+        let next = q.release(Duration::ZERO, false, &mut out);
+        // The write is not held back by the waiting read.
+        assert_eq!(ids(&out), vec![1, 3]);
+        // 65536 - 10240 = 55296 B over at 100 KiB/s = 540 ms.
+        assert_eq!(next, Some(ms(540)));
+    }
+
+    #[test]
+    fn total_limit_keeps_one_strict_fifo() {
+        let mut q = FileQueue::new(limits(BucketKind::BpsTotal, 100 * KIB), Duration::ZERO);
+        q.queue.push_back(read(1, 64 * KIB));
+        q.queue.push_back(read(2, 64 * KIB));
+        q.queue.push_back(write(3, 1));
+        let log = drive(&mut q, Duration::ZERO);
+        assert_eq!(log, vec![(1, ms(0)), (2, ms(540)), (3, ms(1180))]);
+    }
+
+    #[test]
+    fn barrier_waits_for_earlier_requests_to_be_performed() {
+        let mut q = FileQueue::new(limits(BucketKind::BpsWrite, 100 * KIB), Duration::ZERO);
+        q.queue.push_back(write(1, 64 * KIB));
+        q.queue.push_back(write(2, 64 * KIB));
+        q.queue.push_back(barrier(3));
+        q.queue.push_back(write(4, 1));
+        let mut out = Vec::new();
+        q.release(Duration::ZERO, false, &mut out);
+        assert_eq!(ids(&out), vec![1]);
+        // At the deadline write 2 goes, but the barrier stays: 1 and 2 are
+        // still being performed, and write 4 may not pass the barrier.
+        out.clear();
+        q.release(ms(540), false, &mut out);
+        assert_eq!(ids(&out), vec![2]);
+        assert_eq!(q.in_flight, 2);
+        out.clear();
+        q.release(ms(541), false, &mut out);
+        assert!(out.is_empty());
+        // Both performed: the barrier goes, and write 4 after it.
+        q.in_flight = 0;
+        out.clear();
+        q.release(ms(1200), false, &mut out);
+        assert_eq!(ids(&out), vec![3, 4]);
+    }
+
+    #[test]
+    fn draining_releases_everything_in_order() {
+        let mut q = FileQueue::new(limits(BucketKind::BpsTotal, 1), Duration::ZERO);
+        for id in 1..=5 {
+            q.queue.push_back(write(id, 64 * KIB));
+        }
+        let mut out = Vec::new();
+        assert_eq!(q.release(Duration::ZERO, true, &mut out), None);
+        assert_eq!(ids(&out), vec![1, 2, 3, 4, 5]);
+        assert!(q.queue.is_empty());
+    }
+
+    #[test]
+    fn unlimited_file_never_arms_a_deadline() {
+        let mut q = FileQueue::new(Limits::default(), Duration::ZERO);
+        for id in 1..=100 {
+            q.queue.push_back(read(id, 1024 * KIB));
+        }
+        let mut out = Vec::new();
+        assert_eq!(q.release(Duration::ZERO, false, &mut out), None);
+        assert_eq!(out.len(), 100);
     }
 }
