@@ -1176,32 +1176,30 @@ impl Filesystem for ThrottleFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let r = (|| Ok((self.handle(fh_in)?, self.handle(fh_out)?)))();
+        let (src, dst) = match r {
+            Ok(pair) => pair,
+            Err(e) => return reply.error(e),
+        };
+        // At most one request's worth per call (callers loop on short
+        // copies), so a copy is metered like a read and a write of that size.
+        let len = len.min(u64::from(MAX_REQUEST_BYTES)) as u32;
         if self.is_throttled(ino_in.0) || self.is_throttled(ino_out.0) {
-            // The kernel then copies through our read and write, which the
-            // throttle meters; a server-side copy would bypass it.
-            return reply.error(Errno::EOPNOTSUPP);
-        }
-        let r = (|| {
-            let hin = self.handle(fh_in)?;
-            let hout = self.handle(fh_out)?;
-            let mut off_in = libc::loff_t::try_from(offset_in).map_err(|_| Errno::EINVAL)?;
-            let mut off_out = libc::loff_t::try_from(offset_out).map_err(|_| Errno::EINVAL)?;
-            let len = usize::try_from(len)
-                .unwrap_or(usize::MAX)
-                .min(u32::MAX as usize);
-            // SAFETY: copy between two open descriptors with explicit offsets.
-            let n = unsafe {
-                libc::copy_file_range(hin.raw(), &mut off_in, hout.raw(), &mut off_out, len, 0)
+            let job = Job::Copy {
+                src,
+                offset_in,
+                dst,
+                offset_out,
+                len,
+                at_source: true,
+                reply,
             };
-            if n < 0 {
-                Err(last_errno())
-            } else {
-                Ok(n as u32)
+            self.submit(ino_in.0, job);
+        } else {
+            match fio::copy_range(src.raw(), offset_in, dst.raw(), offset_out, len as usize) {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(Errno::from(e)),
             }
-        })();
-        match r {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
         }
     }
 }

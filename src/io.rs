@@ -128,6 +128,28 @@ pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
     })
 }
 
+/// One copy_file_range call between two open files at explicit offsets.
+pub fn copy_range(
+    src: RawFd,
+    offset_in: u64,
+    dst: RawFd,
+    offset_out: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let to_off =
+        |o: u64| libc::loff_t::try_from(o).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
+    let (mut off_in, mut off_out) = (to_off(offset_in)?, to_off(offset_out)?);
+    retry_eintr(|| {
+        // SAFETY: two open descriptors and valid offset pointers.
+        let n = unsafe { libc::copy_file_range(src, &mut off_in, dst, &mut off_out, len, 0) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    })
+}
+
 /// A request waiting for (or released by) the throttle, with the reply
 /// that answers it. Dropping a job without running it answers EIO (fuser's
 /// safety net), so no caller can be left hanging.
@@ -153,6 +175,18 @@ pub enum Job {
     },
     /// A barrier with nothing to do on the underlying file.
     Flush { reply: ReplyEmpty },
+    /// copy_file_range: charged as a read on the source file, then handed
+    /// to the destination file's queue and charged as a write there.
+    Copy {
+        src: Arc<Handle>,
+        offset_in: u64,
+        dst: Arc<Handle>,
+        offset_out: u64,
+        len: u32,
+        /// Still waiting on the source's buckets.
+        at_source: bool,
+        reply: ReplyWrite,
+    },
 }
 
 impl Job {
@@ -162,6 +196,23 @@ impl Job {
             Job::Read { .. } => Some(Direction::Read),
             Job::Write { .. } => Some(Direction::Write),
             Job::Fsync { .. } | Job::Flush { .. } => None,
+            Job::Copy { at_source, .. } => Some(if *at_source {
+                Direction::Read
+            } else {
+                Direction::Write
+            }),
+        }
+    }
+
+    /// For a copy released by its source's buckets: the file whose queue it
+    /// must go through next (it is now charged as a write there).
+    pub fn hand_off(&mut self) -> Option<u64> {
+        match self {
+            Job::Copy { at_source, dst, .. } if *at_source => {
+                *at_source = false;
+                Some(dst.file)
+            }
+            _ => None,
         }
     }
 
@@ -171,6 +222,7 @@ impl Job {
             Job::Read { size, .. } => u64::from(*size),
             Job::Write { data, .. } => data.len() as u64,
             Job::Fsync { .. } | Job::Flush { .. } => 0,
+            Job::Copy { len, .. } => u64::from(*len),
         }
     }
 
@@ -205,6 +257,18 @@ impl Job {
                 Err(e) => reply.error(Errno::from(e)),
             },
             Job::Flush { reply } => reply.ok(),
+            Job::Copy {
+                src,
+                offset_in,
+                dst,
+                offset_out,
+                len,
+                reply,
+                ..
+            } => match copy_range(src.raw(), offset_in, dst.raw(), offset_out, len as usize) {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(Errno::from(e)),
+            },
         }
     }
 }

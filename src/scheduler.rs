@@ -209,17 +209,7 @@ impl Scheduler {
 
     fn handle(&mut self, msg: Msg, now: Instant) {
         match msg {
-            Msg::Submit { file, job } => {
-                let at = self.since_epoch(now);
-                let defaults = self.defaults;
-                let f = self
-                    .files
-                    .entry(file)
-                    .or_insert_with(|| FileQueue::new(defaults, at));
-                f.forgotten = false;
-                f.queue.push_back(job);
-                self.pump(file, now);
-            }
+            Msg::Submit { file, job } => self.enqueue(file, job, now),
             Msg::Done(Completion { file }) => {
                 if let Some(f) = self.files.get_mut(&file) {
                     f.in_flight = f.in_flight.saturating_sub(1);
@@ -249,6 +239,18 @@ impl Scheduler {
             }
             Msg::WhenIdle(tx) => self.idle_waiters.push(tx),
         }
+    }
+
+    fn enqueue(&mut self, file: u64, job: Job, now: Instant) {
+        let at = self.since_epoch(now);
+        let defaults = self.defaults;
+        let f = self
+            .files
+            .entry(file)
+            .or_insert_with(|| FileQueue::new(defaults, at));
+        f.forgotten = false;
+        f.queue.push_back(job);
+        self.pump(file, now);
     }
 
     /// Drop the state of a forgotten file once nothing of it is pending.
@@ -300,8 +302,18 @@ impl Scheduler {
             }
             None => f.armed = None,
         }
-        for job in released {
-            dispatch(&self.jobs, file, job);
+        for mut job in released {
+            match job.hand_off() {
+                // A copy passed its source's buckets: it is not in flight
+                // there, and now queues on its destination as a write.
+                Some(next) => {
+                    if let Some(f) = self.files.get_mut(&file) {
+                        f.in_flight = f.in_flight.saturating_sub(1);
+                    }
+                    self.enqueue(next, job, now);
+                }
+                None => dispatch(&self.jobs, file, job),
+            }
         }
     }
 }
