@@ -1,0 +1,241 @@
+//! Command-line validation: bad options exit 2 with one stderr line naming
+//! the option, before anything is mounted.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Mount;
+
+/// A misuse must be reported at once; 10 s is far more than parsing takes.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs throttlefs with `args` (which may contain the placeholders `SRC` and
+/// `MNT`, replaced by the test's directories; when neither appears they are
+/// appended), expects exit status 2, exactly one non-empty stderr line that
+/// contains at least one of `needles` (case-insensitive), and nothing mounted.
+fn assert_rejected(m: &mut Mount, args: &[&str], needles: &[&str]) {
+    let src = m.src().to_str().unwrap().to_owned();
+    let mnt = m.mnt().to_str().unwrap().to_owned();
+    let mut full: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("SRC", &src).replace("MNT", &mnt))
+        .collect();
+    if !args.iter().any(|a| a.contains("SRC") || a.contains("MNT")) {
+        full.push(src.clone());
+        full.push(mnt.clone());
+    }
+    let full_refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    let before: Vec<_> = fs::read_dir(m.mnt())
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+        .unwrap_or_default();
+    let status = m.run_to_exit(&full_refs, EXIT_WAIT);
+    let mounted = m.is_mounted();
+    let stderr = m.stderr();
+    let Some(status) = status else {
+        panic!("throttlefs {full:?} did not exit within {EXIT_WAIT:?} (mounted: {mounted})");
+    };
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "throttlefs {full:?} exited with {status}, expected 2; stderr:\n{stderr}"
+    );
+    assert!(!mounted, "throttlefs {full:?} mounted something");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "throttlefs {full:?}: expected exactly one stderr line, got:\n{stderr}"
+    );
+    let line = lines[0].to_lowercase();
+    assert!(
+        needles.iter().any(|n| line.contains(&n.to_lowercase())),
+        "throttlefs {full:?}: stderr line {:?} names none of {needles:?}",
+        lines[0]
+    );
+    assert!(
+        m.stdout().is_empty(),
+        "throttlefs {full:?} printed on stdout:\n{}",
+        m.stdout()
+    );
+    if let Ok(d) = fs::read_dir(m.mnt()) {
+        let after: Vec<_> = d.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+        assert_eq!(before, after, "the mountpoint's contents changed");
+    }
+}
+
+fn rejected(args: &[&str], needles: &[&str]) {
+    let mut m = Mount::new();
+    assert_rejected(&mut m, args, needles);
+}
+
+#[test]
+fn total_and_split_bps_together() {
+    rejected(&["--bps", "1M", "--bps-rd", "1M"], &["bps_rd", "bps-rd"]);
+}
+
+#[test]
+fn total_and_split_iops_together_via_o() {
+    rejected(&["-o", "iops=10,iops_wr=5"], &["iops_wr", "iops-wr"]);
+}
+
+#[test]
+fn burst_without_average() {
+    rejected(&["-o", "bps_max=2M"], &["bps_max"]);
+}
+
+#[test]
+fn burst_below_average() {
+    rejected(&["-o", "bps=2M,bps_max=1M"], &["bps_max"]);
+}
+
+#[test]
+fn burst_length_without_burst() {
+    rejected(
+        &["--bps", "1M", "-o", "bps_max_length=5s"],
+        &["bps_max_length"],
+    );
+}
+
+#[test]
+fn burst_length_alone() {
+    rejected(&["-o", "bps_max_length=5s"], &["bps_max_length"]);
+}
+
+#[test]
+fn bad_size_suffix() {
+    rejected(&["--bps-wr", "12Q"], &["bps-wr", "bps_wr"]);
+}
+
+#[test]
+fn bad_size_suffix_via_o() {
+    rejected(&["-o", "bps_wr=12Q"], &["bps_wr"]);
+}
+
+#[test]
+fn iops_overflow() {
+    rejected(&["--iops", "99999999999999999999999"], &["iops"]);
+}
+
+#[test]
+fn value_above_qemu_maximum() {
+    // QEMU's THROTTLE_VALUE_MAX is 10^15.
+    rejected(&["-o", "iops_rd=1000000000000001"], &["iops_rd"]);
+}
+
+#[test]
+fn unknown_o_option() {
+    rejected(&["-o", "frobnicate=1"], &["frobnicate"]);
+}
+
+#[test]
+fn option_given_twice() {
+    rejected(&["--bps", "1M", "-o", "bps=2M"], &["bps"]);
+}
+
+#[test]
+fn missing_source() {
+    let mut m = Mount::new();
+    let missing = m.root().join("does-not-exist");
+    let missing = missing.to_str().unwrap().to_owned();
+    assert_rejected(&mut m, &[&missing, "MNT"], &["does-not-exist", "source"]);
+}
+
+#[test]
+fn mountpoint_not_empty() {
+    let mut m = Mount::new();
+    fs::write(m.mnt().join("occupied"), b"x").unwrap();
+    assert_rejected(
+        &mut m,
+        &["SRC", "MNT"],
+        &["mnt", "mountpoint", "mount point", "empty"],
+    );
+    assert_eq!(fs::read(m.mnt().join("occupied")).unwrap(), b"x");
+}
+
+#[test]
+fn mountpoint_inside_source() {
+    let mut m = Mount::new();
+    let inner = m.src().join("inner");
+    fs::create_dir(&inner).unwrap();
+    let inner = inner.to_str().unwrap().to_owned();
+    assert_rejected(
+        &mut m,
+        &["SRC", &inner],
+        &["inner", "inside", "source", "mountpoint"],
+    );
+    assert!(!common::is_mounted(&m.src().join("inner")));
+}
+
+#[test]
+fn missing_mountpoint_argument() {
+    let mut m = Mount::new();
+    let src = m.src().to_str().unwrap().to_owned();
+    let status = m.run_to_exit(&[&src], EXIT_WAIT);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "stderr:\n{}",
+        m.stderr()
+    );
+    assert!(!m.stderr().trim().is_empty());
+}
+
+#[test]
+fn help_exits_zero_and_explains_limits() {
+    let out = Command::new(common::binary())
+        .arg("--help")
+        .output()
+        .expect("run throttlefs --help");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "--help failed: {}",
+        common::describe(common::binary(), &["--help"], &out)
+    );
+    assert!(
+        stdout.contains("limit read bytes per second"),
+        "--help does not explain --bps-rd:\n{stdout}"
+    );
+    for flag in [
+        "--bps",
+        "--bps-rd",
+        "--bps-wr",
+        "--iops",
+        "--iops-rd",
+        "--iops-wr",
+        "-o",
+    ] {
+        assert!(
+            stdout.contains(flag),
+            "--help does not mention {flag}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn valid_options_mount() {
+    // The counterpart of the rejections: a full set of valid QEMU options
+    // is accepted and mounts.
+    let m = Mount::start_with(&[
+        "--bps-rd",
+        "10M",
+        "--iops-wr",
+        "1000",
+        "-o",
+        "bps_wr=5M,bps_wr_max=10M,bps_wr_max_length=2s,iops_rd=500,iops_rd_max=1000,iops_size=4K,fsname=throttle-test",
+    ]);
+    assert!(m.is_mounted());
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mnt = m.mnt().to_str().unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(mnt))
+        .expect("mount in mountinfo");
+    assert!(
+        line.contains("throttle-test"),
+        "fsname=throttle-test not passed to the mount: {line}"
+    );
+}

@@ -1,0 +1,441 @@
+//! Shared harness for the integration tests: a real throttlefs mount in a
+//! temporary directory, torn down on drop (also when the test panics), and
+//! helpers to run external tools with a timeout.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
+
+/// How long a daemon may take to mount, and to exit after SIGTERM.
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every external command runs under `timeout` so a hang fails the test
+/// instead of blocking CI; generous because rate tests run in parallel.
+pub const COMMAND_TIMEOUT_SECS: u32 = 120;
+
+/// Path of the binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_throttlefs")
+}
+
+/// A temporary `src/` + `mnt/` pair and, once started, the throttlefs daemon
+/// mounting `src` on `mnt`.
+///
+/// Typical use: `let m = Mount::new(); fs::write(m.src_path("f"), ..);
+/// m.start(&["--bps-rd", "1M"]);`. Dropping it stops the daemon (SIGTERM,
+/// then lazy unmount and SIGKILL if needed) and never leaves a mount behind.
+pub struct Mount {
+    dir: Option<TempDir>,
+    root: PathBuf,
+    src: PathBuf,
+    mnt: PathBuf,
+    child: Option<Child>,
+    /// Exit status of the daemon once it has been reaped.
+    status: Option<ExitStatus>,
+    stderr_path: PathBuf,
+    stdout_path: PathBuf,
+}
+
+impl Default for Mount {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Mount {
+    /// Creates the directories; nothing is mounted yet, so the test can put
+    /// files into `src_path(..)` first.
+    pub fn new() -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("throttlefs-test-")
+            .tempdir()
+            .expect("create temp dir");
+        // Canonical, so it matches the mount point the kernel reports.
+        let root = dir.path().canonicalize().expect("canonicalize temp dir");
+        let src = root.join("src");
+        let mnt = root.join("mnt");
+        fs::create_dir(&src).expect("create src");
+        fs::create_dir(&mnt).expect("create mnt");
+        Mount {
+            dir: Some(dir),
+            stderr_path: root.join("daemon.stderr"),
+            stdout_path: root.join("daemon.stdout"),
+            root,
+            src,
+            mnt,
+            child: None,
+            status: None,
+        }
+    }
+
+    /// `Mount::new()` then `start(args)`, with no files prepared.
+    pub fn start_with(args: &[&str]) -> Mount {
+        let mut m = Mount::new();
+        m.start(args);
+        m
+    }
+
+    /// `Mount::new()`, `setup(src_dir)`, then `start(args)`.
+    pub fn with_setup(setup: impl FnOnce(&Path), args: &[&str]) -> Mount {
+        let mut m = Mount::new();
+        setup(&m.src);
+        m.start(args);
+        m
+    }
+
+    /// Spawns `throttlefs ARGS SRC MNT` and waits until the mount is live.
+    /// Panics (with the daemon's stderr) if it exits or does not mount
+    /// within `MOUNT_TIMEOUT`.
+    pub fn start(&mut self, args: &[&str]) {
+        let (src, mnt) = (self.src.clone(), self.mnt.clone());
+        self.spawn(
+            args.iter()
+                .map(OsStr::new)
+                .chain([src.as_os_str(), mnt.as_os_str()]),
+        );
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        loop {
+            if is_mounted(&self.mnt) {
+                return;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "throttlefs {args:?} exited with {status} before mounting\n{}",
+                    self.daemon_output()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "throttlefs {args:?} did not mount {} within {MOUNT_TIMEOUT:?}\n{}",
+                    self.mnt.display(),
+                    self.daemon_output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Spawns the binary with exactly `args` (no source/mountpoint added),
+    /// stdout and stderr going to files in the temp dir.
+    pub fn spawn<I, S>(&mut self, args: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        assert!(self.child.is_none(), "daemon already started");
+        let stderr = File::create(&self.stderr_path).expect("create stderr file");
+        let stdout = File::create(&self.stdout_path).expect("create stdout file");
+        let child = Command::new(binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn throttlefs");
+        self.child = Some(child);
+        self.status = None;
+    }
+
+    /// Runs the binary with `args` (nothing added) and waits for it to exit
+    /// by itself within `timeout`; `None` if it did not (it is then stopped
+    /// by `Drop`). For command-line tests that expect an early exit.
+    pub fn run_to_exit(&mut self, args: &[&str], timeout: Duration) -> Option<ExitStatus> {
+        self.spawn(args);
+        self.wait_exit(timeout)
+    }
+
+    pub fn src(&self) -> &Path {
+        &self.src
+    }
+
+    pub fn mnt(&self) -> &Path {
+        &self.mnt
+    }
+
+    /// The temp dir holding `src/` and `mnt/`; a place for scratch files
+    /// outside the mount.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `name` inside the mount.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.mnt.join(name)
+    }
+
+    /// `name` inside the source directory (bypassing throttlefs).
+    pub fn src_path(&self, name: &str) -> PathBuf {
+        self.src.join(name)
+    }
+
+    pub fn pid(&self) -> libc::pid_t {
+        self.child.as_ref().expect("daemon not started").id() as libc::pid_t
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        is_mounted(&self.mnt)
+    }
+
+    /// Sends `signal` to the daemon (if it has not been reaped yet).
+    pub fn signal(&self, signal: libc::c_int) {
+        if let (None, Some(child)) = (self.status, &self.child) {
+            // SAFETY: plain kill(2) on our own child's pid, which is not
+            // reaped yet (status is None), so the pid cannot be reused.
+            unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        }
+    }
+
+    /// Reaps the daemon if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if let (None, Some(child)) = (self.status, &mut self.child) {
+            self.status = child.try_wait().expect("try_wait on daemon");
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for the daemon to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then wait up to `EXIT_TIMEOUT`; panics with the daemon's
+    /// output if it does not exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(EXIT_TIMEOUT) {
+            Some(status) => status,
+            None => panic!(
+                "throttlefs did not exit within {EXIT_TIMEOUT:?} after SIGTERM\n{}",
+                self.daemon_output()
+            ),
+        }
+    }
+
+    /// What the daemon printed so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    pub fn daemon_output(&self) -> String {
+        format!(
+            "--- throttlefs stderr ---\n{}--- throttlefs stdout ---\n{}-------------------------",
+            self.stderr(),
+            self.stdout()
+        )
+    }
+
+    fn force_unmount(&self) {
+        for (cmd, args) in [
+            ("fusermount3", &["-u", "-z"][..]),
+            ("umount", &["-l"][..]),
+            ("umount", &["-l", "-f"][..]),
+        ] {
+            if !is_mounted(&self.mnt) {
+                return;
+            }
+            let _ = Command::new(cmd)
+                .args(args)
+                .arg(&self.mnt)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.child.is_some() {
+            eprintln!("{}", self.daemon_output());
+        }
+        if self.child.is_some() && self.try_wait().is_none() {
+            self.signal(libc::SIGTERM);
+            let _ = self.wait_exit(EXIT_TIMEOUT);
+        }
+        self.force_unmount();
+        if self.try_wait().is_none()
+            && let Some(child) = &mut self.child
+        {
+            let _ = child.kill();
+            self.status = child.wait().ok();
+        }
+        // Killing the daemon can leave a dead connection mounted.
+        self.force_unmount();
+        if is_mounted(&self.mnt) {
+            // Removing the tree would walk into a mount that may hang: keep
+            // the directory rather than risk it.
+            eprintln!(
+                "warning: could not unmount {}; leaving it",
+                self.mnt.display()
+            );
+            if let Some(dir) = self.dir.take() {
+                let _ = dir.keep();
+            }
+        }
+    }
+}
+
+/// Decodes the octal escapes (`\040` for a space, ...) of /proc mountinfo.
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Mount points listed in /proc/self/mountinfo.
+pub fn mount_points() -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .collect()
+}
+
+/// Whether `path` is a mount point right now.
+pub fn is_mounted(path: &Path) -> bool {
+    mount_points().iter().any(|p| p == path)
+}
+
+/// Runs `timeout CMD ARGS` and returns its output, whatever the status.
+pub fn run_unchecked<S: AsRef<OsStr>>(cmd: &str, args: &[S]) -> Output {
+    Command::new("timeout")
+        .args(["-k", "5", &COMMAND_TIMEOUT_SECS.to_string(), cmd])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+/// Runs `CMD ARGS` (under a timeout), asserts it succeeded, shows its output
+/// otherwise.
+pub fn run<S: AsRef<OsStr>>(cmd: &str, args: &[S]) -> Output {
+    let out = run_unchecked(cmd, args);
+    assert_success(cmd, args, &out);
+    out
+}
+
+pub fn describe<S: AsRef<OsStr>>(cmd: &str, args: &[S], out: &Output) -> String {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect();
+    let status = match out.status.code() {
+        Some(124) => "124 (timed out)".to_string(),
+        Some(code) => code.to_string(),
+        None => format!("signal {:?}", out.status.signal()),
+    };
+    format!(
+        "{cmd} {}\nstatus: {status}\n--- stdout ---\n{}--- stderr ---\n{}",
+        shown.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn assert_success<S: AsRef<OsStr>>(cmd: &str, args: &[S], out: &Output) {
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        describe(cmd, args, out)
+    );
+}
+
+/// Runs `qemu-io -f FORMAT OPTS -c CMD.. FILE`, asserts success and that no
+/// command reported a failure (pattern verification, I/O error), returns
+/// stdout.
+pub fn qemu_io_fmt(format: &str, file: &Path, opts: &[&str], cmds: &[&str]) -> String {
+    let mut args: Vec<&OsStr> = vec![OsStr::new("-f"), OsStr::new(format)];
+    args.extend(opts.iter().map(OsStr::new));
+    for c in cmds {
+        args.push(OsStr::new("-c"));
+        args.push(OsStr::new(c));
+    }
+    args.push(file.as_os_str());
+    let out = run("qemu-io", &args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lower = stdout.to_lowercase();
+    assert!(
+        !lower.contains("failed") && !lower.contains("error"),
+        "qemu-io reported a failure: {}",
+        describe("qemu-io", &args, &out)
+    );
+    stdout
+}
+
+/// `qemu_io_fmt("raw", ..)`.
+pub fn qemu_io(file: &Path, opts: &[&str], cmds: &[&str]) -> String {
+    qemu_io_fmt("raw", file, opts, cmds)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Asserts `lower <= elapsed <= upper` with a readable message.
+pub fn assert_elapsed_between(what: &str, elapsed: Duration, lower: f64, upper: f64) {
+    let secs = elapsed.as_secs_f64();
+    assert!(
+        secs >= lower,
+        "{what}: took {secs:.3} s, faster than the strict lower bound {lower:.3} s: the limit is not enforced"
+    );
+    assert!(
+        secs <= upper,
+        "{what}: took {secs:.3} s, slower than the loose upper bound {upper:.3} s"
+    );
+}
+
+/// The loose upper bound used for rate tests: expected * 1.5 + 2 s.
+pub fn loose_upper(expected: f64) -> f64 {
+    expected * 1.5 + 2.0
+}
