@@ -377,8 +377,9 @@ impl ThrottleFs {
         !self.limits.is_unlimited()
     }
 
-    fn submit(&self, file: u64, job: Job) {
-        if let Err(e) = self.scheduler.send(Msg::Submit { file, job }) {
+    fn submit(&self, req: &Request, file: u64, job: Job) {
+        let unique = req.unique().0;
+        if let Err(e) = self.scheduler.send(Msg::Submit { file, unique, job }) {
             // Only after the scheduler stopped: dropping answers EIO.
             drop(e);
         }
@@ -502,6 +503,10 @@ impl Filesystem for ThrottleFs {
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         Ok(())
+    }
+
+    fn interrupt(&self, _req: &Request, unique: fuser::RequestId) {
+        let _ = self.scheduler.send(Msg::Interrupt(unique.0));
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -713,7 +718,7 @@ impl Filesystem for ThrottleFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -733,7 +738,7 @@ impl Filesystem for ThrottleFs {
             reply,
         };
         if self.is_throttled(ino.0) {
-            self.submit(ino.0, job);
+            self.submit(req, ino.0, job);
         } else {
             job.run();
         }
@@ -741,7 +746,7 @@ impl Filesystem for ThrottleFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -763,7 +768,7 @@ impl Filesystem for ThrottleFs {
                 data: data.to_vec(),
                 reply,
             };
-            self.submit(ino.0, job);
+            self.submit(req, ino.0, job);
         } else {
             match fio::pwrite_full(handle.raw(), offset, data) {
                 Ok(n) => reply.written(n as u32),
@@ -774,7 +779,7 @@ impl Filesystem for ThrottleFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
@@ -782,7 +787,7 @@ impl Filesystem for ThrottleFs {
     ) {
         if self.is_throttled(ino.0) {
             // A barrier: answered after every write queued before it.
-            self.submit(ino.0, Job::Flush { reply });
+            self.submit(req, ino.0, Job::Flush { reply });
         } else {
             reply.ok();
         }
@@ -806,7 +811,7 @@ impl Filesystem for ThrottleFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
@@ -822,7 +827,7 @@ impl Filesystem for ThrottleFs {
             reply,
         };
         if self.is_throttled(ino.0) {
-            self.submit(ino.0, job);
+            self.submit(req, ino.0, job);
         } else {
             job.run();
         }
@@ -1165,7 +1170,7 @@ impl Filesystem for ThrottleFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -1194,7 +1199,7 @@ impl Filesystem for ThrottleFs {
                 at_source: true,
                 reply,
             };
-            self.submit(ino_in.0, job);
+            self.submit(req, ino_in.0, job);
         } else {
             match fio::copy_range(src.raw(), offset_in, dst.raw(), offset_out, len as usize) {
                 Ok(n) => reply.written(n as u32),

@@ -226,6 +226,15 @@ impl Job {
         }
     }
 
+    /// Answer the caller with `errno` without performing the request.
+    pub fn fail(self, errno: Errno) {
+        match self {
+            Job::Read { reply, .. } => reply.error(errno),
+            Job::Write { reply, .. } | Job::Copy { reply, .. } => reply.error(errno),
+            Job::Fsync { reply, .. } | Job::Flush { reply } => reply.error(errno),
+        }
+    }
+
     /// Perform the request on the underlying file and answer the caller,
     /// with the underlying errno on failure.
     pub fn run(self) {

@@ -7,19 +7,23 @@
 //! every earlier request of their file has been performed.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use fuser::Errno;
 
 use crate::io::{Completion, Job, JobSender};
 use crate::throttle::{Direction, Limits, ThrottleState};
 
 /// What the scheduler is told.
 pub enum Msg {
-    /// A request for `file` (the FUSE inode number), with its reply inside.
-    Submit { file: u64, job: Job },
+    /// A request for `file` (the FUSE inode number), with its reply inside;
+    /// `unique` is the kernel's id of the request.
+    Submit { file: u64, unique: u64, job: Job },
+    /// The kernel interrupts request `unique` (its caller got a signal).
+    Interrupt(u64),
     /// The I/O pool finished a job of this file.
     Done(Completion),
     /// The kernel forgot the inode: its state may go once it is idle.
@@ -42,14 +46,26 @@ pub trait Queued {
     fn bytes(&self) -> u64;
 }
 
-impl Queued for Job {
+/// A request waiting in a file's queue, with the kernel's id for it.
+struct Waiting {
+    unique: u64,
+    job: Job,
+}
+
+impl Queued for Waiting {
     fn direction(&self) -> Option<Direction> {
-        Job::direction(self)
+        self.job.direction()
     }
     fn bytes(&self) -> u64 {
-        Job::bytes(self)
+        self.job.bytes()
     }
 }
+
+/// Interrupts that arrived before their request reached us (another FUSE
+/// thread may still be handing it over) are remembered, at most this many;
+/// the oldest ids go first. Interrupts for requests that never come here
+/// (files without limits, requests already answered) are what fills it.
+const EARLY_INTERRUPTS_MAX: usize = 1024;
 
 /// One file's throttle state and queue: the ordering rules, kept free of
 /// threads and clocks so they are tested with a fake clock.
@@ -143,7 +159,10 @@ pub struct Scheduler {
     /// Time zero of the throttle maths.
     epoch: Instant,
     defaults: Limits,
-    files: HashMap<u64, FileQueue<Job>>,
+    files: HashMap<u64, FileQueue<Waiting>>,
+    /// Which file's queue holds each waiting request, by kernel id.
+    waiting: HashMap<u64, u64>,
+    early_interrupts: BTreeSet<u64>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     jobs: JobSender,
     draining: bool,
@@ -157,6 +176,8 @@ impl Scheduler {
             epoch: Instant::now(),
             defaults,
             files: HashMap::new(),
+            waiting: HashMap::new(),
+            early_interrupts: BTreeSet::new(),
             deadlines: BinaryHeap::new(),
             jobs,
             draining: false,
@@ -209,7 +230,14 @@ impl Scheduler {
 
     fn handle(&mut self, msg: Msg, now: Instant) {
         match msg {
-            Msg::Submit { file, job } => self.enqueue(file, job, now),
+            Msg::Submit { file, unique, job } => {
+                if self.early_interrupts.remove(&unique) {
+                    job.fail(Errno::EINTR);
+                } else {
+                    self.enqueue(file, Waiting { unique, job }, now);
+                }
+            }
+            Msg::Interrupt(unique) => self.interrupt(unique, now),
             Msg::Done(Completion { file }) => {
                 if let Some(f) = self.files.get_mut(&file) {
                     f.in_flight = f.in_flight.saturating_sub(1);
@@ -241,7 +269,31 @@ impl Scheduler {
         }
     }
 
-    fn enqueue(&mut self, file: u64, job: Job, now: Instant) {
+    /// Cancel a request still waiting: it is answered EINTR and charges
+    /// nothing. One already released completes normally.
+    fn interrupt(&mut self, unique: u64, now: Instant) {
+        let Some(file) = self.waiting.remove(&unique) else {
+            self.early_interrupts.insert(unique);
+            while self.early_interrupts.len() > EARLY_INTERRUPTS_MAX {
+                self.early_interrupts.pop_first();
+            }
+            return;
+        };
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
+        if let Some(pos) = f.queue.iter().position(|w| w.unique == unique) {
+            let w = f.queue.remove(pos).expect("found");
+            log::debug!("request {unique} of inode {file} interrupted while queued");
+            w.job.fail(Errno::EINTR);
+            // Whatever waited behind it may go now.
+            self.pump(file, now);
+            self.collect(file);
+        }
+    }
+
+    fn enqueue(&mut self, file: u64, w: Waiting, now: Instant) {
+        self.waiting.insert(w.unique, file);
         let at = self.since_epoch(now);
         let defaults = self.defaults;
         let f = self
@@ -249,7 +301,7 @@ impl Scheduler {
             .entry(file)
             .or_insert_with(|| FileQueue::new(defaults, at));
         f.forgotten = false;
-        f.queue.push_back(job);
+        f.queue.push_back(w);
         self.pump(file, now);
     }
 
@@ -302,17 +354,18 @@ impl Scheduler {
             }
             None => f.armed = None,
         }
-        for mut job in released {
-            match job.hand_off() {
+        for mut w in released {
+            self.waiting.remove(&w.unique);
+            match w.job.hand_off() {
                 // A copy passed its source's buckets: it is not in flight
                 // there, and now queues on its destination as a write.
                 Some(next) => {
                     if let Some(f) = self.files.get_mut(&file) {
                         f.in_flight = f.in_flight.saturating_sub(1);
                     }
-                    self.enqueue(next, job, now);
+                    self.enqueue(next, w, now);
                 }
-                None => dispatch(&self.jobs, file, job),
+                None => dispatch(&self.jobs, file, w.job),
             }
         }
     }
