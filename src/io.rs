@@ -2,12 +2,12 @@
 //! file and send its reply, and the worker pool that runs them so that a slow
 //! disk under one file never delays the scheduler.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 
-use crossbeam_channel::{Receiver, Sender};
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 
 use crate::throttle::Direction;
@@ -288,36 +288,77 @@ pub struct Completion {
     pub file: u64,
 }
 
+/// The queue of released jobs. A mutex and a condition variable rather
+/// than a channel: idle workers sleep without spinning, which on a 2-core
+/// machine would take the CPU from the threads doing the work.
+#[derive(Default)]
+struct JobQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<(u64, Job)>,
+    closed: bool,
+}
+
+/// Where the scheduler puts released jobs. Dropping the last sender closes
+/// the queue: workers finish what is queued, then stop.
+pub struct JobSender {
+    queue: Arc<JobQueue>,
+}
+
+impl JobSender {
+    /// Queue a job. After the pool has stopped the job is handed back.
+    pub fn send(&self, file: u64, job: Job) -> Result<(), Job> {
+        let mut state = self.queue.state.lock().expect("job queue");
+        if state.closed {
+            return Err(job);
+        }
+        state.jobs.push_back((file, job));
+        drop(state);
+        self.queue.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for JobSender {
+    fn drop(&mut self) {
+        self.queue.state.lock().expect("job queue").closed = true;
+        self.queue.ready.notify_all();
+    }
+}
+
 /// Worker threads that run released jobs.
 pub struct IoPool {
     workers: Vec<JoinHandle<()>>,
 }
 
 impl IoPool {
-    /// Start `threads` workers taking jobs from `jobs` and reporting each
-    /// completion through `done`. They stop when every sender of `jobs` is
-    /// gone and the queue is empty.
+    /// Start `threads` workers, each reporting every completion through
+    /// `done`. Returns the pool and the one sender of its queue.
     pub fn start(
         threads: usize,
-        jobs: Receiver<(u64, Job)>,
         done: impl Fn(Completion) + Send + Clone + 'static,
-    ) -> io::Result<IoPool> {
+    ) -> io::Result<(IoPool, JobSender)> {
+        let queue = Arc::new(JobQueue::default());
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
-            let jobs = jobs.clone();
+            let queue = queue.clone();
             let done = done.clone();
             workers.push(
                 thread::Builder::new()
                     .name(format!("io-{i}"))
                     .spawn(move || {
-                        for (file, job) in jobs {
+                        while let Some((file, job)) = next_job(&queue) {
                             job.run();
                             done(Completion { file });
                         }
                     })?,
             );
         }
-        Ok(IoPool { workers })
+        Ok((IoPool { workers }, JobSender { queue }))
     }
 
     pub fn join(self) {
@@ -327,5 +368,16 @@ impl IoPool {
     }
 }
 
-/// Where the scheduler sends released jobs.
-pub type JobSender = Sender<(u64, Job)>;
+/// The next job, or `None` once the queue is closed and empty.
+fn next_job(queue: &JobQueue) -> Option<(u64, Job)> {
+    let mut state = queue.state.lock().expect("job queue");
+    loop {
+        if let Some(job) = state.jobs.pop_front() {
+            return Some(job);
+        }
+        if state.closed {
+            return None;
+        }
+        state = queue.ready.wait(state).expect("job queue");
+    }
+}

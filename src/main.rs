@@ -82,9 +82,8 @@ fn run(cfg: MountConfig) -> Result<()> {
     unsafe { libc::umask(0) };
 
     let (sched_tx, sched_rx) = crossbeam_channel::unbounded();
-    let (job_tx, job_rx) = crossbeam_channel::unbounded();
     let done_tx = sched_tx.clone();
-    let pool = IoPool::start(cfg.io_threads, job_rx, move |c| {
+    let (pool, job_tx) = IoPool::start(cfg.io_threads, move |c| {
         let _ = done_tx.send(Msg::Done(c));
     })
     .context("starting I/O threads")?;

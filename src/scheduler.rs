@@ -372,11 +372,10 @@ impl Scheduler {
 }
 
 fn dispatch(jobs: &JobSender, file: u64, job: Job) {
-    if let Err(e) = jobs.send((file, job)) {
-        // The pool is gone (only during teardown): dropping the job
-        // answers its caller EIO.
+    if let Err(job) = jobs.send(file, job) {
+        // The pool is gone (only during teardown).
         log::warn!("I/O pool gone, failing a request of inode {file}");
-        drop(e);
+        job.fail(Errno::EIO);
     }
 }
 
