@@ -351,9 +351,9 @@ impl ThrottleFs {
     /// Reopen an inode's `O_PATH` descriptor as a real open file.
     fn reopen(&self, node: &InodeRef, flags: i32) -> Result<OwnedFd> {
         let path = proc_path(node.fd);
-        // O_DIRECT is not passed down: the kernel already bypasses its page
-        // cache for us (direct_io), and the underlying file would demand
-        // aligned buffers. O_CREAT/O_EXCL/O_NOCTTY make no sense on reopen.
+        // O_DIRECT goes to a second descriptor (see add_file): this one
+        // serves unaligned requests. O_CREAT/O_EXCL/O_NOCTTY make no sense
+        // on reopen.
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)
             | libc::O_CLOEXEC;
         // SAFETY: open of a NUL-terminated path.
@@ -362,12 +362,39 @@ impl ThrottleFs {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    fn add_file(&self, ino: u64, fd: OwnedFd) -> u64 {
+    /// Register an open file. When the caller asked for O_DIRECT, a second
+    /// descriptor opened O_DIRECT serves its aligned requests, so they stay
+    /// out of the host's page cache as the caller meant.
+    fn add_file(&self, ino: u64, fd: OwnedFd, flags: i32) -> u64 {
+        let direct = if flags & libc::O_DIRECT != 0 {
+            let path = proc_path(fd.as_raw_fd());
+            let dflags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
+                | libc::O_DIRECT
+                | libc::O_CLOEXEC;
+            // SAFETY: open of a NUL-terminated path.
+            let dfd = unsafe { libc::open(path.as_ptr(), dflags) };
+            if dfd < 0 {
+                log::debug!(
+                    "inode {ino}: no O_DIRECT on the underlying file ({}); using its page cache",
+                    io::Error::last_os_error()
+                );
+                None
+            } else {
+                // SAFETY: fresh descriptor.
+                fio::DirectFd::new(unsafe { OwnedFd::from_raw_fd(dfd) })
+            }
+        } else {
+            None
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files
-            .write()
-            .expect("file lock")
-            .insert(fh, Arc::new(Handle { fd, file: ino }));
+        self.files.write().expect("file lock").insert(
+            fh,
+            Arc::new(Handle {
+                fd,
+                direct,
+                file: ino,
+            }),
+        );
         fh
     }
 
@@ -702,7 +729,7 @@ impl Filesystem for ThrottleFs {
         let r = (|| {
             let node = self.inode(ino)?;
             let fd = self.reopen(&node, flags.0)?;
-            Ok(self.add_file(ino.0, fd))
+            Ok(self.add_file(ino.0, fd, flags.0))
         })();
         match r {
             // Direct I/O: no page cache in front of the throttle. Parallel
@@ -770,7 +797,7 @@ impl Filesystem for ThrottleFs {
             };
             self.submit(req, ino.0, job);
         } else {
-            match fio::pwrite_full(handle.raw(), offset, data) {
+            match handle.write_at(offset, data) {
                 Ok(n) => reply.written(n as u32),
                 Err(e) => reply.error(Errno::from(e)),
             }
@@ -1092,7 +1119,7 @@ impl Filesystem for ThrottleFs {
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             self.chown_new(req, p.fd, &cname)?;
             let attr = self.do_lookup(parent, name)?;
-            let fh = self.add_file(attr.ino.0, fd);
+            let fh = self.add_file(attr.ino.0, fd, flags);
             Ok((attr, fh))
         })();
         match r {

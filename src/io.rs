@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -19,13 +20,139 @@ use crate::throttle::Direction;
 #[derive(Debug)]
 pub struct Handle {
     pub fd: OwnedFd,
+    /// When the caller opened with O_DIRECT: the file opened O_DIRECT too,
+    /// used for every request that meets its alignment.
+    pub direct: Option<DirectFd>,
     /// The scheduler's key for the file (the FUSE inode number).
     pub file: u64,
+}
+
+/// A descriptor opened with O_DIRECT and the alignment it demands.
+#[derive(Debug)]
+pub struct DirectFd {
+    pub fd: OwnedFd,
+    /// Alignment of buffers in memory, in bytes.
+    pub mem_align_bytes: usize,
+    /// Alignment of offsets and lengths, in bytes.
+    pub offset_align_bytes: u64,
+}
+
+impl DirectFd {
+    /// The alignment the kernel reports for direct I/O on `fd` (statx
+    /// STATX_DIOALIGN), or `None` where the file does not support it.
+    pub fn new(fd: OwnedFd) -> Option<DirectFd> {
+        // SAFETY: statx fills a zeroed, valid out-structure.
+        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::statx(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                libc::STATX_DIOALIGN,
+                &mut stx,
+            )
+        };
+        if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+            return None;
+        }
+        Some(DirectFd {
+            fd,
+            mem_align_bytes: (stx.stx_dio_mem_align as usize).max(1),
+            offset_align_bytes: u64::from(stx.stx_dio_offset_align),
+        })
+    }
+
+    fn fits(&self, offset: u64, len: usize) -> bool {
+        len > 0
+            && offset.is_multiple_of(self.offset_align_bytes)
+            && (len as u64).is_multiple_of(self.offset_align_bytes)
+    }
+}
+
+/// A heap buffer with the alignment O_DIRECT needs.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain owned memory.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new(capacity: usize, align: usize) -> io::Result<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(capacity.max(1), align)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        let ptr = std::ptr::NonNull::new(ptr)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(AlignedBuf {
+            ptr,
+            layout,
+            len: 0,
+        })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes were initialised.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// Data read for a caller.
+pub enum ReadData {
+    Buffered(Vec<u8>),
+    Direct(AlignedBuf),
+}
+
+impl ReadData {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            ReadData::Buffered(v) => v,
+            ReadData::Direct(b) => b.as_slice(),
+        }
+    }
 }
 
 impl Handle {
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Read up to `size` bytes at `offset`, directly when the caller asked
+    /// for O_DIRECT and the request is aligned.
+    pub fn read_at(&self, offset: u64, size: usize) -> io::Result<ReadData> {
+        if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, size)) {
+            let mut buf = AlignedBuf::new(size, d.mem_align_bytes)?;
+            // SAFETY: the buffer has room for `size` bytes.
+            let spare = unsafe {
+                std::slice::from_raw_parts_mut(buf.ptr.as_ptr().cast::<MaybeUninit<u8>>(), size)
+            };
+            buf.len = pread_into(d.fd.as_raw_fd(), spare, offset)?;
+            return Ok(ReadData::Direct(buf));
+        }
+        pread_full(self.raw(), offset, size).map(ReadData::Buffered)
+    }
+
+    /// Write all of `data` at `offset`, directly when the caller asked for
+    /// O_DIRECT and the request is aligned.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
+        if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, data.len())) {
+            let mut buf = AlignedBuf::new(data.len(), d.mem_align_bytes)?;
+            // SAFETY: the buffer has room for data.len() bytes.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
+            buf.len = data.len();
+            return pwrite_full(d.fd.as_raw_fd(), offset, buf.as_slice());
+        }
+        pwrite_full(self.raw(), offset, data)
     }
 }
 
@@ -38,20 +165,19 @@ fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     }
 }
 
-/// Read up to `size` bytes at `offset`, short only at end of file.
-pub fn pread_full(fd: RawFd, offset: u64, size: usize) -> io::Result<Vec<u8>> {
-    let mut buf: Vec<u8> = Vec::with_capacity(size);
-    while buf.len() < size {
-        let done = buf.len();
-        let spare = buf.spare_capacity_mut();
+/// Read into `buf` at `offset` until it is full or the file ends; an error
+/// after some bytes ends the read short, as read(2) does.
+fn pread_into(fd: RawFd, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
         let n = retry_eintr(|| {
-            // SAFETY: the kernel writes at most spare.len() bytes into the
-            // spare capacity of `buf`, which stays alive for the call.
+            // SAFETY: the kernel writes at most rest.len() bytes into `rest`.
             let r = unsafe {
                 libc::pread(
                     fd,
-                    spare.as_mut_ptr().cast(),
-                    spare.len(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
                     (offset + done as u64) as libc::off_t,
                 )
             };
@@ -63,8 +189,7 @@ pub fn pread_full(fd: RawFd, offset: u64, size: usize) -> io::Result<Vec<u8>> {
         });
         match n {
             Ok(0) => break,
-            // SAFETY: `n` bytes past `done` were just initialised by pread.
-            Ok(n) => unsafe { buf.set_len(done + n) },
+            Ok(n) => done += n,
             Err(e) if done > 0 => {
                 log::debug!("short read at {offset}+{done}: {e}");
                 break;
@@ -72,6 +197,15 @@ pub fn pread_full(fd: RawFd, offset: u64, size: usize) -> io::Result<Vec<u8>> {
             Err(e) => return Err(e),
         }
     }
+    Ok(done)
+}
+
+/// Read up to `size` bytes at `offset`, short only at end of file.
+pub fn pread_full(fd: RawFd, offset: u64, size: usize) -> io::Result<Vec<u8>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(size);
+    let n = pread_into(fd, &mut buf.spare_capacity_mut()[..size], offset)?;
+    // SAFETY: pread_into initialised the first `n` bytes.
+    unsafe { buf.set_len(n) };
     Ok(buf)
 }
 
@@ -244,8 +378,8 @@ impl Job {
                 offset,
                 size,
                 reply,
-            } => match pread_full(handle.raw(), offset, size as usize) {
-                Ok(buf) => reply.data(&buf),
+            } => match handle.read_at(offset, size as usize) {
+                Ok(buf) => reply.data(buf.as_slice()),
                 Err(e) => reply.error(Errno::from(e)),
             },
             Job::Write {
@@ -253,7 +387,7 @@ impl Job {
                 offset,
                 data,
                 reply,
-            } => match pwrite_full(handle.raw(), offset, &data) {
+            } => match handle.write_at(offset, &data) {
                 Ok(n) => reply.written(n as u32),
                 Err(e) => reply.error(Errno::from(e)),
             },
