@@ -27,7 +27,9 @@ use fuser::{
 
 use crate::io::{self as fio, Handle, Job};
 use crate::scheduler::Msg;
-use crate::throttle::Limits;
+use crate::stats::{Effective, FileShared, Origin};
+use crate::throttle::{Direction, Limits};
+use crate::xattr::{self, Attr, OwnSet};
 
 /// Attributes and entries may be cached by the kernel this long: the source
 /// is ours while mounted, so only changes made behind the mount's back are
@@ -77,6 +79,7 @@ struct InodeTable {
 
 /// One object of the source tree, held by an `O_PATH` descriptor.
 struct InodeRef {
+    ino: u64,
     /// Keeps `fd` open for as long as the inode lives.
     _owned: OwnedFd,
     fd: RawFd,
@@ -84,6 +87,24 @@ struct InodeRef {
     key: (u64, u64),
     /// Kernel lookups not yet forgotten; changed under the table's lock.
     lookups: AtomicU64,
+    /// File type bits of the mode (S_IFREG, S_IFDIR, ...).
+    kind: libc::mode_t,
+    /// The directory this inode was last looked up in: where a file's
+    /// inherited limits come from (a directory's own ancestors are found
+    /// through "..").
+    parent: AtomicU64,
+    /// Throttle state shared with the scheduler and the open handles.
+    shared: Arc<FileShared>,
+}
+
+impl InodeRef {
+    fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+
+    fn is_file(&self) -> bool {
+        self.kind == libc::S_IFREG
+    }
 }
 
 struct DirStream {
@@ -104,6 +125,10 @@ impl Drop for DirStream {
 }
 
 pub struct ThrottleFs {
+    /// The source directory's path, only to show directory origins.
+    source: std::path::PathBuf,
+    /// (dev, ino) of the source directory: where inheritance stops.
+    root_key: (u64, u64),
     inodes: RwLock<InodeTable>,
     files: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
@@ -220,11 +245,15 @@ impl ThrottleFs {
         let st = stat_fd(fd.as_raw_fd()).map_err(|e| io::Error::from_raw_os_error(e.code()))?;
         let key = (st.st_dev, st.st_ino);
         let root = Arc::new(InodeRef {
+            ino: INodeNo::ROOT.0,
             fd: fd.as_raw_fd(),
             _owned: fd,
             key,
             // The root is never forgotten.
             lookups: AtomicU64::new(u64::MAX / 2),
+            kind: libc::S_IFDIR,
+            parent: AtomicU64::new(INodeNo::ROOT.0),
+            shared: Arc::default(),
         });
         let mut table = InodeTable {
             by_ino: HashMap::new(),
@@ -234,6 +263,8 @@ impl ThrottleFs {
         table.by_ino.insert(INodeNo::ROOT.0, root);
         table.by_key.insert(key, INodeNo::ROOT.0);
         Ok(ThrottleFs {
+            source: source.to_path_buf(),
+            root_key: key,
             inodes: RwLock::new(table),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
@@ -284,15 +315,20 @@ impl ThrottleFs {
         if let Some(&ino) = table.by_key.get(&key) {
             let existing = table.by_ino.get(&ino).expect("tables agree");
             existing.lookups.fetch_add(1, Ordering::Relaxed);
+            existing.parent.store(parent.ino, Ordering::Relaxed);
             return Ok(to_attr(ino, &st));
         }
         let ino = table.next_ino;
         table.next_ino += 1;
         let node = Arc::new(InodeRef {
+            ino,
             fd: fd.as_raw_fd(),
             _owned: fd,
             key,
             lookups: AtomicU64::new(1),
+            kind: st.st_mode & libc::S_IFMT,
+            parent: AtomicU64::new(parent.ino),
+            shared: Arc::default(),
         });
         table.by_ino.insert(ino, node);
         table.by_key.insert(key, ino);
@@ -365,7 +401,11 @@ impl ThrottleFs {
     /// Register an open file. When the caller asked for O_DIRECT, a second
     /// descriptor opened O_DIRECT serves its aligned requests, so they stay
     /// out of the host's page cache as the caller meant.
-    fn add_file(&self, ino: u64, fd: OwnedFd, flags: i32) -> u64 {
+    fn add_file(&self, node: &InodeRef, fd: OwnedFd, flags: i32) -> u64 {
+        let ino = node.ino;
+        if node.is_file() {
+            self.ensure_limits(node);
+        }
         let direct = if flags & libc::O_DIRECT != 0 {
             let path = proc_path(fd.as_raw_fd());
             let dflags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
@@ -393,15 +433,16 @@ impl ThrottleFs {
                 fd,
                 direct,
                 file: ino,
+                shared: node.shared.clone(),
             }),
         );
         fh
     }
 
     /// Files without any limit are served inline: they pay nothing for the
-    /// scheduler.
-    fn is_throttled(&self, _ino: u64) -> bool {
-        !self.limits.is_unlimited()
+    /// scheduler. The scheduler decides when a file may bypass it.
+    fn is_throttled(shared: &FileShared) -> bool {
+        !shared.bypass.load(Ordering::SeqCst)
     }
 
     fn submit(&self, req: &Request, file: u64, job: Job) {
@@ -485,6 +526,312 @@ impl ThrottleFs {
         check(make(p.fd, &cname))?;
         self.chown_new(req, p.fd, &cname)?;
         self.do_lookup(parent, name)
+    }
+
+    /// `name` in `dir` was just renamed there: it now inherits from `dir`.
+    fn moved(&self, dir: &InodeRef, name: &CString) {
+        // SAFETY: zeroed plain-data out-structure.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid out-pointer, *at call on a descriptor we hold.
+        let r = unsafe { libc::fstatat(dir.fd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+        if r != 0 {
+            return;
+        }
+        let node = {
+            let table = self.inodes.read().expect("inode lock");
+            table
+                .by_key
+                .get(&(st.st_dev, st.st_ino))
+                .and_then(|ino| table.by_ino.get(ino))
+                .cloned()
+        };
+        let Some(node) = node else {
+            return;
+        };
+        node.parent.store(dir.ino, Ordering::Relaxed);
+        if node.is_dir() {
+            self.refresh_all();
+        } else if node.is_file() && node.shared.effective.lock().expect("effective").is_some() {
+            self.refresh(&node);
+        }
+    }
+
+    /// Resolve a file's limits the first time it is opened.
+    fn ensure_limits(&self, node: &InodeRef) {
+        let resolved = node.shared.effective.lock().expect("effective").is_some();
+        if !resolved {
+            self.refresh(node);
+        }
+    }
+
+    /// Work out a file's limits again and hand them to the scheduler.
+    fn refresh(&self, node: &InodeRef) {
+        let eff = self.resolve(node);
+        if !eff.limits.is_unlimited() {
+            // From now on requests go to the scheduler; it sets the flag
+            // again once the file is unlimited and idle.
+            node.shared.bypass.store(false, Ordering::SeqCst);
+        }
+        let limits = eff.limits;
+        *node.shared.effective.lock().expect("effective") = Some(eff);
+        let _ = self.scheduler.send(Msg::Limits {
+            file: node.ino,
+            limits,
+            shared: node.shared.clone(),
+        });
+    }
+
+    /// After a directory's limits changed: every file resolved so far may
+    /// inherit differently.
+    fn refresh_all(&self) {
+        let nodes: Vec<Arc<InodeRef>> = self
+            .inodes
+            .read()
+            .expect("inode lock")
+            .by_ino
+            .values()
+            .filter(|n| n.is_file())
+            .cloned()
+            .collect();
+        for node in nodes {
+            if node.shared.effective.lock().expect("effective").is_some() {
+                self.refresh(&node);
+            }
+        }
+    }
+
+    fn after_change(&self, node: &InodeRef) {
+        if node.is_dir() {
+            self.refresh_all();
+        } else if node.is_file() {
+            self.refresh(node);
+        }
+    }
+
+    /// The limits in force for `node`, whole sets only: its own if it has
+    /// any, else those of the nearest ancestor directory that has any
+    /// (the mount's root included), else the mount options.
+    fn resolve(&self, node: &InodeRef) -> Effective {
+        let start = if node.is_dir() {
+            node.fd
+        } else {
+            match self.own_limits(node.fd) {
+                Some(limits) => {
+                    return Effective {
+                        limits,
+                        origin: Origin::File,
+                    };
+                }
+                None => {
+                    let parent = node.parent.load(Ordering::Relaxed);
+                    match self.inode(INodeNo(parent)) {
+                        Ok(p) => p.fd,
+                        Err(_) => return self.mount_defaults(),
+                    }
+                }
+            }
+        };
+        // Walk up through "..": a directory has exactly one parent, and the
+        // walk stops at the source root (or the filesystem root, should the
+        // directory have been moved out of the source behind our back).
+        // SAFETY: dup of a descriptor we hold.
+        let first = unsafe { libc::fcntl(start, libc::F_DUPFD_CLOEXEC, 0) };
+        if first < 0 {
+            return self.mount_defaults();
+        }
+        // SAFETY: fresh descriptor.
+        let mut dir = unsafe { OwnedFd::from_raw_fd(first) };
+        loop {
+            if let Some(limits) = self.own_limits(dir.as_raw_fd()) {
+                return Effective {
+                    limits,
+                    origin: Origin::Directory(self.display_path(dir.as_raw_fd())),
+                };
+            }
+            let Ok(st) = stat_fd(dir.as_raw_fd()) else {
+                break;
+            };
+            if (st.st_dev, st.st_ino) == self.root_key {
+                break;
+            }
+            // SAFETY: *at call on a directory descriptor we hold.
+            let up = unsafe {
+                libc::openat(
+                    dir.as_raw_fd(),
+                    c"..".as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            if up < 0 {
+                break;
+            }
+            // SAFETY: fresh descriptor.
+            let up = unsafe { OwnedFd::from_raw_fd(up) };
+            match stat_fd(up.as_raw_fd()) {
+                Ok(ust) if (ust.st_dev, ust.st_ino) != (st.st_dev, st.st_ino) => dir = up,
+                _ => break,
+            }
+        }
+        self.mount_defaults()
+    }
+
+    fn mount_defaults(&self) -> Effective {
+        Effective {
+            limits: self.limits,
+            origin: Origin::Mount,
+        }
+    }
+
+    /// Where a directory is, relative to the mount root ("/" for the root).
+    fn display_path(&self, fd: RawFd) -> String {
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+        match link.strip_prefix(&self.source) {
+            Ok(rel) => format!("/{}", rel.display()),
+            Err(_) => link.display().to_string(),
+        }
+    }
+
+    /// An object's own limits, `None` when it has none. A stored set that
+    /// is invalid (written on the source directly) is ignored with a
+    /// warning.
+    fn own_limits(&self, fd: RawFd) -> Option<Limits> {
+        let set = match self.own_set(fd) {
+            Ok(set) if set.is_empty() => return None,
+            Ok(set) => set,
+            Err(e) => {
+                log::warn!(
+                    "{}: reading throttle attributes: {e:?}",
+                    self.display_path(fd)
+                );
+                return None;
+            }
+        };
+        match set.limits() {
+            Ok(limits) => Some(limits),
+            Err(why) => {
+                log::warn!(
+                    "{}: ignoring its throttle attributes: {why}",
+                    self.display_path(fd)
+                );
+                None
+            }
+        }
+    }
+
+    /// The `user.throttle.<limit>` attributes stored on an object.
+    fn own_set(&self, fd: RawFd) -> Result<OwnSet> {
+        let path = proc_path(fd);
+        let names = xattr_fetch(|buf, len| {
+            // SAFETY: buf is null with len 0, or valid for len bytes.
+            unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
+        })
+        .map_err(Errno::from)?;
+        let mut set = OwnSet::default();
+        for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            let Some(Attr::Limit(limit)) = xattr::classify(name) else {
+                continue;
+            };
+            let cname = CString::new(name).map_err(|_| Errno::EINVAL)?;
+            let value = xattr_fetch(|buf, len| {
+                // SAFETY: as above.
+                unsafe { libc::getxattr(path.as_ptr(), cname.as_ptr(), buf, len) }
+            });
+            match value {
+                Ok(v) => {
+                    set.values
+                        .insert(limit, String::from_utf8_lossy(&v).into_owned());
+                }
+                // Removed in between: not part of the set.
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                Err(e) => return Err(Errno::from(e)),
+            }
+        }
+        Ok(set)
+    }
+
+    /// setxattr of `user.throttle.<limit>`: validated against the whole
+    /// resulting set, stored on the underlying object, applied at once.
+    fn set_limit(
+        &self,
+        node: &InodeRef,
+        name: &CString,
+        limit: &str,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        let what = || format!("{}: {limit}", self.display_path(node.fd));
+        let canon = xattr::canonical(limit, value).map_err(|why| {
+            log::warn!("{}: refused: {why}", what());
+            Errno::EINVAL
+        })?;
+        let mut set = self.own_set(node.fd)?;
+        set.values.insert(limit.to_string(), canon.clone());
+        set.limits().map_err(|why| {
+            log::warn!("{}={canon} refused: {why}", what());
+            Errno::EINVAL
+        })?;
+        let path = proc_path(node.fd);
+        // SAFETY: valid path, name and value buffer.
+        check(unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                canon.as_ptr().cast(),
+                canon.len(),
+                flags,
+            )
+        })?;
+        log::info!("{}={canon}", what());
+        self.after_change(node);
+        Ok(())
+    }
+
+    /// removexattr of `user.throttle.<limit>`: the rest of the set must
+    /// still be valid on its own.
+    fn remove_limit(&self, node: &InodeRef, name: &CString, limit: &str) -> Result<()> {
+        let mut set = self.own_set(node.fd)?;
+        if set.values.remove(limit).is_none() {
+            return Err(Errno::NO_XATTR);
+        }
+        if !set.is_empty() {
+            set.limits().map_err(|why| {
+                log::warn!(
+                    "{}: removing {limit} refused: {why}",
+                    self.display_path(node.fd)
+                );
+                Errno::EINVAL
+            })?;
+        }
+        let path = proc_path(node.fd);
+        // SAFETY: valid path and name.
+        check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })?;
+        log::info!("{}: {limit} removed", self.display_path(node.fd));
+        self.after_change(node);
+        Ok(())
+    }
+
+    fn generated_attr_applies(&self, node: &InodeRef, attr: &Attr) -> bool {
+        match attr {
+            Attr::Effective => node.is_file() || node.is_dir(),
+            Attr::Stats => node.is_file(),
+            _ => false,
+        }
+    }
+
+    /// The read-only attributes' text; `None` where they do not apply.
+    fn generated_attr(&self, node: &InodeRef, attr: &Attr) -> Option<Vec<u8>> {
+        if !self.generated_attr_applies(node, attr) {
+            return None;
+        }
+        match attr {
+            Attr::Effective => {
+                let eff = node.shared.effective.lock().expect("effective").clone();
+                let eff = eff.unwrap_or_else(|| self.resolve(node));
+                Some(xattr::render_effective(&eff).into_bytes())
+            }
+            Attr::Stats => Some(node.shared.render_stats().into_bytes()),
+            _ => None,
+        }
     }
 
     fn xattr_reply(reply: ReplyXattr, size: u32, r: io::Result<Vec<u8>>) {
@@ -688,7 +1035,14 @@ impl Filesystem for ThrottleFs {
             let n = component(name)?;
             let nn = component(newname)?;
             // SAFETY: *at call on directory descriptors we hold.
-            check(unsafe { libc::renameat2(p.fd, n.as_ptr(), np.fd, nn.as_ptr(), flags.bits()) })
+            check(unsafe { libc::renameat2(p.fd, n.as_ptr(), np.fd, nn.as_ptr(), flags.bits()) })?;
+            // Inherited limits follow the new place; own limits and the
+            // bucket state stay with the inode.
+            self.moved(&np, &nn);
+            if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                self.moved(&p, &n);
+            }
+            Ok(0)
         })();
         match r {
             Ok(_) => reply.ok(),
@@ -729,7 +1083,7 @@ impl Filesystem for ThrottleFs {
         let r = (|| {
             let node = self.inode(ino)?;
             let fd = self.reopen(&node, flags.0)?;
-            Ok(self.add_file(ino.0, fd, flags.0))
+            Ok(self.add_file(&node, fd, flags.0))
         })();
         match r {
             // Direct I/O: no page cache in front of the throttle. Parallel
@@ -758,16 +1112,17 @@ impl Filesystem for ThrottleFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
+        let throttled = Self::is_throttled(&handle.shared);
         let job = Job::Read {
             handle,
             offset,
             size,
             reply,
         };
-        if self.is_throttled(ino.0) {
+        if throttled {
             self.submit(req, ino.0, job);
         } else {
-            job.run();
+            let _ = job.run();
         }
     }
 
@@ -787,7 +1142,7 @@ impl Filesystem for ThrottleFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        if self.is_throttled(ino.0) {
+        if Self::is_throttled(&handle.shared) {
             // The data must outlive this call to wait in the queue.
             let job = Job::Write {
                 handle,
@@ -798,7 +1153,10 @@ impl Filesystem for ThrottleFs {
             self.submit(req, ino.0, job);
         } else {
             match handle.write_at(offset, data) {
-                Ok(n) => reply.written(n as u32),
+                Ok(n) => {
+                    handle.shared.record_io(Direction::Write, n as u64);
+                    reply.written(n as u32)
+                }
                 Err(e) => reply.error(Errno::from(e)),
             }
         }
@@ -808,11 +1166,12 @@ impl Filesystem for ThrottleFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if self.is_throttled(ino.0) {
+        let throttled = self.handle(fh).is_ok_and(|h| Self::is_throttled(&h.shared));
+        if throttled {
             // A barrier: answered after every write queued before it.
             self.submit(req, ino.0, Job::Flush { reply });
         } else {
@@ -848,15 +1207,16 @@ impl Filesystem for ThrottleFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
+        let throttled = Self::is_throttled(&handle.shared);
         let job = Job::Fsync {
             handle,
             datasync,
             reply,
         };
-        if self.is_throttled(ino.0) {
+        if throttled {
             self.submit(req, ino.0, job);
         } else {
-            job.run();
+            let _ = job.run();
         }
     }
 
@@ -1021,21 +1381,34 @@ impl Filesystem for ThrottleFs {
     ) {
         let r = (|| {
             let node = self.inode(ino)?;
-            let name = cstr(name)?;
+            let cname = cstr(name)?;
+            match xattr::classify(name.as_bytes()) {
+                Some(Attr::Limit(limit)) => {
+                    return self.set_limit(&node, &cname, &limit, value, flags);
+                }
+                // Read-only, documented.
+                Some(Attr::Effective | Attr::Stats) => return Err(Errno::EPERM),
+                Some(Attr::Unknown) => {
+                    log::warn!("setxattr {name:?}: not a throttle limit");
+                    return Err(Errno::EINVAL);
+                }
+                None => {}
+            }
             let path = proc_path(node.fd);
             // SAFETY: valid path, name and value buffer.
             check(unsafe {
                 libc::setxattr(
                     path.as_ptr(),
-                    name.as_ptr(),
+                    cname.as_ptr(),
                     value.as_ptr().cast(),
                     value.len(),
                     flags,
                 )
             })
+            .map(|_| ())
         })();
         match r {
-            Ok(_) => reply.ok(),
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -1045,14 +1418,28 @@ impl Filesystem for ThrottleFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let Ok(name) = cstr(name) else {
+        let Ok(cname) = cstr(name) else {
             return reply.error(Errno::EINVAL);
         };
+        let attr = xattr::classify(name.as_bytes());
+        if let Some(attr @ (Attr::Effective | Attr::Stats)) = &attr {
+            return match self.generated_attr(&node, attr) {
+                Some(data) => Self::xattr_reply(reply, size, Ok(data)),
+                None => reply.error(Errno::NO_XATTR),
+            };
+        }
         let path = proc_path(node.fd);
-        let r = xattr_fetch(|buf, len| {
+        let mut r = xattr_fetch(|buf, len| {
             // SAFETY: buf is null with len 0, or valid for len bytes.
-            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len) }
+            unsafe { libc::getxattr(path.as_ptr(), cname.as_ptr(), buf, len) }
         });
+        // Limits read back in canonical form (plain integers, seconds),
+        // whatever was written on the source.
+        if let (Some(Attr::Limit(limit)), Ok(raw)) = (&attr, &r)
+            && let Ok(canon) = xattr::canonical(limit, raw)
+        {
+            r = Ok(canon.into_bytes());
+        }
         Self::xattr_reply(reply, size, r);
     }
 
@@ -1065,6 +1452,18 @@ impl Filesystem for ThrottleFs {
         let r = xattr_fetch(|buf, len| {
             // SAFETY: as above.
             unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
+        })
+        .map(|mut names| {
+            for (attr, name) in [
+                (Attr::Effective, xattr::EFFECTIVE),
+                (Attr::Stats, xattr::STATS),
+            ] {
+                if self.generated_attr_applies(&node, &attr) {
+                    names.extend_from_slice(name.as_bytes());
+                    names.push(0);
+                }
+            }
+            names
         });
         Self::xattr_reply(reply, size, r);
     }
@@ -1072,13 +1471,20 @@ impl Filesystem for ThrottleFs {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = (|| {
             let node = self.inode(ino)?;
-            let name = cstr(name)?;
+            let cname = cstr(name)?;
+            match xattr::classify(name.as_bytes()) {
+                Some(Attr::Limit(limit)) => return self.remove_limit(&node, &cname, &limit),
+                Some(Attr::Effective | Attr::Stats) => return Err(Errno::EPERM),
+                // Unknown names under our prefix may be removed (cleaning up
+                // what was written on the source directly).
+                Some(Attr::Unknown) | None => {}
+            }
             let path = proc_path(node.fd);
             // SAFETY: valid path and name.
-            check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })
+            check(unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) }).map(|_| ())
         })();
         match r {
-            Ok(_) => reply.ok(),
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -1119,7 +1525,8 @@ impl Filesystem for ThrottleFs {
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             self.chown_new(req, p.fd, &cname)?;
             let attr = self.do_lookup(parent, name)?;
-            let fh = self.add_file(attr.ino.0, fd, flags);
+            let node = self.inode(attr.ino)?;
+            let fh = self.add_file(&node, fd, flags);
             Ok((attr, fh))
         })();
         match r {
@@ -1201,7 +1608,7 @@ impl Filesystem for ThrottleFs {
         ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        ino_out: INodeNo,
+        _ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -1216,7 +1623,7 @@ impl Filesystem for ThrottleFs {
         // At most one request's worth per call (callers loop on short
         // copies), so a copy is metered like a read and a write of that size.
         let len = len.min(u64::from(MAX_REQUEST_BYTES)) as u32;
-        if self.is_throttled(ino_in.0) || self.is_throttled(ino_out.0) {
+        if Self::is_throttled(&src.shared) || Self::is_throttled(&dst.shared) {
             let job = Job::Copy {
                 src,
                 offset_in,
@@ -1229,7 +1636,11 @@ impl Filesystem for ThrottleFs {
             self.submit(req, ino_in.0, job);
         } else {
             match fio::copy_range(src.raw(), offset_in, dst.raw(), offset_out, len as usize) {
-                Ok(n) => reply.written(n as u32),
+                Ok(n) => {
+                    src.shared.record_io(Direction::Read, n as u64);
+                    dst.shared.record_io(Direction::Write, n as u64);
+                    reply.written(n as u32)
+                }
                 Err(e) => reply.error(Errno::from(e)),
             }
         }

@@ -11,6 +11,7 @@ use std::thread::{self, JoinHandle};
 
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 
+use crate::stats::FileShared;
 use crate::throttle::Direction;
 
 /// An open file of the underlying tree. Queued requests hold an `Arc` to it,
@@ -25,6 +26,8 @@ pub struct Handle {
     pub direct: Option<DirectFd>,
     /// The scheduler's key for the file (the FUSE inode number).
     pub file: u64,
+    /// The file's counters and bypass flag.
+    pub shared: Arc<FileShared>,
 }
 
 /// A descriptor opened with O_DIRECT and the alignment it demands.
@@ -370,8 +373,10 @@ impl Job {
     }
 
     /// Perform the request on the underlying file and answer the caller,
-    /// with the underlying errno on failure.
-    pub fn run(self) {
+    /// with the underlying errno on failure. Returns the bytes charged for
+    /// it that it did not move.
+    pub fn run(self) -> Option<(Direction, u64)> {
+        let requested = self.bytes();
         match self {
             Job::Read {
                 handle,
@@ -379,8 +384,16 @@ impl Job {
                 size,
                 reply,
             } => match handle.read_at(offset, size as usize) {
-                Ok(buf) => reply.data(buf.as_slice()),
-                Err(e) => reply.error(Errno::from(e)),
+                Ok(buf) => {
+                    let data = buf.as_slice();
+                    handle.shared.record_io(Direction::Read, data.len() as u64);
+                    reply.data(data);
+                    unmoved(Direction::Read, requested, data.len())
+                }
+                Err(e) => {
+                    reply.error(Errno::from(e));
+                    unmoved(Direction::Read, requested, 0)
+                }
             },
             Job::Write {
                 handle,
@@ -388,18 +401,31 @@ impl Job {
                 data,
                 reply,
             } => match handle.write_at(offset, &data) {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(Errno::from(e)),
+                Ok(n) => {
+                    handle.shared.record_io(Direction::Write, n as u64);
+                    reply.written(n as u32);
+                    unmoved(Direction::Write, requested, n)
+                }
+                Err(e) => {
+                    reply.error(Errno::from(e));
+                    unmoved(Direction::Write, requested, 0)
+                }
             },
             Job::Fsync {
                 handle,
                 datasync,
                 reply,
-            } => match fsync(handle.raw(), datasync) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(Errno::from(e)),
-            },
-            Job::Flush { reply } => reply.ok(),
+            } => {
+                match fsync(handle.raw(), datasync) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(Errno::from(e)),
+                }
+                None
+            }
+            Job::Flush { reply } => {
+                reply.ok();
+                None
+            }
             Job::Copy {
                 src,
                 offset_in,
@@ -408,18 +434,34 @@ impl Job {
                 len,
                 reply,
                 ..
-            } => match copy_range(src.raw(), offset_in, dst.raw(), offset_out, len as usize) {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(Errno::from(e)),
-            },
+            } => {
+                match copy_range(src.raw(), offset_in, dst.raw(), offset_out, len as usize) {
+                    Ok(n) => {
+                        src.shared.record_io(Direction::Read, n as u64);
+                        dst.shared.record_io(Direction::Write, n as u64);
+                        reply.written(n as u32);
+                    }
+                    Err(e) => reply.error(Errno::from(e)),
+                }
+                // Completes on the destination's queue; the source's charge
+                // stands (a copy rarely comes up short).
+                None
+            }
         }
     }
+}
+
+fn unmoved(dir: Direction, requested: u64, moved: usize) -> Option<(Direction, u64)> {
+    let short = requested.saturating_sub(moved as u64);
+    (short > 0).then_some((dir, short))
 }
 
 /// A finished job, reported back to the scheduler so barriers know when
 /// every earlier request of a file has been performed.
 pub struct Completion {
     pub file: u64,
+    /// Bytes charged but not moved (short read at end of file, error).
+    pub unmoved: Option<(Direction, u64)>,
 }
 
 /// The queue of released jobs. A mutex and a condition variable rather
@@ -486,8 +528,8 @@ impl IoPool {
                     .name(format!("io-{i}"))
                     .spawn(move || {
                         while let Some((file, job)) = next_job(&queue) {
-                            job.run();
-                            done(Completion { file });
+                            let unmoved = job.run();
+                            done(Completion { file, unmoved });
                         }
                     })?,
             );

@@ -5,4 +5,6 @@ pub mod fs;
 pub mod io;
 pub mod options;
 pub mod scheduler;
+pub mod stats;
 pub mod throttle;
+pub mod xattr;

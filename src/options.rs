@@ -160,6 +160,31 @@ pub fn apply_limit(limits: &mut Limits, name: &str, value: &str) -> Result<(), S
     Ok(())
 }
 
+/// The canonical text of one limit of `limits`: plain integers, and
+/// durations in seconds (a decimal fraction only when needed). `None` for
+/// an unknown name or a burst length left at its default.
+pub fn format_limit(limits: &Limits, name: &str) -> Option<String> {
+    if name == IOPS_SIZE_NAME {
+        return Some(limits.iops_size.to_string());
+    }
+    let (kind, field) = lookup_limit(name)?;
+    let spec = limits.get(kind);
+    Some(match field {
+        LimitField::Avg => spec.avg.to_string(),
+        LimitField::Max => spec.max.to_string(),
+        LimitField::MaxLength => format_seconds(spec.max_length?),
+    })
+}
+
+/// "2", "0.5", "1.25": seconds without trailing zeros.
+fn format_seconds(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        return d.as_secs().to_string();
+    }
+    let text = format!("{}.{:09}", d.as_secs(), d.subsec_nanos());
+    text.trim_end_matches('0').to_string()
+}
+
 /// Bytes per unit for a size suffix (case-insensitive): none or "B" = bytes;
 /// K M G T P E, each optionally followed by "B" or "iB", are powers of 1024
 /// (QEMU reads sizes this way, so "MB" means MiB too).

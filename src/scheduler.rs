@@ -8,6 +8,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fuser::Errno;
 
 use crate::io::{Completion, Job, JobSender};
+use crate::stats::FileShared;
 use crate::throttle::{Direction, Limits, ThrottleState};
 
 /// What the scheduler is told.
@@ -24,6 +27,13 @@ pub enum Msg {
     Submit { file: u64, unique: u64, job: Job },
     /// The kernel interrupts request `unique` (its caller got a signal).
     Interrupt(u64),
+    /// The limits in force for `file` changed (or are set the first time):
+    /// applied at once, to queued requests too.
+    Limits {
+        file: u64,
+        limits: Limits,
+        shared: Arc<FileShared>,
+    },
     /// The I/O pool finished a job of this file.
     Done(Completion),
     /// The kernel forgot the inode: its state may go once it is idle.
@@ -50,6 +60,8 @@ pub trait Queued {
 struct Waiting {
     unique: u64,
     job: Job,
+    /// When it joined this queue.
+    since: Instant,
 }
 
 impl Queued for Waiting {
@@ -79,6 +91,8 @@ struct FileQueue<J> {
     /// not match it are stale and skipped.
     armed: Option<Instant>,
     forgotten: bool,
+    /// Counters and the bypass flag, shared with the FUSE threads.
+    shared: Arc<FileShared>,
 }
 
 impl<J: Queued> FileQueue<J> {
@@ -89,6 +103,7 @@ impl<J: Queued> FileQueue<J> {
             in_flight: 0,
             armed: None,
             forgotten: false,
+            shared: Arc::default(),
         }
     }
 
@@ -234,18 +249,49 @@ impl Scheduler {
                 if self.early_interrupts.remove(&unique) {
                     job.fail(Errno::EINTR);
                 } else {
-                    self.enqueue(file, Waiting { unique, job }, now);
+                    let w = Waiting {
+                        unique,
+                        job,
+                        since: now,
+                    };
+                    self.enqueue(file, w, now);
                 }
             }
+            Msg::Limits {
+                file,
+                limits,
+                shared,
+            } => {
+                let at = self.since_epoch(now);
+                let f = self
+                    .files
+                    .entry(file)
+                    .or_insert_with(|| FileQueue::new(limits, at));
+                f.shared = shared;
+                f.forgotten = false;
+                // Levels are kept: a raised limit releases queued requests
+                // now, a lowered one slows the next releases.
+                f.state.set_limits(limits, at);
+                self.pump(file, now);
+            }
             Msg::Interrupt(unique) => self.interrupt(unique, now),
-            Msg::Done(Completion { file }) => {
+            Msg::Done(Completion { file, unmoved }) => {
+                let at = self.since_epoch(now);
                 if let Some(f) = self.files.get_mut(&file) {
                     f.in_flight = f.in_flight.saturating_sub(1);
-                    if f.in_flight == 0 && !f.queue.is_empty() {
-                        // A barrier at the head may now go.
+                    let mut pump = f.in_flight == 0 && !f.queue.is_empty();
+                    if let Some((dir, bytes)) = unmoved {
+                        // Charge what moved, not what was asked for.
+                        f.state.refund(dir, bytes, at);
+                        pump |= !f.queue.is_empty();
+                    }
+                    if pump {
+                        // A barrier at the head, or a request the refund
+                        // lets through, may now go.
                         self.pump(file, now);
                     }
                 }
+                self.settle(file);
                 self.collect(file);
             }
             Msg::Forget(file) => {
@@ -284,6 +330,8 @@ impl Scheduler {
         };
         if let Some(pos) = f.queue.iter().position(|w| w.unique == unique) {
             let w = f.queue.remove(pos).expect("found");
+            f.shared
+                .record_dequeued(now.saturating_duration_since(w.since));
             log::debug!("request {unique} of inode {file} interrupted while queued");
             w.job.fail(Errno::EINTR);
             // Whatever waited behind it may go now.
@@ -292,8 +340,9 @@ impl Scheduler {
         }
     }
 
-    fn enqueue(&mut self, file: u64, w: Waiting, now: Instant) {
+    fn enqueue(&mut self, file: u64, mut w: Waiting, now: Instant) {
         self.waiting.insert(w.unique, file);
+        w.since = now;
         let at = self.since_epoch(now);
         let defaults = self.defaults;
         let f = self
@@ -301,8 +350,22 @@ impl Scheduler {
             .entry(file)
             .or_insert_with(|| FileQueue::new(defaults, at));
         f.forgotten = false;
+        f.shared.bypass.store(false, Ordering::SeqCst);
+        f.shared.record_queued();
         f.queue.push_back(w);
         self.pump(file, now);
+    }
+
+    /// A file without limits and with nothing queued or in flight may be
+    /// served inline again, without the scheduler; not before, so that a
+    /// barrier or a queued request is never overtaken.
+    fn settle(&mut self, file: u64) {
+        if let Some(f) = self.files.get(&file)
+            && f.is_idle()
+            && f.state.limits().is_unlimited()
+        {
+            f.shared.bypass.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Drop the state of a forgotten file once nothing of it is pending.
@@ -354,8 +417,10 @@ impl Scheduler {
             }
             None => f.armed = None,
         }
+        let shared = f.shared.clone();
         for mut w in released {
             self.waiting.remove(&w.unique);
+            shared.record_dequeued(now.saturating_duration_since(w.since));
             match w.job.hand_off() {
                 // A copy passed its source's buckets: it is not in flight
                 // there, and now queues on its destination as a write.
@@ -368,6 +433,7 @@ impl Scheduler {
                 None => dispatch(&self.jobs, file, w.job),
             }
         }
+        self.settle(file);
     }
 }
 

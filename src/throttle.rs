@@ -362,6 +362,22 @@ impl ThrottleState {
         duration_from_nanos(longest)
     }
 
+    /// Give back bytes charged for a request that moved fewer (a read at
+    /// end of file, a failed request): bps buckets only, since the request
+    /// still was an operation.
+    pub fn refund(&mut self, dir: Direction, bytes: u64, now: Duration) {
+        self.leak(now);
+        let nano_bytes = u128::from(bytes) * NANO_UNITS_PER_UNIT;
+        for kind in BucketKind::ALL {
+            if !kind.applies_to(dir) || !kind.counts_bytes() {
+                continue;
+            }
+            let level = &mut self.levels[kind as usize];
+            level.main = level.main.saturating_sub(nano_bytes);
+            level.burst = level.burst.saturating_sub(nano_bytes);
+        }
+    }
+
     /// Charge a dispatched request of `bytes` going `dir` to every bucket
     /// that applies: its bytes to bps buckets, its operation count
     /// (1, or bytes/iops_size when larger) to iops buckets.
@@ -583,6 +599,21 @@ mod tests {
         // Setting it back starts from an empty bucket.
         s.set_limits(limits(BucketKind::BpsRead, MIB), Duration::ZERO);
         assert_eq!(s.wait(Direction::Read, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn refund_gives_back_bytes_not_operations() {
+        let mut l = limits(BucketKind::BpsRead, MIB);
+        l.get_mut(BucketKind::IopsRead).avg = 10;
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        s.account(Direction::Read, MIB, Duration::ZERO);
+        s.account(Direction::Read, MIB, Duration::ZERO);
+        // The second read hit end of file and moved nothing.
+        s.refund(Direction::Read, MIB, Duration::ZERO);
+        // bps: 1 MiB - 0.1 MiB over = 900 ms; iops: 2 ops - 1 = 100 ms.
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(900));
+        s.refund(Direction::Read, 10 * MIB, Duration::ZERO);
+        assert_eq!(s.wait(Direction::Read, Duration::ZERO), ms(100));
     }
 
     #[test]

@@ -1,0 +1,192 @@
+//! The `user.throttle.*` extended attributes: which names are ours, the
+//! canonical form of values, a file's or directory's own set of limits as
+//! stored on the underlying object, and the text of the read-only
+//! attributes. Pure: the filesystem does the syscalls.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::options::{apply_limit, format_limit, limit_names};
+use crate::stats::Effective;
+use crate::throttle::{BucketKind, Limits};
+
+pub const PREFIX: &str = "user.throttle.";
+/// Read-only: the limits in force and where they came from.
+pub const EFFECTIVE: &str = "user.throttle.effective";
+/// Read-only: what the throttle is doing for the file.
+pub const STATS: &str = "user.throttle.stats";
+
+/// What an attribute name in our namespace is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attr {
+    /// A limit, by its QEMU name (`bps_rd`, `iops_max_length`, ...).
+    Limit(String),
+    Effective,
+    Stats,
+    /// Under `user.throttle.` but not a name we know.
+    Unknown,
+}
+
+/// `None` for names outside `user.throttle.`, which pass through untouched.
+pub fn classify(name: &[u8]) -> Option<Attr> {
+    let rest = name.strip_prefix(PREFIX.as_bytes())?;
+    let Ok(rest) = std::str::from_utf8(rest) else {
+        return Some(Attr::Unknown);
+    };
+    Some(match rest {
+        "effective" => Attr::Effective,
+        "stats" => Attr::Stats,
+        _ if limit_names().iter().any(|n| n == rest) => Attr::Limit(rest.to_string()),
+        _ => Attr::Unknown,
+    })
+}
+
+/// The canonical text of `value` for limit `name` (plain integers,
+/// durations in seconds), or why it is not a valid value.
+pub fn canonical(name: &str, value: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(value).map_err(|_| format!("{name}: value is not UTF-8"))?;
+    // getfattr/setfattr users may leave a trailing newline or NUL.
+    let text = text.trim_end_matches(['\n', '\0']);
+    let mut scratch = Limits::default();
+    apply_limit(&mut scratch, name, text)?;
+    format_limit(&scratch, name).ok_or_else(|| format!("unknown limit {name}"))
+}
+
+/// An object's own limits, as stored in its `user.throttle.<limit>`
+/// attributes: name to stored text. Any attribute present makes the set
+/// the object's own, even `0` (which lets a file opt out of its
+/// directory's limits).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnSet {
+    pub values: BTreeMap<String, String>,
+}
+
+impl OwnSet {
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The set as limits, checked with the same rules as the command line.
+    pub fn limits(&self) -> Result<Limits, String> {
+        let mut limits = Limits::default();
+        for (name, value) in &self.values {
+            apply_limit(&mut limits, name, value.trim_end_matches(['\n', '\0']))?;
+        }
+        limits.validate().map_err(|e| e.to_string())?;
+        Ok(limits)
+    }
+}
+
+/// Every limit that `limits` sets, as (name, canonical value), in the
+/// order of `limit_names`.
+pub fn set_limits(limits: &Limits) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for name in limit_names() {
+        let set = if name == "iops_size" {
+            limits.iops_size != 0
+        } else {
+            let base = name.trim_end_matches("_length").trim_end_matches("_max");
+            let spec = BucketKind::from_name(base).map(|k| *limits.get(k));
+            match spec {
+                Some(spec) if name.ends_with("_max_length") => spec.max_length.is_some(),
+                Some(spec) if name.ends_with("_max") => spec.max != 0,
+                Some(spec) => spec.avg != 0,
+                None => false,
+            }
+        };
+        if set && let Some(value) = format_limit(limits, &name) {
+            out.push((name, value));
+        }
+    }
+    out
+}
+
+/// `user.throttle.effective`: `source=` (file, directory:PATH or mount),
+/// then one `name=value` a line for each limit in force.
+pub fn render_effective(e: &Effective) -> String {
+    let mut out = format!("source={}\n", e.origin.describe());
+    for (name, value) in set_limits(&e.limits) {
+        let _ = writeln!(out, "{name}={value}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Origin;
+    use std::time::Duration;
+
+    #[test]
+    fn classify_names() {
+        assert_eq!(classify(b"user.foo"), None);
+        assert_eq!(classify(b"user.throttlex"), None);
+        assert_eq!(
+            classify(b"user.throttle.bps_rd"),
+            Some(Attr::Limit("bps_rd".into()))
+        );
+        assert_eq!(
+            classify(b"user.throttle.iops_wr_max_length"),
+            Some(Attr::Limit("iops_wr_max_length".into()))
+        );
+        assert_eq!(classify(b"user.throttle.effective"), Some(Attr::Effective));
+        assert_eq!(classify(b"user.throttle.stats"), Some(Attr::Stats));
+        assert_eq!(classify(b"user.throttle.bogus"), Some(Attr::Unknown));
+        assert_eq!(classify(b"user.throttle.\xff"), Some(Attr::Unknown));
+    }
+
+    #[test]
+    fn canonical_values() {
+        assert_eq!(canonical("bps_wr", b"10M").unwrap(), "10485760");
+        assert_eq!(canonical("bps_wr", b"10M\n").unwrap(), "10485760");
+        assert_eq!(canonical("iops", b"500").unwrap(), "500");
+        assert_eq!(canonical("bps_max_length", b"500ms").unwrap(), "0.5");
+        assert_eq!(canonical("bps_max_length", b"1m").unwrap(), "60");
+        assert_eq!(canonical("iops_size", b"4K").unwrap(), "4096");
+        assert_eq!(canonical("bps", b"0").unwrap(), "0");
+        assert!(canonical("bps", b"ten").unwrap_err().contains("bps"));
+        assert!(canonical("iops", b"1K").is_err());
+        assert!(canonical("bps", b"\xff").is_err());
+    }
+
+    #[test]
+    fn own_set_is_validated_as_a_whole() {
+        let mut set = OwnSet::default();
+        set.values.insert("bps_rd".into(), "1048576".into());
+        assert_eq!(
+            set.limits().unwrap().get(BucketKind::BpsRead).avg,
+            1_048_576
+        );
+        set.values.insert("bps".into(), "1048576".into());
+        assert_eq!(
+            set.limits().unwrap_err(),
+            "bps_rd cannot be used together with bps"
+        );
+        let mut zero = OwnSet::default();
+        zero.values.insert("bps".into(), "0".into());
+        assert!(!zero.is_empty());
+        assert!(zero.limits().unwrap().is_unlimited());
+    }
+
+    #[test]
+    fn effective_lists_what_is_set() {
+        let mut limits = Limits::default();
+        limits.get_mut(BucketKind::BpsWrite).avg = 100;
+        limits.get_mut(BucketKind::BpsWrite).max = 200;
+        limits.get_mut(BucketKind::BpsWrite).max_length = Some(Duration::from_secs(3));
+        limits.get_mut(BucketKind::IopsTotal).avg = 7;
+        let text = render_effective(&Effective {
+            limits,
+            origin: Origin::Directory("/vms".into()),
+        });
+        assert_eq!(
+            text,
+            "source=directory:/vms\nbps_wr=100\nbps_wr_max=200\nbps_wr_max_length=3\niops=7\n"
+        );
+        let text = render_effective(&Effective {
+            limits: Limits::default(),
+            origin: Origin::Mount,
+        });
+        assert_eq!(text, "source=mount\n");
+    }
+}
