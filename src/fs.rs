@@ -34,6 +34,12 @@ use crate::xattr::{self, Attr, OwnSet};
 /// Attributes and entries may be cached by the kernel this long: the source
 /// is ours while mounted, so only changes made behind the mount's back are
 /// seen late, by at most this much.
+/// How long a FUSE thread waits for the scheduler's report on a group.
+const GROUP_STATS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Membership of a throttle group.
+const GROUP_ATTR: &str = "user.throttle.group";
+
 const ATTR_TTL: Duration = Duration::from_secs(1);
 
 /// The largest request we let the kernel send (it caps this at its own
@@ -136,6 +142,8 @@ pub struct ThrottleFs {
     scheduler: Sender<Msg>,
     /// Limits in force for every file (mount options).
     limits: Limits,
+    /// Throttle groups' limits from the mount options.
+    group_defaults: HashMap<String, Limits>,
     our_uid: u32,
 }
 
@@ -228,7 +236,12 @@ fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
 
 impl ThrottleFs {
     /// Open the source directory as the root inode.
-    pub fn new(source: &Path, limits: Limits, scheduler: Sender<Msg>) -> io::Result<ThrottleFs> {
+    pub fn new(
+        source: &Path,
+        limits: Limits,
+        groups: &[(String, Limits)],
+        scheduler: Sender<Msg>,
+    ) -> io::Result<ThrottleFs> {
         let path = CString::new(source.as_os_str().as_bytes())?;
         // SAFETY: plain open of a NUL-terminated path.
         let fd = unsafe {
@@ -262,7 +275,8 @@ impl ThrottleFs {
         };
         table.by_ino.insert(INodeNo::ROOT.0, root);
         table.by_key.insert(key, INodeNo::ROOT.0);
-        Ok(ThrottleFs {
+        let fs = ThrottleFs {
+            group_defaults: groups.iter().cloned().collect(),
             source: source.to_path_buf(),
             root_key: key,
             inodes: RwLock::new(table),
@@ -273,7 +287,11 @@ impl ThrottleFs {
             limits,
             // SAFETY: geteuid cannot fail.
             our_uid: unsafe { libc::geteuid() },
-        })
+        };
+        for group in fs.known_groups() {
+            fs.push_group_limits(&group);
+        }
+        Ok(fs)
     }
 
     fn inode(&self, ino: INodeNo) -> Result<Arc<InodeRef>> {
@@ -573,10 +591,16 @@ impl ThrottleFs {
             node.shared.bypass.store(false, Ordering::SeqCst);
         }
         let limits = eff.limits;
+        let group = eff.group.as_ref().map(|(g, _)| g.clone());
+        if group.is_some() {
+            // Whether the group limits anything is the scheduler's to know.
+            node.shared.bypass.store(false, Ordering::SeqCst);
+        }
         *node.shared.effective.lock().expect("effective") = Some(eff);
         let _ = self.scheduler.send(Msg::Limits {
             file: node.ino,
             limits,
+            group,
             shared: node.shared.clone(),
         });
     }
@@ -610,49 +634,54 @@ impl ThrottleFs {
 
     /// The limits in force for `node`, whole sets only: its own if it has
     /// any, else those of the nearest ancestor directory that has any
-    /// (the mount's root included), else the mount options.
+    /// (the mount's root included), else the mount options. Its throttle
+    /// group is found the same way, independently.
     fn resolve(&self, node: &InodeRef) -> Effective {
+        let (limits, origin) = self
+            .find_up(node, |fd| self.own_limits(fd))
+            .unwrap_or((self.limits, Origin::Mount));
+        let group = self.find_up(node, |fd| self.own_group(fd));
+        Effective {
+            limits,
+            origin,
+            group,
+        }
+    }
+
+    /// The first of `node` (a file: origin File) and then its directory and
+    /// the directories above it (origin Directory) for which `check` finds
+    /// something. Directories are walked through "..": each has exactly one
+    /// parent, and the walk stops at the source root (or at the filesystem
+    /// root, should a directory have been moved out of the source).
+    fn find_up<T>(
+        &self,
+        node: &InodeRef,
+        check: impl Fn(RawFd) -> Option<T>,
+    ) -> Option<(T, Origin)> {
         let start = if node.is_dir() {
             node.fd
         } else {
-            match self.own_limits(node.fd) {
-                Some(limits) => {
-                    return Effective {
-                        limits,
-                        origin: Origin::File,
-                    };
-                }
-                None => {
-                    let parent = node.parent.load(Ordering::Relaxed);
-                    match self.inode(INodeNo(parent)) {
-                        Ok(p) => p.fd,
-                        Err(_) => return self.mount_defaults(),
-                    }
-                }
+            if let Some(found) = check(node.fd) {
+                return Some((found, Origin::File));
             }
+            let parent = node.parent.load(Ordering::Relaxed);
+            self.inode(INodeNo(parent)).ok()?.fd
         };
-        // Walk up through "..": a directory has exactly one parent, and the
-        // walk stops at the source root (or the filesystem root, should the
-        // directory have been moved out of the source behind our back).
         // SAFETY: dup of a descriptor we hold.
         let first = unsafe { libc::fcntl(start, libc::F_DUPFD_CLOEXEC, 0) };
         if first < 0 {
-            return self.mount_defaults();
+            return None;
         }
         // SAFETY: fresh descriptor.
         let mut dir = unsafe { OwnedFd::from_raw_fd(first) };
         loop {
-            if let Some(limits) = self.own_limits(dir.as_raw_fd()) {
-                return Effective {
-                    limits,
-                    origin: Origin::Directory(self.display_path(dir.as_raw_fd())),
-                };
+            if let Some(found) = check(dir.as_raw_fd()) {
+                let origin = Origin::Directory(self.display_path(dir.as_raw_fd()));
+                return Some((found, origin));
             }
-            let Ok(st) = stat_fd(dir.as_raw_fd()) else {
-                break;
-            };
+            let st = stat_fd(dir.as_raw_fd()).ok()?;
             if (st.st_dev, st.st_ino) == self.root_key {
-                break;
+                return None;
             }
             // SAFETY: *at call on a directory descriptor we hold.
             let up = unsafe {
@@ -663,22 +692,32 @@ impl ThrottleFs {
                 )
             };
             if up < 0 {
-                break;
+                return None;
             }
             // SAFETY: fresh descriptor.
             let up = unsafe { OwnedFd::from_raw_fd(up) };
             match stat_fd(up.as_raw_fd()) {
                 Ok(ust) if (ust.st_dev, ust.st_ino) != (st.st_dev, st.st_ino) => dir = up,
-                _ => break,
+                _ => return None,
             }
         }
-        self.mount_defaults()
     }
 
-    fn mount_defaults(&self) -> Effective {
-        Effective {
-            limits: self.limits,
-            origin: Origin::Mount,
+    /// An object's own `user.throttle.group`, if it has a valid one.
+    fn own_group(&self, fd: RawFd) -> Option<String> {
+        let path = proc_path(fd);
+        let name = CString::new(GROUP_ATTR).expect("no NUL");
+        let value = xattr_fetch(|buf, len| {
+            // SAFETY: buf is null with len 0, or valid for len bytes.
+            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len) }
+        })
+        .ok()?;
+        match xattr::group_name(&value) {
+            Ok(group) => Some(group),
+            Err(why) => {
+                log::warn!("{}: ignoring its group: {why}", self.display_path(fd));
+                None
+            }
         }
     }
 
@@ -808,6 +847,222 @@ impl ThrottleFs {
         log::info!("{}: {limit} removed", self.display_path(node.fd));
         self.after_change(node);
         Ok(())
+    }
+
+    /// setxattr of `user.throttle.group` on a file or directory.
+    fn set_group(&self, node: &InodeRef, name: &CString, value: &[u8], flags: i32) -> Result<()> {
+        let group = xattr::group_name(value).map_err(|why| {
+            log::warn!("{}: refused: {why}", self.display_path(node.fd));
+            Errno::EINVAL
+        })?;
+        if !node.is_file() && !node.is_dir() {
+            return Err(Errno::EINVAL);
+        }
+        let path = proc_path(node.fd);
+        // SAFETY: valid path, name and value buffer.
+        check(unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                group.as_ptr().cast(),
+                group.len(),
+                flags,
+            )
+        })?;
+        log::info!("{}: group {group}", self.display_path(node.fd));
+        self.after_change(node);
+        Ok(())
+    }
+
+    /// The root, where group limits live; other inodes refuse them.
+    fn require_root(&self, node: &InodeRef, what: &str) -> Result<()> {
+        if node.ino == INodeNo::ROOT.0 {
+            Ok(())
+        } else {
+            log::warn!(
+                "{}: {what}: group limits are set on the mount's root directory",
+                self.display_path(node.fd)
+            );
+            Err(Errno::EINVAL)
+        }
+    }
+
+    /// A group's limits as stored on the root: `user.throttle.group.NAME.*`.
+    fn group_own_set(&self, group: &str) -> Result<OwnSet> {
+        let root = self.inode(INodeNo::ROOT)?;
+        let path = proc_path(root.fd);
+        let prefix = xattr::group_prefix(group);
+        let names = xattr_fetch(|buf, len| {
+            // SAFETY: buf is null with len 0, or valid for len bytes.
+            unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
+        })
+        .map_err(Errno::from)?;
+        let mut set = OwnSet::default();
+        for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            let Some(Attr::GroupLimit { group: g, limit }) = xattr::classify(name) else {
+                continue;
+            };
+            if g != group || !name.starts_with(prefix.as_bytes()) {
+                continue;
+            }
+            let cname = CString::new(name).map_err(|_| Errno::EINVAL)?;
+            match xattr_fetch(|buf, len| {
+                // SAFETY: as above.
+                unsafe { libc::getxattr(path.as_ptr(), cname.as_ptr(), buf, len) }
+            }) {
+                Ok(v) => {
+                    set.values
+                        .insert(limit, String::from_utf8_lossy(&v).into_owned());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                Err(e) => return Err(Errno::from(e)),
+            }
+        }
+        Ok(set)
+    }
+
+    /// Groups named by the mount options or by attributes on the root.
+    fn known_groups(&self) -> Vec<String> {
+        let mut groups: Vec<String> = self.group_defaults.keys().cloned().collect();
+        if let Ok(root) = self.inode(INodeNo::ROOT) {
+            let path = proc_path(root.fd);
+            let names = xattr_fetch(|buf, len| {
+                // SAFETY: buf is null with len 0, or valid for len bytes.
+                unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
+            })
+            .unwrap_or_default();
+            for name in names.split(|b| *b == 0) {
+                if let Some(Attr::GroupLimit { group, .. }) = xattr::classify(name) {
+                    groups.push(group);
+                }
+            }
+        }
+        groups.sort();
+        groups.dedup();
+        groups
+    }
+
+    /// A group's limits in force: its set on the root if it has any
+    /// (whole sets, as for files), else the mount option's, else none.
+    fn group_limits(&self, group: &str) -> (Limits, &'static str) {
+        match self.group_own_set(group) {
+            Ok(set) if !set.is_empty() => match set.limits() {
+                Ok(limits) => return (limits, "root"),
+                Err(why) => log::warn!("group {group}: ignoring its attributes on the root: {why}"),
+            },
+            Ok(_) => {}
+            Err(e) => log::warn!("group {group}: reading its attributes: {e:?}"),
+        }
+        match self.group_defaults.get(group) {
+            Some(limits) => (*limits, "mount"),
+            None => (Limits::default(), "none"),
+        }
+    }
+
+    fn push_group_limits(&self, group: &str) {
+        let (limits, _) = self.group_limits(group);
+        let _ = self.scheduler.send(Msg::GroupLimits {
+            name: group.to_string(),
+            limits,
+        });
+    }
+
+    /// setxattr of `user.throttle.group.NAME.<limit>` on the root.
+    fn set_group_limit(
+        &self,
+        node: &InodeRef,
+        name: &CString,
+        group: &str,
+        limit: &str,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        self.require_root(node, limit)?;
+        let canon = xattr::canonical(limit, value).map_err(|why| {
+            log::warn!("group {group}: refused: {why}");
+            Errno::EINVAL
+        })?;
+        let mut set = self.group_own_set(group)?;
+        set.values.insert(limit.to_string(), canon.clone());
+        set.limits().map_err(|why| {
+            log::warn!("group {group}: {limit}={canon} refused: {why}");
+            Errno::EINVAL
+        })?;
+        let path = proc_path(node.fd);
+        // SAFETY: valid path, name and value buffer.
+        check(unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                canon.as_ptr().cast(),
+                canon.len(),
+                flags,
+            )
+        })?;
+        log::info!("group {group}: {limit}={canon}");
+        self.push_group_limits(group);
+        Ok(())
+    }
+
+    fn remove_group_limit(
+        &self,
+        node: &InodeRef,
+        name: &CString,
+        group: &str,
+        limit: &str,
+    ) -> Result<()> {
+        self.require_root(node, limit)?;
+        let mut set = self.group_own_set(group)?;
+        if set.values.remove(limit).is_none() {
+            return Err(Errno::NO_XATTR);
+        }
+        if !set.is_empty() {
+            set.limits().map_err(|why| {
+                log::warn!("group {group}: removing {limit} refused: {why}");
+                Errno::EINVAL
+            })?;
+        }
+        let path = proc_path(node.fd);
+        // SAFETY: valid path and name.
+        check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })?;
+        log::info!("group {group}: {limit} removed");
+        self.push_group_limits(group);
+        Ok(())
+    }
+
+    /// `user.throttle.group.NAME.stats` on the root: where the limits come
+    /// from and what they are, the members, requests waiting, totals.
+    fn group_stats(&self, node: &InodeRef, group: &str) -> Option<Vec<u8>> {
+        if node.ino != INodeNo::ROOT.0 {
+            return None;
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.scheduler
+            .send(Msg::GroupStats {
+                name: group.to_string(),
+                reply: tx,
+            })
+            .ok()?;
+        let report = rx.recv_timeout(GROUP_STATS_TIMEOUT).ok()?;
+        let (limits, source) = self.group_limits(group);
+        let mut out = format!("source={source}\n");
+        for (name, value) in xattr::set_limits(&limits) {
+            out.push_str(&format!("{name}={value}\n"));
+        }
+        out.push_str(&format!("members={}\n", report.members.len()));
+        for member in &report.members {
+            let path = self
+                .inode(INodeNo(*member))
+                .map(|n| self.display_path(n.fd))
+                .unwrap_or_else(|_| format!("inode {member}"));
+            out.push_str(&format!("member={path}\n"));
+        }
+        out.push_str(&format!("waiting={}\n", report.waiting));
+        out.push_str(&format!(
+            "read_bytes={}\nread_ops={}\nwrite_bytes={}\nwrite_ops={}\n",
+            report.bytes[0], report.ops[0], report.bytes[1], report.ops[1]
+        ));
+        Some(out.into_bytes())
     }
 
     fn generated_attr_applies(&self, node: &InodeRef, attr: &Attr) -> bool {
@@ -1386,8 +1641,14 @@ impl Filesystem for ThrottleFs {
                 Some(Attr::Limit(limit)) => {
                     return self.set_limit(&node, &cname, &limit, value, flags);
                 }
+                Some(Attr::Group) => return self.set_group(&node, &cname, value, flags),
+                Some(Attr::GroupLimit { group, limit }) => {
+                    return self.set_group_limit(&node, &cname, &group, &limit, value, flags);
+                }
                 // Read-only, documented.
-                Some(Attr::Effective | Attr::Stats) => return Err(Errno::EPERM),
+                Some(Attr::Effective | Attr::Stats | Attr::GroupStats(_)) => {
+                    return Err(Errno::EPERM);
+                }
                 Some(Attr::Unknown) => {
                     log::warn!("setxattr {name:?}: not a throttle limit");
                     return Err(Errno::EINVAL);
@@ -1422,6 +1683,12 @@ impl Filesystem for ThrottleFs {
             return reply.error(Errno::EINVAL);
         };
         let attr = xattr::classify(name.as_bytes());
+        if let Some(Attr::GroupStats(group)) = &attr {
+            return match self.group_stats(&node, group) {
+                Some(data) => Self::xattr_reply(reply, size, Ok(data)),
+                None => reply.error(Errno::NO_XATTR),
+            };
+        }
         if let Some(attr @ (Attr::Effective | Attr::Stats)) = &attr {
             return match self.generated_attr(&node, attr) {
                 Some(data) => Self::xattr_reply(reply, size, Ok(data)),
@@ -1435,7 +1702,11 @@ impl Filesystem for ThrottleFs {
         });
         // Limits read back in canonical form (plain integers, seconds),
         // whatever was written on the source.
-        if let (Some(Attr::Limit(limit)), Ok(raw)) = (&attr, &r)
+        let limit = match &attr {
+            Some(Attr::Limit(limit) | Attr::GroupLimit { limit, .. }) => Some(limit),
+            _ => None,
+        };
+        if let (Some(limit), Ok(raw)) = (limit, &r)
             && let Ok(canon) = xattr::canonical(limit, raw)
         {
             r = Ok(canon.into_bytes());
@@ -1474,7 +1745,19 @@ impl Filesystem for ThrottleFs {
             let cname = cstr(name)?;
             match xattr::classify(name.as_bytes()) {
                 Some(Attr::Limit(limit)) => return self.remove_limit(&node, &cname, &limit),
-                Some(Attr::Effective | Attr::Stats) => return Err(Errno::EPERM),
+                Some(Attr::GroupLimit { group, limit }) => {
+                    return self.remove_group_limit(&node, &cname, &group, &limit);
+                }
+                Some(Attr::Effective | Attr::Stats | Attr::GroupStats(_)) => {
+                    return Err(Errno::EPERM);
+                }
+                Some(Attr::Group) => {
+                    let path = proc_path(node.fd);
+                    // SAFETY: valid path and name.
+                    check(unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) })?;
+                    self.after_change(&node);
+                    return Ok(());
+                }
                 // Unknown names under our prefix may be removed (cleaning up
                 // what was written on the source directly).
                 Some(Attr::Unknown) | None => {}

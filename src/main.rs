@@ -91,7 +91,7 @@ fn run(cfg: MountConfig) -> Result<()> {
         .spawn(sched_rx)
         .context("starting the scheduler")?;
 
-    let fs = ThrottleFs::new(&cfg.source, cfg.limits, sched_tx.clone())
+    let fs = ThrottleFs::new(&cfg.source, cfg.limits, &cfg.groups, sched_tx.clone())
         .with_context(|| format!("opening source '{}'", cfg.source.display()))?;
 
     let mut options = cfg.fuse_options.clone();

@@ -57,6 +57,47 @@ pub struct MountConfig {
     pub verbose: u8,
     /// Worker threads for file I/O, 1..=MAX_IO_THREAD_COUNT.
     pub io_threads: usize,
+    /// Throttle groups' limits from `--group`, validated.
+    pub groups: Vec<(String, Limits)>,
+}
+
+/// Longest throttle group name.
+pub const GROUP_NAME_MAX_CHARS: usize = 64;
+
+/// A group name is 1 to 64 characters of `[A-Za-z0-9._-]`.
+pub fn valid_group_name(name: &str) -> bool {
+    (1..=GROUP_NAME_MAX_CHARS).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `--group NAME:LIMIT=VALUE[,LIMIT=VALUE...]`: the group's name and its
+/// validated limits.
+pub fn parse_group(spec: &str) -> Result<(String, Limits), String> {
+    let (name, list) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("group '{spec}': expected NAME:LIMIT=VALUE[,...]"))?;
+    if !valid_group_name(name) {
+        return Err(format!(
+            "group '{name}': a name is 1 to {GROUP_NAME_MAX_CHARS} characters of A-Z a-z 0-9 . _ -"
+        ));
+    }
+    let mut limits = Limits::default();
+    let mut seen = HashSet::new();
+    for item in list.split(',').filter(|i| !i.is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("group {name}: '{item}' is not LIMIT=VALUE"))?;
+        if !seen.insert(key) {
+            return Err(format!("group {name}: {key} given twice"));
+        }
+        apply_limit(&mut limits, key, value).map_err(|e| format!("group {name}: {e}"))?;
+    }
+    limits
+        .validate()
+        .map_err(|e| format!("group {name}: {e}"))?;
+    Ok((name.to_string(), limits))
 }
 
 #[derive(Parser, Debug)]
@@ -94,6 +135,9 @@ struct Cli {
     /// worker threads doing file I/O (1 to 1024, default 8)
     #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
     io_threads: Vec<String>,
+    /// limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable
+    #[arg(long, value_name = "NAME:LIMIT=VALUE[,...]", action = ArgAction::Append)]
+    group: Vec<String>,
     /// directory whose contents are served
     source: PathBuf,
     /// empty directory to mount on (not inside SOURCE)
@@ -555,6 +599,14 @@ where
         }
     }
     collected.limits.validate().map_err(|e| usage(e.0))?;
+    let mut groups: Vec<(String, Limits)> = Vec::new();
+    for spec in &cli.group {
+        let (name, limits) = parse_group(spec).map_err(usage)?;
+        if groups.iter().any(|(n, _)| *n == name) {
+            return Err(usage(format!("group {name} given twice")));
+        }
+        groups.push((name, limits));
+    }
 
     let (source, mountpoint) = check_paths(&cli.source, &cli.mountpoint).map_err(usage)?;
     Ok(MountConfig {
@@ -565,7 +617,56 @@ where
         allow_other: collected.allow_other,
         verbose: cli.verbose,
         io_threads: collected.io_threads.unwrap_or(DEFAULT_IO_THREAD_COUNT),
+        groups,
     })
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    #[test]
+    fn group_specs() {
+        let (name, limits) = parse_group("tenant-1.a:bps=20M,iops=400").unwrap();
+        assert_eq!(name, "tenant-1.a");
+        assert_eq!(limits.get(BucketKind::BpsTotal).avg, 20 * 1024 * 1024);
+        assert_eq!(limits.get(BucketKind::IopsTotal).avg, 400);
+        assert!(
+            parse_group("nolimits")
+                .unwrap_err()
+                .contains("NAME:LIMIT=VALUE")
+        );
+        assert!(
+            parse_group("bad name:bps=1M")
+                .unwrap_err()
+                .contains("1 to 64")
+        );
+        assert!(parse_group(&format!("{}:bps=1", "g".repeat(65))).is_err());
+        assert!(
+            parse_group("g:bps=1M,bps_rd=1M")
+                .unwrap_err()
+                .contains("bps_rd cannot be used")
+        );
+        assert!(
+            parse_group("g:bps=1M,bps=2M")
+                .unwrap_err()
+                .contains("bps given twice")
+        );
+        assert!(
+            parse_group("g:speed=1")
+                .unwrap_err()
+                .contains("unknown limit speed")
+        );
+        assert!(
+            parse_group("g:bps")
+                .unwrap_err()
+                .contains("not LIMIT=VALUE")
+        );
+        assert!(valid_group_name("a"));
+        assert!(!valid_group_name(""));
+        assert!(!valid_group_name("a/b"));
+        assert!(!valid_group_name("ä"));
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ impl Origin {
 pub struct Effective {
     pub limits: Limits,
     pub origin: Origin,
+    /// The throttle group, and where membership came from.
+    pub group: Option<(String, Origin)>,
 }
 
 /// Width of one slot of the rate window; the window is RATE_SLOTS of them.

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::options::{apply_limit, format_limit, limit_names};
+use crate::options::{apply_limit, format_limit, limit_names, valid_group_name};
 use crate::stats::Effective;
 use crate::throttle::{BucketKind, Limits};
 
@@ -23,6 +23,16 @@ pub enum Attr {
     Limit(String),
     Effective,
     Stats,
+    /// `user.throttle.group`: the throttle group a file (or the files below
+    /// a directory) belongs to.
+    Group,
+    /// `user.throttle.group.NAME.<limit>` on the mount root.
+    GroupLimit {
+        group: String,
+        limit: String,
+    },
+    /// `user.throttle.group.NAME.stats` on the mount root (read-only).
+    GroupStats(String),
     /// Under `user.throttle.` but not a name we know.
     Unknown,
 }
@@ -33,9 +43,29 @@ pub fn classify(name: &[u8]) -> Option<Attr> {
     let Ok(rest) = std::str::from_utf8(rest) else {
         return Some(Attr::Unknown);
     };
+    if let Some(group_attr) = rest.strip_prefix("group.") {
+        // Limit names have no dots, so the group name is all before the
+        // last one (group names may have dots).
+        let Some((group, last)) = group_attr.rsplit_once('.') else {
+            return Some(Attr::Unknown);
+        };
+        if !valid_group_name(group) {
+            return Some(Attr::Unknown);
+        }
+        let group = group.to_string();
+        return Some(match last {
+            "stats" => Attr::GroupStats(group),
+            _ if limit_names().iter().any(|n| n == last) => Attr::GroupLimit {
+                group,
+                limit: last.to_string(),
+            },
+            _ => Attr::Unknown,
+        });
+    }
     Some(match rest {
         "effective" => Attr::Effective,
         "stats" => Attr::Stats,
+        "group" => Attr::Group,
         _ if limit_names().iter().any(|n| n == rest) => Attr::Limit(rest.to_string()),
         _ => Attr::Unknown,
     })
@@ -102,13 +132,38 @@ pub fn set_limits(limits: &Limits) -> Vec<(String, String)> {
 }
 
 /// `user.throttle.effective`: `source=` (file, directory:PATH or mount),
-/// then one `name=value` a line for each limit in force.
+/// one `name=value` a line for each limit in force, then `group=NAME` and
+/// `group_source=` when the file belongs to a throttle group.
 pub fn render_effective(e: &Effective) -> String {
     let mut out = format!("source={}\n", e.origin.describe());
     for (name, value) in set_limits(&e.limits) {
         let _ = writeln!(out, "{name}={value}");
     }
+    if let Some((group, origin)) = &e.group {
+        let _ = writeln!(out, "group={group}");
+        let _ = writeln!(out, "group_source={}", origin.describe());
+    }
     out
+}
+
+/// The value of `user.throttle.group`: a valid group name (a trailing
+/// newline or NUL is forgiven), or why not.
+pub fn group_name(value: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(value)
+        .map_err(|_| "group: name is not UTF-8".to_string())?
+        .trim_end_matches(['\n', '\0']);
+    if valid_group_name(text) {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "group: '{text}' is not 1 to 64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
+/// The prefix of a group's limit attributes on the root.
+pub fn group_prefix(group: &str) -> String {
+    format!("{PREFIX}group.{group}.")
 }
 
 #[cfg(test)]
@@ -132,6 +187,30 @@ mod tests {
         assert_eq!(classify(b"user.throttle.effective"), Some(Attr::Effective));
         assert_eq!(classify(b"user.throttle.stats"), Some(Attr::Stats));
         assert_eq!(classify(b"user.throttle.bogus"), Some(Attr::Unknown));
+        assert_eq!(classify(b"user.throttle.group"), Some(Attr::Group));
+        assert_eq!(
+            classify(b"user.throttle.group.tenant.a.bps_rd_max"),
+            Some(Attr::GroupLimit {
+                group: "tenant.a".into(),
+                limit: "bps_rd_max".into()
+            })
+        );
+        assert_eq!(
+            classify(b"user.throttle.group.t1.stats"),
+            Some(Attr::GroupStats("t1".into()))
+        );
+        assert_eq!(
+            classify(b"user.throttle.group.t1.speed"),
+            Some(Attr::Unknown)
+        );
+        assert_eq!(
+            classify(b"user.throttle.group.bad name.bps"),
+            Some(Attr::Unknown)
+        );
+        assert_eq!(classify(b"user.throttle.group.nodot"), Some(Attr::Unknown));
+        assert_eq!(group_name(b"vm-1.a\n").unwrap(), "vm-1.a");
+        assert!(group_name(b"").is_err());
+        assert!(group_name(b"a/b").is_err());
         assert_eq!(classify(b"user.throttle.\xff"), Some(Attr::Unknown));
     }
 
@@ -178,6 +257,7 @@ mod tests {
         let text = render_effective(&Effective {
             limits,
             origin: Origin::Directory("/vms".into()),
+            group: None,
         });
         assert_eq!(
             text,
@@ -186,7 +266,8 @@ mod tests {
         let text = render_effective(&Effective {
             limits: Limits::default(),
             origin: Origin::Mount,
+            group: Some(("t1".into(), Origin::File)),
         });
-        assert_eq!(text, "source=mount\n");
+        assert_eq!(text, "source=mount\ngroup=t1\ngroup_source=file\n");
     }
 }
