@@ -460,6 +460,8 @@ fn unmoved(dir: Direction, requested: u64, moved: usize) -> Option<(Direction, u
 /// every earlier request of a file has been performed.
 pub struct Completion {
     pub file: u64,
+    /// It was a write (barriers wait for writes).
+    pub write: bool,
     /// Bytes charged but not moved (short read at end of file, error).
     pub unmoved: Option<(Direction, u64)>,
 }
@@ -528,8 +530,13 @@ impl IoPool {
                     .name(format!("io-{i}"))
                     .spawn(move || {
                         while let Some((file, job)) = next_job(&queue) {
+                            let write = job.direction() == Some(Direction::Write);
                             let unmoved = job.run();
-                            done(Completion { file, unmoved });
+                            done(Completion {
+                                file,
+                                write,
+                                unmoved,
+                            });
                         }
                     })?,
             );

@@ -109,6 +109,8 @@ struct FileQueue<J> {
     queue: VecDeque<J>,
     /// Released jobs not yet performed by the pool.
     in_flight: usize,
+    /// Of those, writes (a barrier waits for these only).
+    writes_in_flight: usize,
     /// The deadline this file has in the heap, if any; heap entries that do
     /// not match it are stale and skipped.
     armed: Option<Instant>,
@@ -125,6 +127,7 @@ impl<J: Queued> FileQueue<J> {
             state: ThrottleState::new(limits, at),
             queue: VecDeque::new(),
             in_flight: 0,
+            writes_in_flight: 0,
             armed: None,
             forgotten: false,
             shared: Arc::default(),
@@ -161,23 +164,32 @@ impl<J: Queued> FileQueue<J> {
         let mut blocked = [false; 2];
         let mut earliest: Option<Duration> = None;
         let mut released = 0;
+        // A write stays queued before the current position.
+        let mut write_waiting = false;
         let mut i = 0;
         while i < self.queue.len() && released < max {
             let Some(dir) = self.queue[i].direction() else {
-                if i == 0 && self.in_flight == 0 {
-                    let job = self.queue.pop_front().expect("non-empty");
+                // A barrier (fsync, flush) follows every earlier write: it
+                // goes once none is queued before it or being performed.
+                // Reads are not held back by it, nor it by them.
+                if !write_waiting && self.writes_in_flight == 0 {
+                    let job = self.queue.remove(i).expect("index in range");
                     self.in_flight += 1;
                     out.push(job);
                     released += 1;
                     continue;
                 }
-                break;
+                blocked[1] = true;
+                write_waiting = true;
+                i += 1;
+                continue;
             };
             let lane = match dir {
                 Direction::Read => 0,
                 Direction::Write => 1,
             };
             if blocked[lane] {
+                write_waiting |= dir == Direction::Write;
                 i += 1;
                 continue;
             }
@@ -195,10 +207,14 @@ impl<J: Queued> FileQueue<J> {
                     g.account(dir, job.bytes(), at);
                 }
                 self.in_flight += 1;
+                if dir == Direction::Write {
+                    self.writes_in_flight += 1;
+                }
                 out.push(job);
                 released += 1;
                 continue;
             }
+            write_waiting |= dir == Direction::Write;
             earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
             if strict {
                 break;
@@ -422,11 +438,19 @@ impl Scheduler {
                 let _ = reply.send(report.unwrap_or_default());
             }
             Msg::Interrupt(unique) => self.interrupt(unique, now),
-            Msg::Done(Completion { file, unmoved }) => {
+            Msg::Done(Completion {
+                file,
+                write,
+                unmoved,
+            }) => {
                 let at = self.since_epoch(now);
                 if let Some(f) = self.files.get_mut(&file) {
                     f.in_flight = f.in_flight.saturating_sub(1);
-                    let mut pump = f.in_flight == 0 && !f.queue.is_empty();
+                    let mut pump = false;
+                    if write {
+                        f.writes_in_flight = f.writes_in_flight.saturating_sub(1);
+                        pump = f.writes_in_flight == 0 && !f.queue.is_empty();
+                    }
                     if let Some((dir, bytes)) = unmoved {
                         // Charge what moved, not what was asked for.
                         f.state.refund(dir, bytes, at);
@@ -798,6 +822,7 @@ mod tests {
             let next = q.release(at, false, &mut out, None, usize::MAX);
             log.extend(out.iter().map(|f| (f.id, at)));
             q.in_flight = 0; // performed at once
+            q.writes_in_flight = 0;
             match next {
                 Some(wait) => at += wait,
                 None if q.queue.is_empty() => return log,
@@ -899,15 +924,43 @@ mod tests {
         out.clear();
         q.release(ms(540), false, &mut out, None, usize::MAX);
         assert_eq!(ids(&out), vec![2]);
-        assert_eq!(q.in_flight, 2);
+        assert_eq!(q.writes_in_flight, 2);
         out.clear();
         q.release(ms(541), false, &mut out, None, usize::MAX);
         assert!(out.is_empty());
         // Both performed: the barrier goes, and write 4 after it.
         q.in_flight = 0;
+        q.writes_in_flight = 0;
         out.clear();
         q.release(ms(1200), false, &mut out, None, usize::MAX);
         assert_eq!(ids(&out), vec![3, 4]);
+    }
+
+    #[test]
+    fn barrier_neither_waits_for_reads_nor_holds_them_back() {
+        let mut l = limits(BucketKind::BpsRead, 100 * KIB);
+        l.get_mut(BucketKind::BpsWrite).avg = 100 * KIB;
+        let mut q = FileQueue::new(l, Duration::ZERO);
+        q.queue.push_back(read(1, 64 * KIB));
+        q.queue.push_back(read(2, 64 * KIB));
+        q.queue.push_back(barrier(3));
+        let mut out = Vec::new();
+        q.release(Duration::ZERO, false, &mut out, None, usize::MAX);
+        // Read 2 waits on its bucket and read 1 is being performed, yet the
+        // barrier goes: it orders writes only.
+        assert_eq!(ids(&out), vec![1, 3]);
+
+        let mut q = FileQueue::new(l, Duration::ZERO);
+        q.queue.push_back(write(1, 64 * KIB));
+        q.queue.push_back(write(2, 64 * KIB));
+        q.queue.push_back(barrier(3));
+        q.queue.push_back(read(4, 1));
+        q.queue.push_back(write(5, 1));
+        out.clear();
+        q.release(Duration::ZERO, false, &mut out, None, usize::MAX);
+        // Write 2 waits, so the barrier waits, and so does the write after
+        // it; the read behind the barrier goes.
+        assert_eq!(ids(&out), vec![1, 4]);
     }
 
     #[test]
@@ -940,7 +993,9 @@ mod tests {
                 let e = moved.entry(member).or_default();
                 e.0 += job.bytes;
                 e.1 += 1;
-                files.get_mut(&member).unwrap().in_flight = 0;
+                let q = files.get_mut(&member).unwrap();
+                q.in_flight = 0;
+                q.writes_in_flight = 0;
             }
             match arms.iter().filter_map(|(_, next)| *next).min() {
                 Some(wait) => at += wait,
@@ -1008,7 +1063,9 @@ mod tests {
             let (released, arms) = group_turns(&mut files, &mut group, at, false);
             for (m, job) in released {
                 *moved.entry(m).or_default() += job.bytes;
-                files.get_mut(&m).unwrap().in_flight = 0;
+                let q = files.get_mut(&m).unwrap();
+                q.in_flight = 0;
+                q.writes_in_flight = 0;
             }
             match arms.iter().filter_map(|(_, n)| *n).min() {
                 Some(w) => at += w,
@@ -1064,7 +1121,9 @@ mod tests {
             let (released, arms) = group_turns(&mut files, &mut group, at, false);
             for (m, job) in released {
                 seen.entry(m).or_default().push(job.id);
-                files.get_mut(&m).unwrap().in_flight = 0;
+                let q = files.get_mut(&m).unwrap();
+                q.in_flight = 0;
+                q.writes_in_flight = 0;
             }
             match arms.iter().filter_map(|(_, n)| *n).min() {
                 Some(w) => at += w,
