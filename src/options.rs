@@ -405,6 +405,9 @@ fn after_help() -> String {
          500ms, 1m, or a plain number of seconds. Burst rules follow QEMU: a total limit (bps, iops) cannot be\n\
          combined with its read/write split, *_max needs its average and must not be\n\
          lower, *_max_length needs *_max.\n\
+         \nPer-file limits, live: setfattr -n user.throttle.NAME -v VALUE FILE-OR-DIR.\n\
+         Throttle groups: --group NAME:bps=20M,... and user.throttle.group=NAME on a\n\
+         file or directory (see throttlefs(1)).\n\
          \nOther -o options (FUSE mount options):\n  allow_other",
     );
     for (i, (name, _)) in FUSE_FLAGS.iter().enumerate() {
