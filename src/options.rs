@@ -466,8 +466,33 @@ fn existing_dir(role: &str, path: &Path) -> Result<PathBuf, String> {
     Ok(canonical)
 }
 
+/// A mountpoint whose FUSE daemon died (kill -9, crash) answers ENOTCONN.
+/// Detach that dead mount so a new one can take its place; say how to do it
+/// by hand when we may not.
+fn clear_stale_mount(mountpoint: &Path) -> Result<(), String> {
+    match fs::metadata(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+        _ => return Ok(()),
+    }
+    let shown = mountpoint.display();
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("mountpoint '{shown}': contains a NUL byte"))?;
+    // SAFETY: unmount of a NUL-terminated path.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+        // Logging is not set up yet while options are parsed.
+        eprintln!(
+            "throttlefs: mountpoint '{shown}': detached a stale FUSE mount left by a dead daemon"
+        );
+        return Ok(());
+    }
+    Err(format!(
+        "mountpoint '{shown}' is a stale FUSE mount (its daemon died); run: fusermount3 -u '{shown}'"
+    ))
+}
+
 fn check_paths(source: &Path, mountpoint: &Path) -> Result<(PathBuf, PathBuf), String> {
     let canonical_source = existing_dir("source", source)?;
+    clear_stale_mount(mountpoint)?;
     let canonical_mountpoint = existing_dir("mountpoint", mountpoint)?;
     let shown = mountpoint.display();
     // Serving a tree from under our own mount would recurse into ourselves.
