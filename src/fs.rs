@@ -1734,6 +1734,13 @@ impl Filesystem for ThrottleFs {
                     names.push(0);
                 }
             }
+            if node.ino == INodeNo::ROOT.0 {
+                for group in self.known_groups() {
+                    let stats = format!("{}stats", xattr::group_prefix(&group));
+                    names.extend_from_slice(stats.as_bytes());
+                    names.push(0);
+                }
+            }
             names
         });
         Self::xattr_reply(reply, size, r);
