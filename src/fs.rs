@@ -651,8 +651,9 @@ impl ThrottleFs {
     /// The first of `node` (a file: origin File) and then its directory and
     /// the directories above it (origin Directory) for which `check` finds
     /// something. Directories are walked through "..": each has exactly one
-    /// parent, and the walk stops at the source root (or at the filesystem
-    /// root, should a directory have been moved out of the source).
+    /// parent. What a directory holds counts only if the walk goes on to
+    /// reach the source root: a directory moved out of the source behind
+    /// our back must not lend its files limits stored outside the source.
     fn find_up<T>(
         &self,
         node: &InodeRef,
@@ -674,14 +675,16 @@ impl ThrottleFs {
         }
         // SAFETY: fresh descriptor.
         let mut dir = unsafe { OwnedFd::from_raw_fd(first) };
+        let mut found: Option<(T, Origin)> = None;
         loop {
-            if let Some(found) = check(dir.as_raw_fd()) {
-                let origin = Origin::Directory(self.display_path(dir.as_raw_fd()));
-                return Some((found, origin));
+            if found.is_none()
+                && let Some(value) = check(dir.as_raw_fd())
+            {
+                found = Some((value, Origin::Directory(self.display_path(dir.as_raw_fd()))));
             }
             let st = stat_fd(dir.as_raw_fd()).ok()?;
             if (st.st_dev, st.st_ino) == self.root_key {
-                return None;
+                return found;
             }
             // SAFETY: *at call on a directory descriptor we hold.
             let up = unsafe {
@@ -698,6 +701,8 @@ impl ThrottleFs {
             let up = unsafe { OwnedFd::from_raw_fd(up) };
             match stat_fd(up.as_raw_fd()) {
                 Ok(ust) if (ust.st_dev, ust.st_ino) != (st.st_dev, st.st_ino) => dir = up,
+                // The filesystem root, and no source root on the way: the
+                // object is not under the source any more.
                 _ => return None,
             }
         }
