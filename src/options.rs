@@ -587,6 +587,20 @@ impl Collected {
     }
 }
 
+/// Values and paths are quoted into messages as given; escape control
+/// characters (a newline in a value) so an error stays one line.
+fn one_line(msg: &str) -> String {
+    msg.chars()
+        .flat_map(|c| -> Vec<char> {
+            if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// Parse argv (including argv[0]). Errors are one line without a trailing
 /// newline, naming the offending option, with exit code 2; for --help and
 /// --version the error holds the full text (trailing newline trimmed) and
@@ -601,7 +615,7 @@ where
         .try_get_matches_from(args)
         .map_err(clap_error)?;
     let cli = Cli::from_arg_matches(&matches).map_err(clap_error)?;
-    let usage = |msg: String| (msg, USAGE_EXIT_CODE);
+    let usage = |msg: String| (one_line(&msg), USAGE_EXIT_CODE);
 
     let mut collected = Collected::default();
     let flags = [

@@ -219,9 +219,10 @@ impl Limits {
                 }
                 // QEMU's bound: the burst bucket (max * length) stays within
                 // the value range, so levels can never overflow.
-                if u128::from(spec.max) * length.as_nanos()
-                    > u128::from(MAX_LIMIT_VALUE) * NANO_UNITS_PER_UNIT
-                {
+                let too_long = u128::from(spec.max)
+                    .checked_mul(length.as_nanos())
+                    .is_none_or(|units| units > u128::from(MAX_LIMIT_VALUE) * NANO_UNITS_PER_UNIT);
+                if too_long {
                     return err(format!(
                         "{name}_max_length is too long for {name}_max (max * length must be at most {MAX_LIMIT_VALUE})"
                     ));
@@ -346,16 +347,20 @@ impl ThrottleState {
                 continue;
             }
             let level = self.levels[kind as usize];
+            // Saturating: limits that validate() would refuse must still
+            // not overflow here.
             let wait = if spec.max == 0 {
-                let capacity = u128::from(spec.avg) * nanos(BUCKET_WITHOUT_BURST);
+                let capacity = u128::from(spec.avg).saturating_mul(nanos(BUCKET_WITHOUT_BURST));
                 wait_for(level.main, capacity, spec.avg)
             } else {
-                // Main bucket: a burst of max*length, refilled at avg. While
-                // it has room, the burst bucket caps the rate at max.
-                let capacity = u128::from(spec.max) * nanos(spec.burst_length());
-                let burst_capacity = u128::from(spec.max) * nanos(BURST_RATE_BUCKET);
-                wait_for(level.main, capacity, spec.avg)
-                    .or_else(|| wait_for(level.burst, burst_capacity, spec.max))
+                // Main bucket: a burst of max*length, refilled at avg; the
+                // burst bucket caps the rate at max. Both must have room,
+                // so the longer wait is the deadline.
+                let capacity = u128::from(spec.max).saturating_mul(nanos(spec.burst_length()));
+                let burst_capacity = u128::from(spec.max).saturating_mul(nanos(BURST_RATE_BUCKET));
+                let main = wait_for(level.main, capacity, spec.avg);
+                let burst = wait_for(level.burst, burst_capacity, spec.max);
+                main.max(burst)
             };
             longest = longest.max(wait.unwrap_or(0));
         }
@@ -559,6 +564,27 @@ mod tests {
         now += w;
         s.account(Direction::Write, MIB, now);
         assert_eq!(s.wait(Direction::Write, now), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn burst_deadline_covers_both_buckets() {
+        // avg = max = 1 B/s: main bucket 1 B, burst bucket 0.1 B. After 2
+        // bytes, main needs 1 s and burst 1.9 s: the deadline is the later.
+        let mut l = limits(BucketKind::BpsRead, 1);
+        l.get_mut(BucketKind::BpsRead).max = 1;
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        s.account(Direction::Read, 2, Duration::ZERO);
+        let w = s.wait(Direction::Read, Duration::ZERO);
+        assert_eq!(w, ms(1900));
+        assert_eq!(s.wait(Direction::Read, w), Duration::ZERO);
+    }
+
+    #[test]
+    fn validate_refuses_a_burst_product_beyond_u128() {
+        let mut l = limits(BucketKind::BpsTotal, 1);
+        l.get_mut(BucketKind::BpsTotal).max = 1 << 49;
+        l.get_mut(BucketKind::BpsTotal).max_length = Some(Duration::from_nanos(u64::MAX) * 65_536);
+        assert!(l.validate().unwrap_err().0.contains("too long"));
     }
 
     #[test]
