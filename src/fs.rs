@@ -764,20 +764,25 @@ impl ThrottleFs {
 
     /// The `user.throttle.<limit>` attributes stored on an object.
     fn own_set(&self, fd: RawFd) -> Result<OwnSet> {
-        let path = proc_path(fd);
-        let names = xattr_fetch(|buf, len| {
-            // SAFETY: buf is null with len 0, or valid for len bytes.
-            unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
+        self.stored_set(fd, |attr| match attr {
+            Attr::Limit(limit) => Some(limit),
+            _ => None,
         })
-        .map_err(Errno::from)?;
+    }
+
+    /// The limits stored in an object's attributes: those `pick` maps to a
+    /// limit name, with their stored text.
+    fn stored_set(&self, fd: RawFd, pick: impl Fn(Attr) -> Option<String>) -> Result<OwnSet> {
+        let path = proc_path(fd);
+        let names = list_names(&path).map_err(Errno::from)?;
         let mut set = OwnSet::default();
         for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-            let Some(Attr::Limit(limit)) = xattr::classify(name) else {
+            let Some(limit) = xattr::classify(name).and_then(&pick) else {
                 continue;
             };
             let cname = CString::new(name).map_err(|_| Errno::EINVAL)?;
             let value = xattr_fetch(|buf, len| {
-                // SAFETY: as above.
+                // SAFETY: buf is null with len 0, or valid for len bytes.
                 unsafe { libc::getxattr(path.as_ptr(), cname.as_ptr(), buf, len) }
             });
             match value {
@@ -895,47 +900,17 @@ impl ThrottleFs {
     /// A group's limits as stored on the root: `user.throttle.group.NAME.*`.
     fn group_own_set(&self, group: &str) -> Result<OwnSet> {
         let root = self.inode(INodeNo::ROOT)?;
-        let path = proc_path(root.fd);
-        let prefix = xattr::group_prefix(group);
-        let names = xattr_fetch(|buf, len| {
-            // SAFETY: buf is null with len 0, or valid for len bytes.
-            unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
+        self.stored_set(root.fd, |attr| match attr {
+            Attr::GroupLimit { group: g, limit } if g == group => Some(limit),
+            _ => None,
         })
-        .map_err(Errno::from)?;
-        let mut set = OwnSet::default();
-        for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-            let Some(Attr::GroupLimit { group: g, limit }) = xattr::classify(name) else {
-                continue;
-            };
-            if g != group || !name.starts_with(prefix.as_bytes()) {
-                continue;
-            }
-            let cname = CString::new(name).map_err(|_| Errno::EINVAL)?;
-            match xattr_fetch(|buf, len| {
-                // SAFETY: as above.
-                unsafe { libc::getxattr(path.as_ptr(), cname.as_ptr(), buf, len) }
-            }) {
-                Ok(v) => {
-                    set.values
-                        .insert(limit, String::from_utf8_lossy(&v).into_owned());
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
-                Err(e) => return Err(Errno::from(e)),
-            }
-        }
-        Ok(set)
     }
 
     /// Groups named by the mount options or by attributes on the root.
     fn known_groups(&self) -> Vec<String> {
         let mut groups: Vec<String> = self.group_defaults.keys().cloned().collect();
         if let Ok(root) = self.inode(INodeNo::ROOT) {
-            let path = proc_path(root.fd);
-            let names = xattr_fetch(|buf, len| {
-                // SAFETY: buf is null with len 0, or valid for len bytes.
-                unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
-            })
-            .unwrap_or_default();
+            let names = list_names(&proc_path(root.fd)).unwrap_or_default();
             for name in names.split(|b| *b == 0) {
                 if let Some(Attr::GroupLimit { group, .. }) = xattr::classify(name) {
                     groups.push(group);
@@ -1102,6 +1077,14 @@ impl ThrottleFs {
             Err(e) => reply.error(Errno::from(e)),
         }
     }
+}
+
+/// The attribute names of an object, NUL-separated.
+fn list_names(path: &CString) -> io::Result<Vec<u8>> {
+    xattr_fetch(|buf, len| {
+        // SAFETY: buf is null with len 0, or valid for len bytes.
+        unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
+    })
 }
 
 /// Call a size-probing xattr syscall until the buffer is large enough.
@@ -1724,12 +1707,7 @@ impl Filesystem for ThrottleFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let path = proc_path(node.fd);
-        let r = xattr_fetch(|buf, len| {
-            // SAFETY: as above.
-            unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
-        })
-        .map(|mut names| {
+        let r = list_names(&proc_path(node.fd)).map(|mut names| {
             for (attr, name) in [
                 (Attr::Effective, xattr::EFFECTIVE),
                 (Attr::Stats, xattr::STATS),
