@@ -5,71 +5,8 @@ mod common;
 
 use std::fs;
 use std::process::Command;
-use std::time::Duration;
 
-use common::Mount;
-
-/// A misuse must be reported at once; 10 s is far more than parsing takes.
-const EXIT_WAIT: Duration = Duration::from_secs(10);
-
-/// Runs throttlefs with `args` (which may contain the placeholders `SRC` and
-/// `MNT`, replaced by the test's directories; when neither appears they are
-/// appended), expects exit status 2, exactly one non-empty stderr line that
-/// contains at least one of `needles` (case-insensitive), and nothing mounted.
-fn assert_rejected(m: &mut Mount, args: &[&str], needles: &[&str]) {
-    let src = m.src().to_str().unwrap().to_owned();
-    let mnt = m.mnt().to_str().unwrap().to_owned();
-    let mut full: Vec<String> = args
-        .iter()
-        .map(|a| a.replace("SRC", &src).replace("MNT", &mnt))
-        .collect();
-    if !args.iter().any(|a| a.contains("SRC") || a.contains("MNT")) {
-        full.push(src.clone());
-        full.push(mnt.clone());
-    }
-    let full_refs: Vec<&str> = full.iter().map(String::as_str).collect();
-    let before: Vec<_> = fs::read_dir(m.mnt())
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
-        .unwrap_or_default();
-    let status = m.run_to_exit(&full_refs, EXIT_WAIT);
-    let mounted = m.is_mounted();
-    let stderr = m.stderr();
-    let Some(status) = status else {
-        panic!("throttlefs {full:?} did not exit within {EXIT_WAIT:?} (mounted: {mounted})");
-    };
-    assert_eq!(
-        status.code(),
-        Some(2),
-        "throttlefs {full:?} exited with {status}, expected 2; stderr:\n{stderr}"
-    );
-    assert!(!mounted, "throttlefs {full:?} mounted something");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "throttlefs {full:?}: expected exactly one stderr line, got:\n{stderr}"
-    );
-    let line = lines[0].to_lowercase();
-    assert!(
-        needles.iter().any(|n| line.contains(&n.to_lowercase())),
-        "throttlefs {full:?}: stderr line {:?} names none of {needles:?}",
-        lines[0]
-    );
-    assert!(
-        m.stdout().is_empty(),
-        "throttlefs {full:?} printed on stdout:\n{}",
-        m.stdout()
-    );
-    if let Ok(d) = fs::read_dir(m.mnt()) {
-        let after: Vec<_> = d.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
-        assert_eq!(before, after, "the mountpoint's contents changed");
-    }
-}
-
-fn rejected(args: &[&str], needles: &[&str]) {
-    let mut m = Mount::new();
-    assert_rejected(&mut m, args, needles);
-}
+use common::{Mount, USAGE_EXIT_WAIT, assert_rejected, rejected};
 
 #[test]
 fn total_and_split_bps_together() {
@@ -173,7 +110,7 @@ fn mountpoint_inside_source() {
 fn missing_mountpoint_argument() {
     let mut m = Mount::new();
     let src = m.src().to_str().unwrap().to_owned();
-    let status = m.run_to_exit(&[&src], EXIT_WAIT);
+    let status = m.run_to_exit(&[&src], USAGE_EXIT_WAIT);
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(2),

@@ -28,13 +28,13 @@ use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{Mount, describe, run_unchecked};
+use common::attrs::{cpath, fgetxattr, lgetxattr, llist_attrs, lsetxattr, setxattr};
+use common::{Mount, as_nobody, chmod, describe};
 
 /// The entry/attribute TTL the daemon gives the kernel.
 const TTL: Duration = Duration::from_secs(1);
@@ -45,93 +45,14 @@ const TTL: Duration = Duration::from_secs(1);
 const WITHIN_TTL: Duration = Duration::from_millis(700);
 
 // ---------------------------------------------------------------------------
-// Helpers
-
-fn cpath(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
-}
+// Helpers (the xattr syscall wrappers are in common::attrs)
 
 fn cstr(s: &str) -> CString {
     CString::new(s).expect("no NUL")
 }
 
-/// lgetxattr(2).
-fn lgetxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let (p, n) = (cpath(path), cstr(name));
-    let mut buf = vec![0u8; 64 * 1024];
-    // SAFETY: valid NUL-terminated strings and a buffer of buf.len() bytes.
-    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
-/// lsetxattr(2).
-fn lsetxattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let (p, n) = (cpath(path), cstr(name));
-    // SAFETY: valid NUL-terminated strings and a value buffer of its length.
-    let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// setxattr(2) (following symlinks; used on regular files).
-fn setxattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let (p, n) = (cpath(path), cstr(name));
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// llistxattr(2): the attribute names of `path` itself.
-fn llistxattr(path: &Path) -> BTreeSet<String> {
-    let p = cpath(path);
-    let mut buf = vec![0u8; 64 * 1024];
-    // SAFETY: valid NUL-terminated string and a buffer of buf.len() bytes.
-    let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(
-        r >= 0,
-        "llistxattr {}: {}",
-        path.display(),
-        io::Error::last_os_error()
-    );
-    buf[..r as usize]
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-        .map(|n| String::from_utf8_lossy(n).into_owned())
-        .collect()
-}
-
 fn errno(r: &io::Result<impl std::fmt::Debug>) -> Option<i32> {
     r.as_ref().err().and_then(io::Error::raw_os_error)
-}
-
-fn chmod(path: &Path, mode: u32) {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
 }
 
 /// Everything observable about an object outside the source that an
@@ -176,7 +97,7 @@ fn snapshot(path: &Path) -> Snapshot {
         gid: md.gid(),
         nlink: md.nlink(),
         mtime: (md.mtime(), md.mtime_nsec()),
-        xattrs: llistxattr(path),
+        xattrs: llist_attrs(path).into_iter().collect(),
     }
 }
 
@@ -310,7 +231,7 @@ fn symlinks_pointing_outside_are_presented_not_followed() {
         Some(libc::ENODATA),
         "lgetxattr user.keep: {got:?}"
     );
-    let listed = llistxattr(&link);
+    let listed: BTreeSet<String> = llist_attrs(&link).into_iter().collect();
     assert!(
         !listed.contains("trusted.keep") && !listed.contains("user.keep"),
         "llistxattr of the link lists the target's attributes: {listed:?}"
@@ -593,26 +514,6 @@ fn listings_and_inherited_limits_stay_within_the_source() {
     );
 }
 
-/// fgetxattr(2) on an open file.
-fn fgetxattr(file: &File, name: &str) -> io::Result<Vec<u8>> {
-    let n = cstr(name);
-    let mut buf = vec![0u8; 64 * 1024];
-    // SAFETY: open descriptor, valid name and a buffer of buf.len() bytes.
-    let r = unsafe {
-        libc::fgetxattr(
-            file.as_raw_fd(),
-            n.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
 /// A directory moved out of the source behind the mount's back, with a file
 /// of it still open through the mount: when that file's limits are worked
 /// out again, the daemon's walk up through ".." must not read the limits of
@@ -653,17 +554,6 @@ fn directory_moved_out_does_not_inherit_from_outside() {
 
 // ---------------------------------------------------------------------------
 // 4. other users (allow_other)
-
-/// Runs `CMD ARGS` as nobody (uid/gid 65534, no supplementary groups).
-fn as_nobody(cmd: &str, args: &[&OsStr]) -> Output {
-    let mut all: Vec<&OsStr> = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-        .into_iter()
-        .map(OsStr::new)
-        .collect();
-    all.push(OsStr::new(cmd));
-    all.extend_from_slice(args);
-    run_unchecked("setpriv", &all)
-}
 
 fn assert_denied(out: &Output, what: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);

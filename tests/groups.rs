@@ -19,10 +19,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -30,9 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::attrs::{list_attrs, setxattr, sys_get_attr, sys_remove_attr, sys_set_attr};
 use common::{
-    KIB, MIB, MOUNT_TIMEOUT, Mount, assert_elapsed_between, describe, is_mounted, loose_upper,
-    pattern, run_unchecked,
+    KIB, MIB, Mount, assert_elapsed_between, describe, loose_upper, rejected, run_unchecked,
 };
 
 const GROUP: &str = "user.throttle.group";
@@ -50,46 +49,12 @@ const WARM_UP: Duration = Duration::from_millis(600);
 const SHARE_TOLERANCE: f64 = 0.10;
 
 // ---------------------------------------------------------------------------
-// Attribute helpers (in-process syscalls: see `sys_set_attr` in
-// tests/xattr.rs for why no program is spawned while reads are queued)
-
-fn cpath(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
-}
-
-/// setxattr(2); the errno on failure.
-fn try_set_attr(path: &Path, name: &str, value: &str) -> Result<(), i32> {
-    let (p, n) = (cpath(path), CString::new(name).unwrap());
-    // SAFETY: valid NUL-terminated strings and a value buffer of its length.
-    let r = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    }
-}
-
-fn set_attr(path: &Path, name: &str, value: &str) {
-    if let Err(errno) = try_set_attr(path, name, value) {
-        panic!(
-            "setxattr {name}={value} on {}: {}",
-            path.display(),
-            io::Error::from_raw_os_error(errno)
-        );
-    }
-}
+// Attribute helpers (in-process syscalls, from common::attrs: see
+// `sys_set_attr` there for why no program is spawned while reads are queued)
 
 /// Asserts that setting `name=value` on `path` fails with `errno`.
 fn set_attr_fails(path: &Path, name: &str, value: &str, errno: i32) {
-    let got = try_set_attr(path, name, value);
+    let got = setxattr(path, name, value.as_bytes()).map_err(|e| e.raw_os_error().unwrap_or(0));
     assert_eq!(
         got,
         Err(errno),
@@ -101,55 +66,6 @@ fn set_attr_fails(path: &Path, name: &str, value: &str, errno: i32) {
             Err(e) => io::Error::from_raw_os_error(e).to_string(),
         }
     );
-}
-
-fn remove_attr(path: &Path, name: &str) {
-    let (p, n) = (cpath(path), CString::new(name).unwrap());
-    // SAFETY: valid NUL-terminated strings.
-    let r = unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) };
-    assert_eq!(
-        r,
-        0,
-        "removexattr {name} on {}: {}",
-        path.display(),
-        io::Error::last_os_error()
-    );
-}
-
-/// getxattr(2) as text; `None` for ENODATA.
-fn get_attr(path: &Path, name: &str) -> Option<String> {
-    let (p, n) = (cpath(path), CString::new(name).unwrap());
-    let mut buf = vec![0u8; 64 * KIB as usize];
-    // SAFETY: valid NUL-terminated strings and a buffer of buf.len() bytes.
-    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENODATA) {
-            return None;
-        }
-        panic!("getxattr {name} on {}: {e}", path.display());
-    }
-    buf.truncate(r as usize);
-    Some(String::from_utf8_lossy(&buf).into_owned())
-}
-
-/// listxattr(2).
-fn list_attrs(path: &Path) -> Vec<String> {
-    let p = cpath(path);
-    let mut buf = vec![0u8; 64 * KIB as usize];
-    // SAFETY: valid NUL-terminated string and a buffer of buf.len() bytes.
-    let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(
-        r >= 0,
-        "listxattr {}: {}",
-        path.display(),
-        io::Error::last_os_error()
-    );
-    buf[..r as usize]
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-        .map(|n| String::from_utf8_lossy(n).into_owned())
-        .collect()
 }
 
 /// `user.throttle.group.NAME.stats` of the mount root, parsed: every
@@ -177,7 +93,7 @@ impl GroupStats {
 fn group_stats(m: &Mount, group: &str) -> GroupStats {
     let name = format!("user.throttle.group.{group}.stats");
     let text =
-        get_attr(m.mnt(), &name).unwrap_or_else(|| panic!("{name} missing on the mount root"));
+        sys_get_attr(m.mnt(), &name).unwrap_or_else(|| panic!("{name} missing on the mount root"));
     let mut values = BTreeMap::new();
     let mut members = Vec::new();
     for line in text.lines() {
@@ -220,8 +136,8 @@ fn group_stats(m: &Mount, group: &str) -> GroupStats {
 
 /// `user.throttle.effective` of `path` as `key -> value`.
 fn effective(path: &Path) -> BTreeMap<String, String> {
-    let text =
-        get_attr(path, EFFECTIVE).unwrap_or_else(|| panic!("no {EFFECTIVE} on {}", path.display()));
+    let text = sys_get_attr(path, EFFECTIVE)
+        .unwrap_or_else(|| panic!("no {EFFECTIVE} on {}", path.display()));
     text.lines()
         .map(|l| {
             let (k, v) = l
@@ -403,9 +319,7 @@ fn assert_share(what: &str, got: f64, fair: f64, unit: &str) {
 
 /// Source file `name` (relative to the source dir) of FILE_LEN bytes.
 fn make_file(m: &Mount, name: &str, seed: u64) -> Arc<Vec<u8>> {
-    let data = pattern(FILE_LEN as usize, seed);
-    fs::write(m.src_path(name), &data).unwrap();
-    Arc::new(data)
+    Arc::new(common::make_file(m.src(), name, FILE_LEN, seed))
 }
 
 // ---------------------------------------------------------------------------
@@ -420,7 +334,7 @@ fn members_share_a_bps_group_equally_and_a_third_joins_live() {
     let c = make_file(&m, "c", 3);
     m.start(&["--group", "g:bps=8M"]);
     for f in ["a", "b"] {
-        set_attr(&m.path(f), GROUP, "g");
+        sys_set_attr(&m.path(f), GROUP, "g");
         assert_group_of(&m.path(f), Some("g"), Some("file"));
     }
     let avg = 8.0 * MIB as f64;
@@ -465,7 +379,7 @@ fn members_share_a_bps_group_equally_and_a_third_joins_live() {
     );
 
     // c joins live, with two readers of 128 KiB.
-    set_attr(&m.path("c"), GROUP, "g");
+    sys_set_attr(&m.path("c"), GROUP, "g");
     let rc = Readers::start(&m.path("c"), &c, 128 * KIB, 2);
     let w = measure(&[&ra, &rb, &rc], WARM_UP, Duration::from_secs(3));
     let total: f64 = w.bytes.iter().sum::<u64>() as f64;
@@ -508,8 +422,8 @@ fn member_with_own_limit_leaves_the_rest_to_its_mate() {
     let mate = make_file(&m, "vm/mate", 5);
     m.start(&["--group", "g:bps=8M"]);
     // Membership through the directory; the own limit on the file.
-    set_attr(&m.path("vm"), GROUP, "g");
-    set_attr(&m.path("vm/capped"), BPS_RD, "2M");
+    sys_set_attr(&m.path("vm"), GROUP, "g");
+    sys_set_attr(&m.path("vm/capped"), BPS_RD, "2M");
     for f in ["vm/capped", "vm/mate"] {
         assert_group_of(&m.path(f), Some("g"), Some("directory:/vm"));
     }
@@ -566,8 +480,8 @@ fn iops_group_shares_operations_equally() {
     let small = make_file(&m, "small", 6);
     let big = make_file(&m, "big", 7);
     m.start(&["--group", "g:iops=100"]);
-    set_attr(&m.path("small"), GROUP, "g");
-    set_attr(&m.path("big"), GROUP, "g");
+    sys_set_attr(&m.path("small"), GROUP, "g");
+    sys_set_attr(&m.path("big"), GROUP, "g");
 
     let rs = Readers::start(&m.path("small"), &small, 4 * KIB, 2);
     let rb = Readers::start(&m.path("big"), &big, 256 * KIB, 2);
@@ -607,33 +521,6 @@ fn iops_group_shares_operations_equally() {
 // ---------------------------------------------------------------------------
 // 4. Group limits and membership set through xattrs survive a remount.
 
-/// A second daemon mounting `src` (another mount's source, whose daemon
-/// has exited) on a fresh mount point.
-fn mount_source(src: &Path, args: &[&str]) -> Mount {
-    let mut m = Mount::new();
-    let mnt = m.mnt().to_path_buf();
-    let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    all.push(src.as_os_str());
-    all.push(mnt.as_os_str());
-    m.spawn(all);
-    let deadline = Instant::now() + MOUNT_TIMEOUT;
-    while !is_mounted(&mnt) {
-        if let Some(status) = m.try_wait() {
-            panic!(
-                "throttlefs exited with {status} before mounting\n{}",
-                m.daemon_output()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "throttlefs did not mount within {MOUNT_TIMEOUT:?}\n{}",
-            m.daemon_output()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    m
-}
-
 /// `getfattr -n NAME --only-values` on a source object (bypassing the
 /// mount); `None` when it has no such attribute.
 fn getfattr_src(path: &Path, name: &str) -> Option<String> {
@@ -663,10 +550,10 @@ fn group_limits_and_membership_survive_a_remount() {
     fs::create_dir(m.src_path("d")).unwrap();
     let data = make_file(&m, "d/f", 8);
     m.start(&[]);
-    set_attr(m.mnt(), "user.throttle.group.g2.bps", "4M");
-    set_attr(&m.path("d"), GROUP, "g2");
+    sys_set_attr(m.mnt(), "user.throttle.group.g2.bps", "4M");
+    sys_set_attr(&m.path("d"), GROUP, "g2");
     assert_eq!(
-        get_attr(m.mnt(), "user.throttle.group.g2.bps").as_deref(),
+        sys_get_attr(m.mnt(), "user.throttle.group.g2.bps").as_deref(),
         Some("4194304")
     );
     assert_group_of(&m.path("d/f"), Some("g2"), Some("directory:/d"));
@@ -684,7 +571,7 @@ fn group_limits_and_membership_survive_a_remount() {
 
     let status = m.terminate();
     assert!(status.success(), "first daemon exited with {status}");
-    let m2 = mount_source(m.src(), &[]);
+    let m2 = Mount::with_source(m.src(), &[]);
     let f = m2.path("d/f");
     assert_group_of(&f, Some("g2"), Some("directory:/d"));
     let s = group_stats(&m2, "g2");
@@ -738,22 +625,22 @@ fn group_stats_show_the_source_of_limits_and_are_listed_on_the_root() {
     assert_eq!(s.num("waiting"), 0, "group stats:\n{}", s.text);
 
     // A set on the root replaces the option's as a whole.
-    set_attr(m.mnt(), "user.throttle.group.t1.iops", "100");
+    sys_set_attr(m.mnt(), "user.throttle.group.t1.iops", "100");
     let s = group_stats(&m, "t1");
     assert_eq!(s.get("source"), "root", "group stats:\n{}", s.text);
     assert_eq!(s.get("iops"), "100", "group stats:\n{}", s.text);
     assert!(!s.values.contains_key("bps"), "group stats:\n{}", s.text);
-    remove_attr(m.mnt(), "user.throttle.group.t1.iops");
+    sys_remove_attr(m.mnt(), "user.throttle.group.t1.iops");
     let s = group_stats(&m, "t1");
     assert_eq!(s.get("source"), "mount", "group stats:\n{}", s.text);
     assert_eq!(s.get("bps"), "8388608", "group stats:\n{}", s.text);
 
     // A group named nowhere.
-    set_attr(&m.path("f"), GROUP, "t3");
+    sys_set_attr(&m.path("f"), GROUP, "t3");
     let s = group_stats(&m, "t3");
     assert_eq!(s.get("source"), "none", "group stats:\n{}", s.text);
 
-    set_attr(m.mnt(), "user.throttle.group.t2.bps_wr", "1M");
+    sys_set_attr(m.mnt(), "user.throttle.group.t2.bps_wr", "1M");
     let names = list_attrs(m.mnt());
     for name in [
         "user.throttle.group.t1.stats",
@@ -789,7 +676,7 @@ fn invalid_group_attributes_are_refused() {
     assert_group_of(&f, None, None);
     // 64 characters is fine.
     let longest = "n".repeat(64);
-    set_attr(&f, GROUP, &longest);
+    sys_set_attr(&f, GROUP, &longest);
     assert_group_of(&f, Some(&longest), Some("file"));
 
     set_attr_fails(&root, "user.throttle.group.g.bps", "banana", libc::EINVAL);
@@ -807,7 +694,7 @@ fn invalid_group_attributes_are_refused() {
     let s = group_stats(&m, "g");
     assert_eq!(s.get("source"), "mount", "group stats:\n{}", s.text);
 
-    set_attr(&root, "user.throttle.group.g.bps", "2M");
+    sys_set_attr(&root, "user.throttle.group.g.bps", "2M");
     set_attr_fails(&root, "user.throttle.group.g.bps_rd", "1M", libc::EINVAL);
     assert_eq!(getfattr_src(m.src(), "user.throttle.group.g.bps_rd"), None);
     let s = group_stats(&m, "g");
@@ -819,66 +706,24 @@ fn invalid_group_attributes_are_refused() {
     assert_eq!(getfattr_src(m.src(), "user.throttle.group.g.stats"), None);
 }
 
-/// Runs throttlefs `args SRC MNT`, expects exit status 2, one stderr line
-/// naming the group, nothing mounted (as in tests/cli.rs).
-fn rejected(args: &[&str]) {
-    let mut m = Mount::new();
-    let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    full.push(m.src().to_str().unwrap().to_owned());
-    full.push(m.mnt().to_str().unwrap().to_owned());
-    let full_refs: Vec<&str> = full.iter().map(String::as_str).collect();
-    let status = m.run_to_exit(&full_refs, Duration::from_secs(10));
-    let mounted = m.is_mounted();
-    let stderr = m.stderr();
-    let Some(status) = status else {
-        panic!("throttlefs {full:?} did not exit (mounted: {mounted})");
-    };
-    assert_eq!(
-        status.code(),
-        Some(2),
-        "throttlefs {full:?} exited with {status}, expected 2; stderr:\n{stderr}"
-    );
-    assert!(!mounted, "throttlefs {full:?} mounted something");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "throttlefs {full:?}: expected exactly one stderr line, got:\n{stderr}"
-    );
-    assert!(
-        lines[0].to_lowercase().contains("group"),
-        "throttlefs {full:?}: stderr line {:?} does not name the group option",
-        lines[0]
-    );
-    assert!(
-        m.stdout().is_empty(),
-        "throttlefs {full:?} printed on stdout"
-    );
-    assert_eq!(
-        fs::read_dir(m.mnt()).unwrap().count(),
-        0,
-        "the mountpoint's contents changed"
-    );
-}
-
 #[test]
 fn cli_group_with_bad_name() {
-    rejected(&["--group", "bad name:bps=1M"]);
+    rejected(&["--group", "bad name:bps=1M"], &["group"]);
 }
 
 #[test]
 fn cli_group_with_conflicting_limits() {
-    rejected(&["--group", "g:bps=1M,bps_rd=1M"]);
+    rejected(&["--group", "g:bps=1M,bps_rd=1M"], &["group"]);
 }
 
 #[test]
 fn cli_group_without_limits() {
-    rejected(&["--group", "g"]);
+    rejected(&["--group", "g"], &["group"]);
 }
 
 #[test]
 fn cli_group_given_twice() {
-    rejected(&["--group", "g:bps=1M", "--group", "g:bps=2M"]);
+    rejected(&["--group", "g:bps=1M", "--group", "g:bps=2M"], &["group"]);
 }
 
 // ---------------------------------------------------------------------------
@@ -890,8 +735,8 @@ fn a_member_leaving_reads_at_full_speed_while_its_mate_keeps_the_limit() {
     let a = make_file(&m, "a", 9);
     let b = make_file(&m, "b", 10);
     m.start(&["--group", "g:bps=4M"]);
-    set_attr(&m.path("a"), GROUP, "g");
-    set_attr(&m.path("b"), GROUP, "g");
+    sys_set_attr(&m.path("a"), GROUP, "g");
+    sys_set_attr(&m.path("b"), GROUP, "g");
     let req = 256 * KIB;
     let avg = 4.0 * MIB as f64;
 
@@ -915,7 +760,7 @@ fn a_member_leaving_reads_at_full_speed_while_its_mate_keeps_the_limit() {
     assert_eq!(s.num("members"), 2, "group stats:\n{}", s.text);
 
     // a leaves while both are reading.
-    remove_attr(&m.path("a"), GROUP);
+    sys_remove_attr(&m.path("a"), GROUP);
     let s = group_stats(&m, "g");
     assert_eq!(
         s.members,

@@ -4,23 +4,14 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{KIB, MIB, Mount, pattern};
+use common::{KIB, MIB, Mount, open_direct, pattern};
 
 const LIMIT_BYTES_PER_SEC: u64 = 256 * KIB;
-
-fn open_direct(path: &std::path::Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap()
-}
 
 #[test]
 fn killed_reader_leaves_the_queue_and_charges_nothing() {
@@ -28,7 +19,7 @@ fn killed_reader_leaves_the_queue_and_charges_nothing() {
         |src| std::fs::write(src.join("disk.img"), pattern(4 * MIB as usize, 7)).unwrap(),
         &["--bps-rd", "256K"],
     );
-    let file = open_direct(&m.path("disk.img"));
+    let file = open_direct(&m.path("disk.img"), false);
     let start = Instant::now();
     // 512 KiB at t=0 leaves the bucket 486.4 KiB over its 25.6 KiB
     // capacity: the file's next release is at exactly 1.9 s.

@@ -16,18 +16,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::attrs::{lgetxattr, lsetxattr, stats};
 use common::{KIB, MIB, Mount};
 
 const FILES: usize = 64;
@@ -59,59 +55,6 @@ fn own_limits(i: usize) -> &'static [(&'static str, &'static str)] {
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-fn lgetxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    let mut buf = vec![0u8; 64 * KIB as usize];
-    // SAFETY: valid NUL-terminated strings and a buffer of buf.len() bytes.
-    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
-fn lsetxattr(path: &Path, name: &str, value: &str) {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid NUL-terminated strings and a value buffer of its length.
-    let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setxattr {name}={value} on {}: {}",
-        path.display(),
-        io::Error::last_os_error()
-    );
-}
-
-/// `user.throttle.stats` of `path`, parsed (read in-process).
-fn stats(path: &Path) -> BTreeMap<String, u64> {
-    let raw = lgetxattr(path, "user.throttle.stats")
-        .unwrap_or_else(|e| panic!("user.throttle.stats of {}: {e}", path.display()));
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    text.lines()
-        .map(|l| {
-            let (k, v) = l
-                .split_once('=')
-                .unwrap_or_else(|| panic!("bad stats line {l:?} in {text:?}"));
-            let v = v
-                .parse()
-                .unwrap_or_else(|_| panic!("bad stats value {l:?} in {text:?}"));
-            (k.to_string(), v)
-        })
-        .collect()
-}
 
 /// The daemon's resident set size in KiB.
 fn vm_rss_kib(pid: libc::pid_t) -> u64 {
@@ -246,7 +189,9 @@ fn run_load(duration: Duration) {
         let p = m.src_path(&format!("f{i:02}"));
         fs::write(&p, &data).unwrap();
         for (limit, value) in own_limits(i) {
-            lsetxattr(&p, &format!("user.throttle.{limit}"), value);
+            let name = format!("user.throttle.{limit}");
+            lsetxattr(&p, &name, value.as_bytes())
+                .unwrap_or_else(|e| panic!("setxattr {name}={value} on {}: {e}", p.display()));
         }
     }
     m.start(MOUNT_ARGS);

@@ -19,14 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{KIB, MIB, Mount, assert_elapsed_between, loose_upper, pattern};
-
-/// Source file `name` of `len` pseudo-random bytes; returns the bytes.
-fn make_file(m: &Mount, name: &str, len: u64, seed: u64) -> Vec<u8> {
-    let data = pattern(len as usize, seed);
-    fs::write(m.src_path(name), &data).unwrap();
-    data
-}
+use common::{KIB, MIB, Mount, assert_elapsed_between, loose_upper, make_file, pattern};
 
 fn open_rw(path: &Path) -> File {
     OpenOptions::new()
@@ -77,7 +70,7 @@ const BPS_COUNT: u64 = 24; // 3 MiB: about 2.8 s at 1 MiB/s
 #[test]
 fn bps_rd_limits_reads() {
     let mut m = Mount::new();
-    let data = make_file(&m, "disk.img", BPS_REQ * BPS_COUNT, 1);
+    let data = make_file(m.src(), "disk.img", BPS_REQ * BPS_COUNT, 1);
     m.start(&["--bps-rd", "1M"]);
     let f = File::open(m.path("disk.img")).unwrap();
     let elapsed = timed_reads(&f, &data, BPS_REQ, BPS_COUNT);
@@ -93,7 +86,7 @@ fn bps_rd_limits_reads() {
 #[test]
 fn bps_rd_does_not_limit_writes() {
     let mut m = Mount::new();
-    make_file(&m, "disk.img", BPS_REQ * BPS_COUNT, 2);
+    make_file(m.src(), "disk.img", BPS_REQ * BPS_COUNT, 2);
     m.start(&["--bps-rd", "1M"]);
     let f = open_rw(&m.path("disk.img"));
     let (elapsed, data) = timed_writes(&f, BPS_REQ, BPS_COUNT, 3);
@@ -108,7 +101,7 @@ fn bps_rd_does_not_limit_writes() {
 #[test]
 fn bps_wr_limits_writes() {
     let mut m = Mount::new();
-    make_file(&m, "disk.img", BPS_REQ * BPS_COUNT, 4);
+    make_file(m.src(), "disk.img", BPS_REQ * BPS_COUNT, 4);
     m.start(&["-o", "bps_wr=1M"]);
     let f = open_rw(&m.path("disk.img"));
     let (elapsed, data) = timed_writes(&f, BPS_REQ, BPS_COUNT, 5);
@@ -125,7 +118,7 @@ fn bps_wr_limits_writes() {
 #[test]
 fn bps_total_limits_reads_and_writes_together() {
     let mut m = Mount::new();
-    let original = make_file(&m, "disk.img", BPS_REQ * BPS_COUNT, 6);
+    let original = make_file(m.src(), "disk.img", BPS_REQ * BPS_COUNT, 6);
     m.start(&["--bps", "1M"]);
     let f = open_rw(&m.path("disk.img"));
     let new = pattern((BPS_REQ * BPS_COUNT) as usize, 7);
@@ -161,7 +154,7 @@ const IOPS_COUNT: u64 = 60; // about 2.9 s at 20 ops/s
 #[test]
 fn iops_rd_limits_reads() {
     let mut m = Mount::new();
-    let data = make_file(&m, "disk.img", IOPS_REQ * IOPS_COUNT, 8);
+    let data = make_file(m.src(), "disk.img", IOPS_REQ * IOPS_COUNT, 8);
     m.start(&["--iops-rd", "20"]);
     let f = File::open(m.path("disk.img")).unwrap();
     let elapsed = timed_reads(&f, &data, IOPS_REQ, IOPS_COUNT);
@@ -172,7 +165,7 @@ fn iops_rd_limits_reads() {
 #[test]
 fn iops_wr_limits_writes() {
     let mut m = Mount::new();
-    make_file(&m, "disk.img", IOPS_REQ * IOPS_COUNT, 9);
+    make_file(m.src(), "disk.img", IOPS_REQ * IOPS_COUNT, 9);
     m.start(&["-o", "iops_wr=20"]);
     let f = open_rw(&m.path("disk.img"));
     let (elapsed, data) = timed_writes(&f, IOPS_REQ, IOPS_COUNT, 10);
@@ -189,7 +182,7 @@ fn iops_wr_limits_writes() {
 #[test]
 fn iops_total_limits_reads_and_writes_together() {
     let mut m = Mount::new();
-    let original = make_file(&m, "disk.img", IOPS_REQ * IOPS_COUNT, 11);
+    let original = make_file(m.src(), "disk.img", IOPS_REQ * IOPS_COUNT, 11);
     m.start(&["--iops", "20"]);
     let f = open_rw(&m.path("disk.img"));
     let new = pattern(IOPS_REQ as usize, 12);
@@ -229,7 +222,7 @@ fn burst_allows_max_rate_then_average() {
     const FIRST: u64 = 32; // 4 MiB
     const TOTAL: u64 = 48; // 6 MiB
     let mut m = Mount::new();
-    let data = make_file(&m, "disk.img", REQ * TOTAL, 13);
+    let data = make_file(m.src(), "disk.img", REQ * TOTAL, 13);
     m.start(&["-o", "bps_rd=1M,bps_rd_max=4M,bps_rd_max_length=1s"]);
     let f = File::open(m.path("disk.img")).unwrap();
     let mut buf = vec![0u8; REQ as usize];
@@ -277,7 +270,7 @@ fn iops_size_counts_large_requests_as_several_ops() {
     const REQ: u64 = 64 * KIB;
     const COUNT: u64 = 4;
     let mut m = Mount::new();
-    let data = make_file(&m, "disk.img", REQ * COUNT, 14);
+    let data = make_file(m.src(), "disk.img", REQ * COUNT, 14);
     m.start(&["-o", "iops_rd=20,iops_size=4K"]);
     let f = File::open(m.path("disk.img")).unwrap();
     let elapsed = timed_reads(&f, &data, REQ, COUNT);
@@ -297,7 +290,7 @@ fn qemu_io_direct_reads_are_throttled() {
     // The kernel sends it in pieces of at most 1 MiB, so the last piece
     // starts no earlier than (4M - 1M - 0.1M) / 1M = 2.9 s.
     let mut m = Mount::new();
-    make_file(&m, "disk.img", 4 * MIB, 15);
+    make_file(m.src(), "disk.img", 4 * MIB, 15);
     m.start(&["--bps-rd", "1M"]);
     let start = Instant::now();
     common::qemu_io(&m.path("disk.img"), &["-t", "none"], &["read 0 4M"]);
@@ -320,8 +313,8 @@ fn each_file_has_its_own_buckets() {
     const AVG: f64 = 128.0 * KIB as f64;
     const LEN: u64 = 512 * KIB;
     let mut m = Mount::new();
-    let a = make_file(&m, "a.img", LEN, 16);
-    let b = make_file(&m, "b.img", LEN, 17);
+    let a = make_file(m.src(), "a.img", LEN, 16);
+    let b = make_file(m.src(), "b.img", LEN, 17);
     m.start(&["--bps-rd", "128K"]);
     let fa = File::open(m.path("a.img")).unwrap();
     let fb = File::open(m.path("b.img")).unwrap();
@@ -352,7 +345,7 @@ fn each_file_has_its_own_buckets() {
 fn unlimited_mount_is_fast() {
     // Baseline for the tests above: the same I/O without limits.
     let mut m = Mount::new();
-    let data = make_file(&m, "disk.img", BPS_REQ * BPS_COUNT, 18);
+    let data = make_file(m.src(), "disk.img", BPS_REQ * BPS_COUNT, 18);
     m.start(&[]);
     let f = open_rw(&m.path("disk.img"));
     let read = timed_reads(&f, &data, BPS_REQ, BPS_COUNT);
@@ -379,7 +372,7 @@ fn unlimited_mount_is_fast() {
 /// `std::io::copy` (copy_file_range) under `args`; returns the time taken.
 fn timed_copy(args: &[&str]) -> Duration {
     let mut m = Mount::new();
-    let data = make_file(&m, "from.img", 3 * MIB, 20);
+    let data = make_file(m.src(), "from.img", 3 * MIB, 20);
     m.start(args);
     let start = Instant::now();
     {

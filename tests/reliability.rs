@@ -12,11 +12,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,9 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::attrs::{cpath, getxattr};
 use common::{
-    EXIT_TIMEOUT, KIB, MIB, MOUNT_TIMEOUT, Mount, binary, describe, is_mounted, pattern,
-    run_unchecked,
+    EXIT_TIMEOUT, KIB, MIB, MOUNT_TIMEOUT, Mount, binary, describe, is_mounted, open_direct,
+    pattern, run_unchecked,
 };
 
 const STATS: &str = "user.throttle.stats";
@@ -42,27 +42,11 @@ const ANSWER_BOUND: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------
 // Helpers
 
-fn cpath(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).unwrap()
-}
-
-/// getxattr(2) in-process (no external tool: keeps the counts exact).
-fn raw_getxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let (p, n) = (cpath(path), CString::new(name).unwrap());
-    let mut buf = vec![0u8; 64 * KIB as usize];
-    // SAFETY: valid NUL-terminated strings and a buffer of buf.len() bytes.
-    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
 /// `waiting=` of `user.throttle.stats` of `path`: requests queued in the
-/// throttle right now.
+/// throttle right now. Read in-process with getxattr(2) (no external tool:
+/// keeps the counts exact).
 fn waiting(path: &Path) -> u64 {
-    let raw = raw_getxattr(path, STATS)
+    let raw = getxattr(path, STATS)
         .unwrap_or_else(|e| panic!("cannot read {STATS} of {}: {e}", path.display()));
     let text = String::from_utf8_lossy(&raw).into_owned();
     let stats: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
@@ -70,15 +54,6 @@ fn waiting(path: &Path) -> u64 {
         .get("waiting")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no waiting= in {STATS} of {}: {text:?}", path.display()))
-}
-
-fn open_direct(path: &Path, write: bool) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
 /// The errno of `res`, or a panic naming `what` if it succeeded.

@@ -15,11 +15,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::ffi::{CString, OsStr};
-use std::fs::{self, File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
@@ -28,9 +27,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::attrs::{cpath, lgetxattr, llist_attrs, sys_remove_attr, sys_set_attr};
 use common::{
-    KIB, MIB, MOUNT_TIMEOUT, Mount, assert_elapsed_between, describe, is_mounted, loose_upper,
-    pattern, run_unchecked,
+    KIB, MIB, Mount, as_nobody, assert_elapsed_between, chmod, describe, loose_upper, make_file,
+    open_direct, pattern, run_unchecked,
 };
 
 const BPS_RD: &str = "user.throttle.bps_rd";
@@ -41,7 +41,8 @@ const STATS: &str = "user.throttle.stats";
 const REQ: u64 = 128 * KIB;
 
 // ---------------------------------------------------------------------------
-// Attribute helpers
+// Attribute helpers: through setfattr/getfattr here; the in-process ones
+// (`sys_set_attr`, `lgetxattr`, ...) are in common::attrs.
 
 fn setfattr_out(path: &Path, name: &str, value: &str) -> Output {
     run_unchecked(
@@ -123,93 +124,14 @@ fn get_attr(path: &Path, name: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn cpath(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
-}
-
-/// lgetxattr(2), straight on a path (used on the source, bypassing the
-/// mount, and to see the errno through the mount).
-fn raw_getxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let (p, n) = (cpath(path), CString::new(name).unwrap());
-    let mut buf = vec![0u8; 64 * KIB as usize];
-    // SAFETY: valid NUL-terminated strings and a buffer of buf.len() bytes.
-    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
 /// The value of `name` stored on a source object, as text; `None` if it
 /// has no such attribute.
 fn src_attr(path: &Path, name: &str) -> Option<String> {
-    match raw_getxattr(path, name) {
+    match lgetxattr(path, name) {
         Ok(v) => Some(String::from_utf8_lossy(&v).into_owned()),
         Err(e) if e.raw_os_error() == Some(libc::ENODATA) => None,
         Err(e) => panic!("getxattr {name} on {}: {e}", path.display()),
     }
-}
-
-/// llistxattr(2): the attribute names of `path`.
-fn list_attrs(path: &Path) -> Vec<String> {
-    let p = cpath(path);
-    let mut buf = vec![0u8; 64 * KIB as usize];
-    // SAFETY: valid NUL-terminated string and a buffer of buf.len() bytes.
-    let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(
-        r >= 0,
-        "listxattr {}: {}",
-        path.display(),
-        io::Error::last_os_error()
-    );
-    buf[..r as usize]
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-        .map(|n| String::from_utf8_lossy(n).into_owned())
-        .collect()
-}
-
-/// setxattr(2) in-process, asserting success.
-///
-/// Used instead of setfattr while a request of this process is queued in
-/// the throttle: spawning a program makes the child close its inherited
-/// (close-on-exec) descriptors of the mounted file, each close sends a
-/// FUSE FLUSH, and a flush is a barrier that waits for the queued request.
-/// The spawn would then block until the request is released anyway.
-fn sys_set_attr(path: &Path, name: &str, value: &str) {
-    let (p, n) = (cpath(path), CString::new(name).unwrap());
-    // SAFETY: valid NUL-terminated strings and a value buffer of its length.
-    let r = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setxattr {name}={value} on {}: {}",
-        path.display(),
-        io::Error::last_os_error()
-    );
-}
-
-/// removexattr(2) in-process, asserting success; see `sys_set_attr`.
-fn sys_remove_attr(path: &Path, name: &str) {
-    let (p, n) = (cpath(path), CString::new(name).unwrap());
-    // SAFETY: valid NUL-terminated strings.
-    let r = unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) };
-    assert_eq!(
-        r,
-        0,
-        "removexattr {name} on {}: {}",
-        path.display(),
-        io::Error::last_os_error()
-    );
 }
 
 /// `user.throttle.effective` of `path`, parsed: the `source=` value and the
@@ -254,26 +176,13 @@ fn assert_effective(path: &Path, source: &str, limits: &[(&str, &str)]) {
     );
 }
 
-/// `user.throttle.stats` of `path`, parsed.
+/// `user.throttle.stats` of `path`, parsed, asserting that every expected
+/// key is there.
 ///
-/// Read in-process (getxattr(2)), not with getfattr: see `sys_set_attr`.
+/// Read in-process (lgetxattr(2)), not with getfattr: see
+/// `common::attrs::sys_set_attr`.
 fn stats(path: &Path) -> BTreeMap<String, u64> {
-    let raw = raw_getxattr(path, STATS)
-        .unwrap_or_else(|e| panic!("cannot read {STATS} of {}: {e}", path.display()));
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let map: BTreeMap<String, u64> = text
-        .lines()
-        .map(|l| {
-            let (k, v) = l
-                .split_once('=')
-                .unwrap_or_else(|| panic!("bad stats line {l:?} in {text:?}"));
-            (
-                k.to_string(),
-                v.parse()
-                    .unwrap_or_else(|_| panic!("bad stats value {l:?} in {text:?}")),
-            )
-        })
-        .collect();
+    let map = common::attrs::stats(path);
     for key in [
         "read_bytes",
         "read_ops",
@@ -286,37 +195,13 @@ fn stats(path: &Path) -> BTreeMap<String, u64> {
         "write_bytes_per_sec",
         "write_ops_per_sec",
     ] {
-        assert!(map.contains_key(key), "stats lack {key}: {text:?}");
+        assert!(map.contains_key(key), "stats lack {key}: {map:?}");
     }
     map
 }
 
 // ---------------------------------------------------------------------------
 // I/O helpers
-
-/// Source file `name` (relative to `dir`) of `len` pseudo-random bytes.
-fn make_file(dir: &Path, name: &str, len: u64, seed: u64) -> Vec<u8> {
-    let data = pattern(len as usize, seed);
-    fs::write(dir.join(name), &data).unwrap();
-    data
-}
-
-fn open_direct(path: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
-}
-
-fn open_direct_rw(path: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
-}
 
 /// Reads `len` bytes of `file` from `offset` in requests of `req`, checking
 /// them against `expected` (the whole file).
@@ -336,7 +221,7 @@ fn read_range(file: &File, expected: &[u8], offset: u64, len: u64, req: u64) {
 /// Opens `path` with O_DIRECT, then times reading `len` bytes from the
 /// start in requests of `req`.
 fn timed_read(path: &Path, expected: &[u8], len: u64, req: u64) -> Duration {
-    let file = open_direct(path);
+    let file = open_direct(path, false);
     let start = Instant::now();
     read_range(&file, expected, 0, len, req);
     start.elapsed()
@@ -366,33 +251,6 @@ fn assert_read_fast(what: &str, path: &Path, expected: &[u8], len: u64, slow_avg
         elapsed.as_secs_f64() < limit,
         "{what}: took {elapsed:?}, a limit of {slow_avg} B/s still seems to apply (expected < {limit:.3} s)"
     );
-}
-
-/// A second daemon mounting `src` (another mount's source, whose daemon
-/// has exited) on a fresh mount point.
-fn mount_source(src: &Path, args: &[&str]) -> Mount {
-    let mut m = Mount::new();
-    let mnt = m.mnt().to_path_buf();
-    let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    all.push(src.as_os_str());
-    all.push(mnt.as_os_str());
-    m.spawn(all);
-    let deadline = Instant::now() + MOUNT_TIMEOUT;
-    while !is_mounted(&mnt) {
-        if let Some(status) = m.try_wait() {
-            panic!(
-                "throttlefs exited with {status} before mounting\n{}",
-                m.daemon_output()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "throttlefs did not mount within {MOUNT_TIMEOUT:?}\n{}",
-            m.daemon_output()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    m
 }
 
 // ---------------------------------------------------------------------------
@@ -471,7 +329,7 @@ fn set_get_list_remove_and_remount() {
     assert_effective(&f, "file", &[("bps_rd", "1048576")]);
 
     // List: stored attributes plus the read-only ones.
-    let names = list_attrs(&f);
+    let names = llist_attrs(&f);
     for name in [BPS_RD, "user.foo", EFFECTIVE, STATS] {
         assert!(
             names.iter().any(|n| n == name),
@@ -484,7 +342,7 @@ fn set_get_list_remove_and_remount() {
     remove_attr(&f, BPS_RD);
     assert_eq!(get_attr(&f, BPS_RD), None);
     assert_eq!(src_attr(&m.src_path("disk.img"), BPS_RD), None);
-    assert!(!list_attrs(&f).iter().any(|n| n == BPS_RD));
+    assert!(!llist_attrs(&f).iter().any(|n| n == BPS_RD));
     assert_effective(&f, "mount", &[("iops_rd", "1000")]);
     assert_read_fast("2 MiB read after removing bps_rd", &f, &data, 2 * MIB, MIB);
 
@@ -513,7 +371,7 @@ fn set_get_list_remove_and_remount() {
     m.terminate();
     assert!(!m.is_mounted(), "still mounted after the daemon exited");
 
-    let m2 = mount_source(m.src(), &args);
+    let m2 = Mount::with_source(m.src(), &args);
     let f2 = m2.path("disk.img");
     assert_effective(&f2, "file", &[("bps_rd", "1048576")]);
     assert_eq!(get_attr(&f2, BPS_RD).as_deref(), Some("1048576"));
@@ -554,7 +412,7 @@ fn live_retune_changes_the_rate_of_a_running_reader() {
     let f = m.path("disk.img");
     set_attr(&f, BPS_RD, "512K");
 
-    let file = open_direct(&f);
+    let file = open_direct(&f, false);
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let reader = {
@@ -635,13 +493,13 @@ fn raising_a_limit_releases_queued_requests_at_once() {
 
     // 512 KiB at once leaves the bucket 499.2 KiB over its 12.8 KiB
     // capacity: nothing else can go for 3.9 s.
-    let first = open_direct(&f);
+    let first = open_direct(&f, false);
     let mut buf = vec![0u8; 512 * KIB as usize];
     first.read_exact_at(&mut buf, 0).unwrap();
 
     let (tx, rx) = mpsc::channel();
     for (id, offset) in [(0usize, 512 * KIB), (1, MIB)] {
-        let file = open_direct(&f);
+        let file = open_direct(&f, false);
         let tx = tx.clone();
         thread::spawn(move || {
             let mut buf = vec![0u8; 512 * KIB as usize];
@@ -796,7 +654,7 @@ fn invalid_values_and_conflicts_are_refused() {
 
     // Nothing changed: value, source, effective set and the rate.
     assert_eq!(get_attr(&f, BPS_RD).as_deref(), Some("1048576"));
-    let src_names: Vec<String> = list_attrs(&m.src_path("disk.img"))
+    let src_names: Vec<String> = llist_attrs(&m.src_path("disk.img"))
         .into_iter()
         .filter(|n| n.starts_with("user.throttle."))
         .collect();
@@ -855,12 +713,12 @@ fn effective_and_stats_are_read_only_and_listed() {
     assert_effective(&d, "mount", &[("bps_wr", "1048576")]);
     assert_eq!(stats(&f)["read_ops"], 0);
 
-    let names = list_attrs(&f);
+    let names = llist_attrs(&f);
     assert!(
         names.iter().any(|n| n == EFFECTIVE) && names.iter().any(|n| n == STATS),
         "listxattr on a file: {names:?}"
     );
-    let names = list_attrs(&d);
+    let names = llist_attrs(&d);
     assert!(
         names.iter().any(|n| n == EFFECTIVE),
         "listxattr on a directory: {names:?}"
@@ -869,7 +727,7 @@ fn effective_and_stats_are_read_only_and_listed() {
         !names.iter().any(|n| n == STATS),
         "stats listed on a directory: {names:?}"
     );
-    let err = raw_getxattr(&d, STATS).expect_err("stats on a directory");
+    let err = lgetxattr(&d, STATS).expect_err("stats on a directory");
     assert_eq!(
         err.raw_os_error(),
         Some(libc::ENODATA),
@@ -895,7 +753,7 @@ fn effective_and_stats_are_read_only_and_listed() {
     );
 
     // They are generated, never stored on the source.
-    let src_names = list_attrs(&m.src_path("f"));
+    let src_names = llist_attrs(&m.src_path("f"));
     assert!(
         !src_names.iter().any(|n| n == EFFECTIVE || n == STATS),
         "read-only attributes stored on the source: {src_names:?}"
@@ -904,22 +762,6 @@ fn effective_and_stats_are_read_only_and_listed() {
 
 // ---------------------------------------------------------------------------
 // 6. other users
-
-/// Runs `CMD ARGS` as nobody (uid/gid 65534, no supplementary groups).
-fn as_nobody(cmd: &str, args: &[&OsStr]) -> Output {
-    let mut all: Vec<&OsStr> = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-        .into_iter()
-        .map(OsStr::new)
-        .collect();
-    all.push(OsStr::new(cmd));
-    all.extend_from_slice(args);
-    run_unchecked("setpriv", &all)
-}
-
-fn chmod(path: &Path, mode: u32) {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
-}
 
 #[test]
 fn changing_limits_needs_write_permission() {
@@ -1037,7 +879,7 @@ fn stats_count_bytes_ops_and_waiting() {
 
     // 6 reads of 64 KiB and 3 writes of 32 KiB on each file.
     let io = |path: &Path, data: &[u8]| -> Duration {
-        let file = open_direct_rw(path);
+        let file = open_direct(path, true);
         let start = Instant::now();
         read_range(&file, data, 0, 6 * SREQ, SREQ);
         let w = pattern(32 * KIB as usize, 12);
@@ -1100,10 +942,10 @@ fn stats_count_bytes_ops_and_waiting() {
     // lets it go.
     let queued = m.path("queued");
     set_attr(&queued, BPS_RD, "256K");
-    let file = open_direct(&queued);
+    let file = open_direct(&queued, false);
     read_range(&file, &q_data, 0, 512 * KIB, 512 * KIB);
     let (tx, rx) = mpsc::channel();
-    let reader = open_direct(&queued);
+    let reader = open_direct(&queued, false);
     let queued_at = Instant::now();
     thread::spawn(move || {
         let mut buf = vec![0u8; SREQ as usize];
@@ -1174,7 +1016,7 @@ fn rename_and_hard_link_keep_own_limits_and_bucket() {
 
     // 512 KiB at once fills the bucket 0.4 s beyond its capacity.
     let start = Instant::now();
-    read_range(&open_direct(&a), &data, 0, 512 * KIB, 512 * KIB);
+    read_range(&open_direct(&a, false), &data, 0, 512 * KIB, 512 * KIB);
 
     fs::create_dir(m.path("d")).unwrap();
     let b = m.path("d/b");
@@ -1190,7 +1032,7 @@ fn rename_and_hard_link_keep_own_limits_and_bucket() {
     // The rest through the link: 2 MiB in all since `start`. Had the
     // rename or link given the file a fresh bucket, the last 1.5 MiB alone
     // would only need about 1.3 s.
-    let file = open_direct(&c);
+    let file = open_direct(&c, false);
     read_range(&file, &data, 512 * KIB, 3 * 512 * KIB, REQ);
     let elapsed = start.elapsed();
     let lower = lower_bound(2 * MIB, REQ, MIB);

@@ -4,8 +4,11 @@
 
 #![allow(dead_code)]
 
+pub mod attrs;
+
 use std::ffi::OsStr;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -94,11 +97,27 @@ impl Mount {
         m
     }
 
+    /// A second daemon mounting `src` (another mount's source, whose daemon
+    /// has exited) on a fresh mount point: `Mount::new()` then
+    /// `start_from(src, args)`. Its own `src()` stays empty and unused.
+    pub fn with_source(src: &Path, args: &[&str]) -> Mount {
+        let mut m = Mount::new();
+        m.start_from(src, args);
+        m
+    }
+
     /// Spawns `throttlefs ARGS SRC MNT` and waits until the mount is live.
     /// Panics (with the daemon's stderr) if it exits or does not mount
     /// within `MOUNT_TIMEOUT`.
     pub fn start(&mut self, args: &[&str]) {
-        let (src, mnt) = (self.src.clone(), self.mnt.clone());
+        let src = self.src.clone();
+        self.start_from(&src, args);
+    }
+
+    /// Like `start`, but mounts `src` (any directory, e.g. the source of an
+    /// earlier mount) instead of this mount's own source directory.
+    pub fn start_from(&mut self, src: &Path, args: &[&str]) {
+        let mnt = self.mnt.clone();
         self.spawn(
             args.iter()
                 .map(OsStr::new)
@@ -438,4 +457,103 @@ pub fn assert_elapsed_between(what: &str, elapsed: Duration, lower: f64, upper: 
 /// The loose upper bound used for rate tests: expected * 1.5 + 2 s.
 pub fn loose_upper(expected: f64) -> f64 {
     expected * 1.5 + 2.0
+}
+
+/// Runs `CMD ARGS` as nobody (uid/gid 65534, no supplementary groups).
+pub fn as_nobody(cmd: &str, args: &[&OsStr]) -> Output {
+    let mut all: Vec<&OsStr> = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+        .into_iter()
+        .map(OsStr::new)
+        .collect();
+    all.push(OsStr::new(cmd));
+    all.extend_from_slice(args);
+    run_unchecked("setpriv", &all)
+}
+
+/// chmod(2), panicking on failure.
+pub fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// Opens `path` with O_DIRECT for reading, and for writing too if `write`;
+/// panics on failure.
+pub fn open_direct(path: &Path, write: bool) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Writes file `name` (relative to `dir`, usually a mount's source) of
+/// `len` pseudo-random bytes (`pattern(len, seed)`); returns the bytes.
+pub fn make_file(dir: &Path, name: &str, len: u64, seed: u64) -> Vec<u8> {
+    let data = pattern(len as usize, seed);
+    fs::write(dir.join(name), &data).unwrap();
+    data
+}
+
+/// A misuse must be reported at once; 10 s is far more than parsing takes.
+pub const USAGE_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs throttlefs with `args` (which may contain the placeholders `SRC` and
+/// `MNT`, replaced by the test's directories; when neither appears they are
+/// appended), expects exit status 2, exactly one non-empty stderr line that
+/// contains at least one of `needles` (case-insensitive), and nothing mounted.
+pub fn assert_rejected(m: &mut Mount, args: &[&str], needles: &[&str]) {
+    let src = m.src().to_str().unwrap().to_owned();
+    let mnt = m.mnt().to_str().unwrap().to_owned();
+    let mut full: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("SRC", &src).replace("MNT", &mnt))
+        .collect();
+    if !args.iter().any(|a| a.contains("SRC") || a.contains("MNT")) {
+        full.push(src.clone());
+        full.push(mnt.clone());
+    }
+    let full_refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    let before: Vec<_> = fs::read_dir(m.mnt())
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+        .unwrap_or_default();
+    let status = m.run_to_exit(&full_refs, USAGE_EXIT_WAIT);
+    let mounted = m.is_mounted();
+    let stderr = m.stderr();
+    let Some(status) = status else {
+        panic!("throttlefs {full:?} did not exit within {USAGE_EXIT_WAIT:?} (mounted: {mounted})");
+    };
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "throttlefs {full:?} exited with {status}, expected 2; stderr:\n{stderr}"
+    );
+    assert!(!mounted, "throttlefs {full:?} mounted something");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "throttlefs {full:?}: expected exactly one stderr line, got:\n{stderr}"
+    );
+    let line = lines[0].to_lowercase();
+    assert!(
+        needles.iter().any(|n| line.contains(&n.to_lowercase())),
+        "throttlefs {full:?}: stderr line {:?} names none of {needles:?}",
+        lines[0]
+    );
+    assert!(
+        m.stdout().is_empty(),
+        "throttlefs {full:?} printed on stdout:\n{}",
+        m.stdout()
+    );
+    if let Ok(d) = fs::read_dir(m.mnt()) {
+        let after: Vec<_> = d.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+        assert_eq!(before, after, "the mountpoint's contents changed");
+    }
+}
+
+/// `assert_rejected` on a fresh `Mount`.
+pub fn rejected(args: &[&str], needles: &[&str]) {
+    let mut m = Mount::new();
+    assert_rejected(&mut m, args, needles);
 }
