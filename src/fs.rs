@@ -463,6 +463,16 @@ impl ThrottleFs {
         !shared.bypass.load(Ordering::SeqCst)
     }
 
+    /// A throttled file's request goes to the scheduler; another file's
+    /// runs here, on the FUSE thread.
+    fn route(&self, req: &Request, file: u64, job: Job, throttled: bool) {
+        if throttled {
+            self.submit(req, file, job);
+        } else {
+            let _ = job.run();
+        }
+    }
+
     fn submit(&self, req: &Request, file: u64, job: Job) {
         let unique = req.unique().0;
         if let Err(e) = self.scheduler.send(Msg::Submit { file, unique, job }) {
@@ -1362,11 +1372,7 @@ impl Filesystem for ThrottleFs {
             size,
             reply,
         };
-        if throttled {
-            self.submit(req, ino.0, job);
-        } else {
-            let _ = job.run();
-        }
+        self.route(req, ino.0, job, throttled);
     }
 
     fn write(
@@ -1456,11 +1462,7 @@ impl Filesystem for ThrottleFs {
             datasync,
             reply,
         };
-        if throttled {
-            self.submit(req, ino.0, job);
-        } else {
-            let _ = job.run();
-        }
+        self.route(req, ino.0, job, throttled);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -168,22 +168,21 @@ fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     }
 }
 
-/// Read into `buf` at `offset` until it is full or the file ends; an error
-/// after some bytes ends the read short, as read(2) does.
-fn pread_into(fd: RawFd, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<usize> {
+/// Move `len` bytes at `offset` with repeated calls of `op(done, offset)`
+/// (one pread or pwrite of the rest, returning its byte count or -1) until
+/// done, end of file (0), or an error. An error after some bytes ends the
+/// transfer short, as read(2) and write(2) do.
+fn transfer(
+    len: usize,
+    offset: u64,
+    what: &str,
+    mut op: impl FnMut(usize, libc::off_t) -> libc::ssize_t,
+) -> io::Result<usize> {
     let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
+    while done < len {
+        let at = (offset + done as u64) as libc::off_t;
         let n = retry_eintr(|| {
-            // SAFETY: the kernel writes at most rest.len() bytes into `rest`.
-            let r = unsafe {
-                libc::pread(
-                    fd,
-                    rest.as_mut_ptr().cast(),
-                    rest.len(),
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
+            let r = op(done, at);
             if r < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -194,13 +193,23 @@ fn pread_into(fd: RawFd, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if done > 0 => {
-                log::debug!("short read at {offset}+{done}: {e}");
+                log::debug!("short {what} at {offset}+{done}: {e}");
                 break;
             }
             Err(e) => return Err(e),
         }
     }
     Ok(done)
+}
+
+/// Read into `buf` at `offset` until it is full or the file ends.
+fn pread_into(fd: RawFd, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<usize> {
+    let len = buf.len();
+    transfer(len, offset, "read", |done, at| {
+        let rest = &mut buf[done..];
+        // SAFETY: the kernel writes at most rest.len() bytes into `rest`.
+        unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), at) }
+    })
 }
 
 /// Read up to `size` bytes at `offset`, short only at end of file.
@@ -215,36 +224,11 @@ pub fn pread_full(fd: RawFd, offset: u64, size: usize) -> io::Result<Vec<u8>> {
 /// Write all of `data` at `offset`. An error after a partial write reports
 /// the bytes written, as write(2) does; an error before any byte is returned.
 pub fn pwrite_full(fd: RawFd, offset: u64, data: &[u8]) -> io::Result<usize> {
-    let mut done = 0;
-    while done < data.len() {
+    transfer(data.len(), offset, "write", |done, at| {
         let rest = &data[done..];
-        let n = retry_eintr(|| {
-            // SAFETY: `rest` is a valid slice for the duration of the call.
-            let r = unsafe {
-                libc::pwrite(
-                    fd,
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            if r < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(r as usize)
-            }
-        });
-        match n {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if done > 0 => {
-                log::debug!("short write at {offset}+{done}: {e}");
-                break;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
+        // SAFETY: `rest` is a valid slice for the duration of the call.
+        unsafe { libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), at) }
+    })
 }
 
 pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
