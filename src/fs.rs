@@ -829,17 +829,7 @@ impl ThrottleFs {
             log::warn!("{}={canon} refused: {why}", what());
             Errno::EINVAL
         })?;
-        let path = proc_path(node.fd);
-        // SAFETY: valid path, name and value buffer.
-        check(unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                canon.as_ptr().cast(),
-                canon.len(),
-                flags,
-            )
-        })?;
+        set_raw(node.fd, name, canon.as_bytes(), flags)?;
         log::info!("{}={canon}", what());
         self.after_change(node);
         Ok(())
@@ -861,9 +851,7 @@ impl ThrottleFs {
                 Errno::EINVAL
             })?;
         }
-        let path = proc_path(node.fd);
-        // SAFETY: valid path and name.
-        check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })?;
+        remove_raw(node.fd, name)?;
         log::info!("{}: {limit} removed", self.display_path(node.fd));
         self.after_change(node);
         Ok(())
@@ -878,17 +866,7 @@ impl ThrottleFs {
         if !node.is_file() && !node.is_dir() {
             return Err(Errno::EINVAL);
         }
-        let path = proc_path(node.fd);
-        // SAFETY: valid path, name and value buffer.
-        check(unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                group.as_ptr().cast(),
-                group.len(),
-                flags,
-            )
-        })?;
+        set_raw(node.fd, name, group.as_bytes(), flags)?;
         log::info!("{}: group {group}", self.display_path(node.fd));
         self.after_change(node);
         Ok(())
@@ -978,17 +956,7 @@ impl ThrottleFs {
             log::warn!("group {group}: {limit}={canon} refused: {why}");
             Errno::EINVAL
         })?;
-        let path = proc_path(node.fd);
-        // SAFETY: valid path, name and value buffer.
-        check(unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                canon.as_ptr().cast(),
-                canon.len(),
-                flags,
-            )
-        })?;
+        set_raw(node.fd, name, canon.as_bytes(), flags)?;
         log::info!("group {group}: {limit}={canon}");
         self.push_group_limits(group);
         Ok(())
@@ -1012,9 +980,7 @@ impl ThrottleFs {
                 Errno::EINVAL
             })?;
         }
-        let path = proc_path(node.fd);
-        // SAFETY: valid path and name.
-        check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })?;
+        remove_raw(node.fd, name)?;
         log::info!("group {group}: {limit} removed");
         self.push_group_limits(group);
         Ok(())
@@ -1087,6 +1053,29 @@ impl ThrottleFs {
             Err(e) => reply.error(Errno::from(e)),
         }
     }
+}
+
+/// setxattr on the object a descriptor holds.
+fn set_raw(fd: RawFd, name: &CString, value: &[u8], flags: i32) -> Result<()> {
+    let path = proc_path(fd);
+    // SAFETY: valid path, name and value buffer.
+    check(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(|_| ())
+}
+
+/// removexattr on the object a descriptor holds.
+fn remove_raw(fd: RawFd, name: &CString) -> Result<()> {
+    let path = proc_path(fd);
+    // SAFETY: valid path and name.
+    check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(|_| ())
 }
 
 /// The attribute names of an object, NUL-separated.
@@ -1645,18 +1634,7 @@ impl Filesystem for ThrottleFs {
                 }
                 None => {}
             }
-            let path = proc_path(node.fd);
-            // SAFETY: valid path, name and value buffer.
-            check(unsafe {
-                libc::setxattr(
-                    path.as_ptr(),
-                    cname.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    flags,
-                )
-            })
-            .map(|_| ())
+            set_raw(node.fd, &cname, value, flags)
         })();
         match r {
             Ok(()) => reply.ok(),
@@ -1744,9 +1722,7 @@ impl Filesystem for ThrottleFs {
                     return Err(Errno::EPERM);
                 }
                 Some(Attr::Group) => {
-                    let path = proc_path(node.fd);
-                    // SAFETY: valid path and name.
-                    check(unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) })?;
+                    remove_raw(node.fd, &cname)?;
                     self.after_change(&node);
                     return Ok(());
                 }
@@ -1754,9 +1730,7 @@ impl Filesystem for ThrottleFs {
                 // what was written on the source directly).
                 Some(Attr::Unknown) | None => {}
             }
-            let path = proc_path(node.fd);
-            // SAFETY: valid path and name.
-            check(unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) }).map(|_| ())
+            remove_raw(node.fd, &cname)
         })();
         match r {
             Ok(()) => reply.ok(),
