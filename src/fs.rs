@@ -7,6 +7,7 @@
 //! Reads and writes of files with limits go to the scheduler with their
 //! reply; files without limits are served inline on the FUSE thread.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -595,15 +596,12 @@ impl ThrottleFs {
     /// Work out a file's limits again and hand them to the scheduler.
     fn refresh(&self, node: &InodeRef) {
         let eff = self.resolve(node);
-        if !eff.limits.is_unlimited() {
-            // From now on requests go to the scheduler; it sets the flag
-            // again once the file is unlimited and idle.
-            node.shared.bypass.store(false, Ordering::SeqCst);
-        }
         let limits = eff.limits;
         let group = eff.group.as_ref().map(|(g, _)| g.clone());
-        if group.is_some() {
-            // Whether the group limits anything is the scheduler's to know.
+        if !limits.is_unlimited() || group.is_some() {
+            // From now on requests go to the scheduler; it sets the flag
+            // again once the file (and its group, which only it knows) is
+            // unlimited and idle.
             node.shared.bypass.store(false, Ordering::SeqCst);
         }
         *node.shared.effective.lock().expect("effective") = Some(eff);
@@ -645,12 +643,14 @@ impl ThrottleFs {
     /// The limits in force for `node`, whole sets only: its own if it has
     /// any, else those of the nearest ancestor directory that has any
     /// (the mount's root included), else the mount options. Its throttle
-    /// group is found the same way, independently.
+    /// group is found the same way, independently, from the same walk.
     fn resolve(&self, node: &InodeRef) -> Effective {
+        // Walked once, and only if the node itself does not settle both.
+        let dirs = OnceCell::new();
         let (limits, origin) = self
-            .find_up(node, |fd| self.own_limits(fd))
+            .find_up(node, &dirs, |fd| self.own_limits(fd))
             .unwrap_or((self.limits, Origin::Mount));
-        let group = self.find_up(node, |fd| self.own_group(fd));
+        let group = self.find_up(node, &dirs, |fd| self.own_group(fd));
         Effective {
             limits,
             origin,
@@ -658,62 +658,78 @@ impl ThrottleFs {
         }
     }
 
-    /// The first of `node` (a file: origin File) and then its directory and
-    /// the directories above it (origin Directory) for which `check` finds
-    /// something. Directories are walked through "..": each has exactly one
-    /// parent. What a directory holds counts only if the walk goes on to
-    /// reach the source root: a directory moved out of the source behind
-    /// our back must not lend its files limits stored outside the source.
+    /// The first of `node` (unless a directory: origin File) and then the
+    /// directories it inherits from (`directories_above`, walked into
+    /// `dirs` on first use; origin Directory) for which `check` finds
+    /// something.
     fn find_up<T>(
         &self,
         node: &InodeRef,
+        dirs: &OnceCell<Vec<OwnedFd>>,
         check: impl Fn(RawFd) -> Option<T>,
     ) -> Option<(T, Origin)> {
+        if !node.is_dir()
+            && let Some(found) = check(node.fd)
+        {
+            return Some((found, Origin::File));
+        }
+        dirs.get_or_init(|| self.directories_above(node))
+            .iter()
+            .find_map(|dir| {
+                let found = check(dir.as_raw_fd())?;
+                Some((found, Origin::Directory(self.display_path(dir.as_raw_fd()))))
+            })
+    }
+
+    /// The directories whose attributes `node` inherits, nearest first: a
+    /// directory itself, or a file's directory, then each parent up to the
+    /// source root. Directories are walked through "..": each has exactly
+    /// one parent. Empty unless the walk reaches the source root: a
+    /// directory moved out of the source behind our back must not lend its
+    /// files limits stored outside the source.
+    fn directories_above(&self, node: &InodeRef) -> Vec<OwnedFd> {
         let start = if node.is_dir() {
             node.fd
         } else {
-            if let Some(found) = check(node.fd) {
-                return Some((found, Origin::File));
-            }
             let parent = node.parent.load(Ordering::Relaxed);
-            self.inode(INodeNo(parent)).ok()?.fd
+            match self.inode(INodeNo(parent)) {
+                Ok(p) => p.fd,
+                Err(_) => return Vec::new(),
+            }
         };
         // SAFETY: dup of a descriptor we hold.
         let first = unsafe { libc::fcntl(start, libc::F_DUPFD_CLOEXEC, 0) };
         if first < 0 {
-            return None;
+            return Vec::new();
         }
         // SAFETY: fresh descriptor.
-        let mut dir = unsafe { OwnedFd::from_raw_fd(first) };
-        let mut found: Option<(T, Origin)> = None;
+        let mut dirs = vec![unsafe { OwnedFd::from_raw_fd(first) }];
         loop {
-            if found.is_none()
-                && let Some(value) = check(dir.as_raw_fd())
-            {
-                found = Some((value, Origin::Directory(self.display_path(dir.as_raw_fd()))));
-            }
-            let st = stat_fd(dir.as_raw_fd()).ok()?;
+            let dir = dirs.last().expect("non-empty").as_raw_fd();
+            let Ok(st) = stat_fd(dir) else {
+                return Vec::new();
+            };
             if (st.st_dev, st.st_ino) == self.root_key {
-                return found;
+                return dirs;
             }
             // SAFETY: *at call on a directory descriptor we hold.
             let up = unsafe {
                 libc::openat(
-                    dir.as_raw_fd(),
+                    dir,
                     c"..".as_ptr(),
                     libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
                 )
             };
             if up < 0 {
-                return None;
+                return Vec::new();
             }
             // SAFETY: fresh descriptor.
             let up = unsafe { OwnedFd::from_raw_fd(up) };
             match stat_fd(up.as_raw_fd()) {
-                Ok(ust) if (ust.st_dev, ust.st_ino) != (st.st_dev, st.st_ino) => dir = up,
+                Ok(ust) if (ust.st_dev, ust.st_ino) != (st.st_dev, st.st_ino) => dirs.push(up),
                 // The filesystem root, and no source root on the way: the
                 // object is not under the source any more.
-                _ => return None,
+                _ => return Vec::new(),
             }
         }
     }
@@ -818,19 +834,16 @@ impl ThrottleFs {
         value: &[u8],
         flags: i32,
     ) -> Result<()> {
-        let what = || format!("{}: {limit}", self.display_path(node.fd));
-        let canon = xattr::canonical(limit, value).map_err(|why| {
-            log::warn!("{}: refused: {why}", what());
-            Errno::EINVAL
-        })?;
-        let mut set = self.own_set(node.fd)?;
-        set.values.insert(limit.to_string(), canon.clone());
-        set.limits().map_err(|why| {
-            log::warn!("{}={canon} refused: {why}", what());
-            Errno::EINVAL
-        })?;
-        set_raw(node.fd, name, canon.as_bytes(), flags)?;
-        log::info!("{}={canon}", what());
+        let label = self.display_path(node.fd);
+        self.store_limit(
+            node.fd,
+            name,
+            &label,
+            || self.own_set(node.fd),
+            limit,
+            value,
+            flags,
+        )?;
         self.after_change(node);
         Ok(())
     }
@@ -838,22 +851,64 @@ impl ThrottleFs {
     /// removexattr of `user.throttle.<limit>`: the rest of the set must
     /// still be valid on its own.
     fn remove_limit(&self, node: &InodeRef, name: &CString, limit: &str) -> Result<()> {
-        let mut set = self.own_set(node.fd)?;
+        let label = self.display_path(node.fd);
+        self.unstore_limit(node.fd, name, &label, self.own_set(node.fd)?, limit)?;
+        self.after_change(node);
+        Ok(())
+    }
+
+    /// Store one limit of a set (a file's or directory's own, or a group's
+    /// on the root) in attribute `name` of `fd`: the value in canonical
+    /// form, once the whole resulting set, read by `current`, is valid.
+    /// `label` names the set in the log line that says why a value is
+    /// refused.
+    #[allow(clippy::too_many_arguments)] // one set, its place, and the value
+    fn store_limit(
+        &self,
+        fd: RawFd,
+        name: &CString,
+        label: &str,
+        current: impl FnOnce() -> Result<OwnSet>,
+        limit: &str,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        let canon = xattr::canonical(limit, value).map_err(|why| {
+            log::warn!("{label}: {limit} refused: {why}");
+            Errno::EINVAL
+        })?;
+        let mut set = current()?;
+        set.values.insert(limit.to_string(), canon.clone());
+        set.limits().map_err(|why| {
+            log::warn!("{label}: {limit}={canon} refused: {why}");
+            Errno::EINVAL
+        })?;
+        set_raw(fd, name, canon.as_bytes(), flags)?;
+        log::info!("{label}: {limit}={canon}");
+        Ok(())
+    }
+
+    /// Remove one limit of `set`, stored in attribute `name` of `fd`, if
+    /// the rest of the set stays valid on its own.
+    fn unstore_limit(
+        &self,
+        fd: RawFd,
+        name: &CString,
+        label: &str,
+        mut set: OwnSet,
+        limit: &str,
+    ) -> Result<()> {
         if set.values.remove(limit).is_none() {
             return Err(Errno::NO_XATTR);
         }
         if !set.is_empty() {
             set.limits().map_err(|why| {
-                log::warn!(
-                    "{}: removing {limit} refused: {why}",
-                    self.display_path(node.fd)
-                );
+                log::warn!("{label}: removing {limit} refused: {why}");
                 Errno::EINVAL
             })?;
         }
-        remove_raw(node.fd, name)?;
-        log::info!("{}: {limit} removed", self.display_path(node.fd));
-        self.after_change(node);
+        remove_raw(fd, name)?;
+        log::info!("{label}: {limit} removed");
         Ok(())
     }
 
@@ -946,18 +1001,9 @@ impl ThrottleFs {
         flags: i32,
     ) -> Result<()> {
         self.require_root(node, limit)?;
-        let canon = xattr::canonical(limit, value).map_err(|why| {
-            log::warn!("group {group}: refused: {why}");
-            Errno::EINVAL
-        })?;
-        let mut set = self.group_own_set(group)?;
-        set.values.insert(limit.to_string(), canon.clone());
-        set.limits().map_err(|why| {
-            log::warn!("group {group}: {limit}={canon} refused: {why}");
-            Errno::EINVAL
-        })?;
-        set_raw(node.fd, name, canon.as_bytes(), flags)?;
-        log::info!("group {group}: {limit}={canon}");
+        let label = format!("group {group}");
+        let current = || self.group_own_set(group);
+        self.store_limit(node.fd, name, &label, current, limit, value, flags)?;
         self.push_group_limits(group);
         Ok(())
     }
@@ -970,18 +1016,8 @@ impl ThrottleFs {
         limit: &str,
     ) -> Result<()> {
         self.require_root(node, limit)?;
-        let mut set = self.group_own_set(group)?;
-        if set.values.remove(limit).is_none() {
-            return Err(Errno::NO_XATTR);
-        }
-        if !set.is_empty() {
-            set.limits().map_err(|why| {
-                log::warn!("group {group}: removing {limit} refused: {why}");
-                Errno::EINVAL
-            })?;
-        }
-        remove_raw(node.fd, name)?;
-        log::info!("group {group}: {limit} removed");
+        let label = format!("group {group}");
+        self.unstore_limit(node.fd, name, &label, self.group_own_set(group)?, limit)?;
         self.push_group_limits(group);
         Ok(())
     }
