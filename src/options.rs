@@ -220,6 +220,23 @@ pub fn format_limit(limits: &Limits, name: &str) -> Option<String> {
     })
 }
 
+/// Whether `limits` sets the limit `name` (a non-zero rate or size, a
+/// burst length given explicitly); false for an unknown name.
+pub fn limit_is_set(limits: &Limits, name: &str) -> bool {
+    if name == IOPS_SIZE_NAME {
+        return limits.iops_size != 0;
+    }
+    let Some((kind, field)) = lookup_limit(name) else {
+        return false;
+    };
+    let spec = limits.get(kind);
+    match field {
+        LimitField::Avg => spec.avg != 0,
+        LimitField::Max => spec.max != 0,
+        LimitField::MaxLength => spec.max_length.is_some(),
+    }
+}
+
 /// "2", "0.5", "1.25": seconds without trailing zeros.
 fn format_seconds(d: Duration) -> String {
     if d.subsec_nanos() == 0 {

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::options::{apply_limit, format_limit, limit_names, valid_group_name};
+use crate::options::{apply_limit, format_limit, limit_is_set, limit_names, valid_group_name};
 use crate::stats::Effective;
-use crate::throttle::{BucketKind, Limits};
+use crate::throttle::Limits;
 
 pub const PREFIX: &str = "user.throttle.";
 /// Read-only: the limits in force and where they came from.
@@ -110,25 +110,11 @@ impl OwnSet {
 /// Every limit that `limits` sets, as (name, canonical value), in the
 /// order of `limit_names`.
 pub fn set_limits(limits: &Limits) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for name in limit_names() {
-        let set = if name == "iops_size" {
-            limits.iops_size != 0
-        } else {
-            let base = name.trim_end_matches("_length").trim_end_matches("_max");
-            let spec = BucketKind::from_name(base).map(|k| *limits.get(k));
-            match spec {
-                Some(spec) if name.ends_with("_max_length") => spec.max_length.is_some(),
-                Some(spec) if name.ends_with("_max") => spec.max != 0,
-                Some(spec) => spec.avg != 0,
-                None => false,
-            }
-        };
-        if set && let Some(value) = format_limit(limits, &name) {
-            out.push((name, value));
-        }
-    }
-    out
+    limit_names()
+        .into_iter()
+        .filter(|name| limit_is_set(limits, name))
+        .filter_map(|name| format_limit(limits, &name).map(|value| (name, value)))
+        .collect()
 }
 
 /// `user.throttle.effective`: `source=` (file, directory:PATH or mount),
@@ -170,6 +156,7 @@ pub fn group_prefix(group: &str) -> String {
 mod tests {
     use super::*;
     use crate::stats::Origin;
+    use crate::throttle::BucketKind;
     use std::time::Duration;
 
     #[test]
