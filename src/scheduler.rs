@@ -978,18 +978,24 @@ mod tests {
         assert!(q.queue.is_empty());
     }
 
-    /// Run group turns with a fake clock until `until`; requests complete
-    /// at once. Returns bytes and requests released per member.
-    fn drive_group(
+    /// Run group turns with a fake clock until `until`, jumping from
+    /// deadline to deadline; released requests complete at once. Before
+    /// each round `refill` may queue more; each release is shown to
+    /// `released`. Returns bytes and requests released per member.
+    fn drive_group_with(
         files: &mut HashMap<u64, FileQueue<Fake>>,
         group: &mut Group,
         until: Duration,
+        mut refill: impl FnMut(&mut HashMap<u64, FileQueue<Fake>>, &mut Group),
+        mut released: impl FnMut(u64, &Fake),
     ) -> HashMap<u64, (u64, u64)> {
         let mut moved: HashMap<u64, (u64, u64)> = HashMap::new();
         let mut at = Duration::ZERO;
         while at < until {
-            let (released, arms) = group_turns(files, group, at, false);
-            for (member, job) in released {
+            refill(files, group);
+            let (out, arms) = group_turns(files, group, at, false);
+            for (member, job) in out {
+                released(member, &job);
                 let e = moved.entry(member).or_default();
                 e.0 += job.bytes;
                 e.1 += 1;
@@ -1003,6 +1009,14 @@ mod tests {
             }
         }
         moved
+    }
+
+    fn drive_group(
+        files: &mut HashMap<u64, FileQueue<Fake>>,
+        group: &mut Group,
+        until: Duration,
+    ) -> HashMap<u64, (u64, u64)> {
+        drive_group_with(files, group, until, |_, _| {}, |_, _| {})
     }
 
     fn member_queue(limits: Limits, count: u32, bytes: u64) -> FileQueue<Fake> {
@@ -1048,9 +1062,7 @@ mod tests {
         files.insert(2, member_queue(Limits::default(), 0, 0));
         let mut group = group_of(limits(BucketKind::BpsRead, 8 * MIB), &[1, 2]);
         let size = |m: u64| if m == 1 { MIB } else { 64 * KIB };
-        let mut moved: HashMap<u64, u64> = HashMap::new();
-        let mut at = Duration::ZERO;
-        while at < Duration::from_secs(10) {
+        let refill = |files: &mut HashMap<u64, FileQueue<Fake>>, group: &mut Group| {
             for m in [1, 2] {
                 let q = files.get_mut(&m).unwrap();
                 if q.queue.is_empty() {
@@ -1060,19 +1072,15 @@ mod tests {
                     group.rejoin(m);
                 }
             }
-            let (released, arms) = group_turns(&mut files, &mut group, at, false);
-            for (m, job) in released {
-                *moved.entry(m).or_default() += job.bytes;
-                let q = files.get_mut(&m).unwrap();
-                q.in_flight = 0;
-                q.writes_in_flight = 0;
-            }
-            match arms.iter().filter_map(|(_, n)| *n).min() {
-                Some(w) => at += w,
-                None => break,
-            }
-        }
-        let (a, b) = (moved[&1], moved[&2]);
+        };
+        let moved = drive_group_with(
+            &mut files,
+            &mut group,
+            Duration::from_secs(10),
+            refill,
+            |_, _| {},
+        );
+        let (a, b) = (moved[&1].0, moved[&2].0);
         assert!(a.abs_diff(b) <= MIB, "a={a} b={b}");
     }
 
@@ -1116,20 +1124,14 @@ mod tests {
         files.insert(2, member_queue(Limits::default(), 50, 4 * KIB));
         let mut group = group_of(limits(BucketKind::IopsTotal, 100), &[1, 2]);
         let mut seen: HashMap<u64, Vec<u32>> = HashMap::new();
-        let mut at = Duration::ZERO;
-        for _ in 0..200 {
-            let (released, arms) = group_turns(&mut files, &mut group, at, false);
-            for (m, job) in released {
-                seen.entry(m).or_default().push(job.id);
-                let q = files.get_mut(&m).unwrap();
-                q.in_flight = 0;
-                q.writes_in_flight = 0;
-            }
-            match arms.iter().filter_map(|(_, n)| *n).min() {
-                Some(w) => at += w,
-                None => break,
-            }
-        }
+        // 100 requests at 100/s: all released within about a second.
+        drive_group_with(
+            &mut files,
+            &mut group,
+            Duration::from_secs(10),
+            |_, _| {},
+            |m, job| seen.entry(m).or_default().push(job.id),
+        );
         for m in [1, 2] {
             assert_eq!(seen[&m], (0..50).collect::<Vec<_>>());
         }
