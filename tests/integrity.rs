@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use common::{KIB, MIB, Mount, pattern, qemu_io, qemu_io_fmt, run};
+use common::{KIB, MIB, Mount, pattern, qemu_img_create, qemu_io, qemu_io_fmt, run};
 
 /// Limits loose enough not to slow anything down, so that the throttled
 /// code path is the one carrying the data.
@@ -105,16 +105,7 @@ fn qemu_io_raw_unaligned_buffered() {
 fn qcow2_create_write_check_convert() {
     let m = Mount::start_with(GENEROUS_LIMITS);
     let img = m.path("x.qcow2");
-    run(
-        "qemu-img",
-        &[
-            OsStr::new("create"),
-            OsStr::new("-f"),
-            OsStr::new("qcow2"),
-            img.as_os_str(),
-            OsStr::new("64M"),
-        ],
-    );
+    qemu_img_create("qcow2", &img, "64M");
     let mut model = vec![0u8; 64 * MIB as usize];
     let direct = [
         (0usize, MIB as usize, 0x11u8),

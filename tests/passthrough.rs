@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{KIB, MIB, Mount, pattern, run, run_unchecked};
+use common::{KIB, MIB, Mount, pattern, qemu_img_create, run, run_unchecked};
 
 /// Kills a helper process if the test ends early.
 struct KillOnDrop(Child);
@@ -28,16 +28,7 @@ impl Drop for KillOnDrop {
 fn image_locks_work_through_the_mount() {
     let m = Mount::start_with(&["--iops", "1000"]);
     let img = m.path("img.qcow2");
-    run(
-        "qemu-img",
-        &[
-            OsStr::new("create"),
-            OsStr::new("-f"),
-            OsStr::new("qcow2"),
-            img.as_os_str(),
-            OsStr::new("16M"),
-        ],
-    );
+    qemu_img_create("qcow2", &img, "16M");
     // The holder: an interactive qemu-io reading commands from a pipe; a
     // qcow2 image opened read-write takes QEMU's "write" lock, unshared.
     let mut holder = KillOnDrop(

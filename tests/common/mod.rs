@@ -424,6 +424,20 @@ pub fn qemu_io_fmt(format: &str, file: &Path, opts: &[&str], cmds: &[&str]) -> S
 }
 
 /// `qemu_io_fmt("raw", ..)`.
+/// `qemu-img create -f FORMAT FILE SIZE`, asserting success.
+pub fn qemu_img_create(format: &str, file: &Path, size: &str) {
+    run(
+        "qemu-img",
+        &[
+            OsStr::new("create"),
+            OsStr::new("-f"),
+            OsStr::new(format),
+            file.as_os_str(),
+            OsStr::new(size),
+        ],
+    );
+}
+
 pub fn qemu_io(file: &Path, opts: &[&str], cmds: &[&str]) -> String {
     qemu_io_fmt("raw", file, opts, cmds)
 }
