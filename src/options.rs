@@ -64,6 +64,9 @@ pub struct MountConfig {
 /// Longest throttle group name.
 pub const GROUP_NAME_MAX_CHARS: usize = 64;
 
+/// What `valid_group_name` accepts, for error messages.
+pub const GROUP_NAME_RULE: &str = "1 to 64 characters of A-Z a-z 0-9 . _ -";
+
 /// A group name is 1 to 64 characters of `[A-Za-z0-9._-]`.
 pub fn valid_group_name(name: &str) -> bool {
     (1..=GROUP_NAME_MAX_CHARS).contains(&name.len())
@@ -79,9 +82,7 @@ pub fn parse_group(spec: &str) -> Result<(String, Limits), String> {
         .split_once(':')
         .ok_or_else(|| format!("group '{spec}': expected NAME:LIMIT=VALUE[,...]"))?;
     if !valid_group_name(name) {
-        return Err(format!(
-            "group '{name}': a name is 1 to {GROUP_NAME_MAX_CHARS} characters of A-Z a-z 0-9 . _ -"
-        ));
+        return Err(format!("group '{name}': a name is {GROUP_NAME_RULE}"));
     }
     let mut limits = Limits::default();
     let mut seen = HashSet::new();

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::options::{apply_limit, format_limit, limit_is_set, limit_names, valid_group_name};
+use crate::options::{
+    GROUP_NAME_RULE, apply_limit, format_limit, limit_is_set, limit_names, valid_group_name,
+};
 use crate::stats::Effective;
 use crate::throttle::Limits;
 
@@ -141,9 +143,7 @@ pub fn group_name(value: &[u8]) -> Result<String, String> {
     if valid_group_name(text) {
         Ok(text.to_string())
     } else {
-        Err(format!(
-            "group: '{text}' is not 1 to 64 characters of A-Z a-z 0-9 . _ -"
-        ))
+        Err(format!("group: '{text}' is not {GROUP_NAME_RULE}"))
     }
 }
 
