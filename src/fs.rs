@@ -48,6 +48,11 @@ const ATTR_TTL: Duration = Duration::from_secs(1);
 /// us whole, to count as one operation.
 const MAX_REQUEST_BYTES: u32 = 1024 * 1024;
 
+/// Asynchronous requests (a caller's aio/io_uring direct I/O) the kernel
+/// keeps in flight towards us before it queues the rest on its side. A VM
+/// keeps 32-128 requests in flight per disk; the kernel's default is 12.
+const MAX_BACKGROUND_REQUESTS: u16 = 512;
+
 type Result<T> = std::result::Result<T, Errno>;
 
 fn last_errno() -> Errno {
@@ -1154,6 +1159,15 @@ impl Filesystem for ThrottleFs {
         // mmap of a direct-I/O file goes through our read/write too.
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // A caller's asynchronous direct I/O reaches us as concurrent
+        // requests instead of one at a time (libfuse asks for this too).
+        if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
+            log::warn!(
+                "the kernel has no FUSE_ASYNC_DIO: asynchronous I/O is served one request at a time"
+            );
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND_REQUESTS);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND_REQUESTS / 4 * 3);
         Ok(())
     }
 
