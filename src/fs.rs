@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::Sender;
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
@@ -27,7 +26,7 @@ use fuser::{
 };
 
 use crate::io::{self as fio, Handle, Job};
-use crate::scheduler::Msg;
+use crate::scheduler::{Msg, SchedulerTx};
 use crate::stats::{Effective, FileShared, Origin};
 use crate::throttle::{Direction, Limits};
 use crate::xattr::{self, Attr, OwnSet};
@@ -145,7 +144,7 @@ pub struct ThrottleFs {
     files: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
-    scheduler: Sender<Msg>,
+    scheduler: SchedulerTx,
     /// Limits in force for every file (mount options).
     limits: Limits,
     /// Throttle groups' limits from the mount options.
@@ -246,7 +245,7 @@ impl ThrottleFs {
         source: &Path,
         limits: Limits,
         groups: &[(String, Limits)],
-        scheduler: Sender<Msg>,
+        scheduler: SchedulerTx,
     ) -> io::Result<ThrottleFs> {
         let path = CString::new(source.as_os_str().as_bytes())?;
         // SAFETY: plain open of a NUL-terminated path.
@@ -481,10 +480,9 @@ impl ThrottleFs {
 
     fn submit(&self, req: &Request, file: u64, job: Job) {
         let unique = req.unique().0;
-        if let Err(e) = self.scheduler.send(Msg::Submit { file, unique, job }) {
-            // Only after the scheduler stopped: dropping answers EIO.
-            drop(e);
-        }
+        // Fails only after the scheduler stopped; the job was dropped,
+        // which answers EIO.
+        let _ = self.scheduler.send(Msg::Submit { file, unique, job });
     }
 
     #[allow(clippy::too_many_arguments)] // mirrors the FUSE setattr fields
@@ -1433,9 +1431,9 @@ impl Filesystem for ThrottleFs {
         if Self::is_throttled(&handle.shared) {
             // The data must outlive this call to wait in the queue.
             let job = Job::Write {
+                data: handle.write_data(offset, data),
                 handle,
                 offset,
-                data: data.to_vec(),
                 reply,
             };
             self.submit(req, ino.0, job);

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 
@@ -79,6 +80,14 @@ pub struct AlignedBuf {
     len: usize,
 }
 
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 // SAFETY: the buffer is plain owned memory.
 unsafe impl Send for AlignedBuf {}
 
@@ -97,9 +106,73 @@ impl AlignedBuf {
         })
     }
 
+    /// A copy of `data` in a buffer aligned to `align`.
+    pub fn from_slice(data: &[u8], align: usize) -> io::Result<AlignedBuf> {
+        let mut buf = AlignedBuf::new(data.len(), align)?;
+        // SAFETY: the buffer has room for data.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
+        buf.len = data.len();
+        Ok(buf)
+    }
+
+    /// Whether this buffer can hold `size` bytes at alignment `align`.
+    fn fits(&self, size: usize, align: usize) -> bool {
+        self.layout.size() >= size && self.layout.align() >= align
+    }
+
+    /// The whole capacity as uninitialised bytes, for a read to fill.
+    fn spare(&mut self, size: usize) -> &mut [MaybeUninit<u8>] {
+        assert!(size <= self.layout.size());
+        // SAFETY: the allocation holds at least `size` bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<MaybeUninit<u8>>(), size) }
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the first `len` bytes were initialised.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+thread_local! {
+    /// Each thread's reusable read and alignment buffers: a read is
+    /// answered straight from here (the reply is sent from the slice), so
+    /// steady I/O allocates nothing per request.
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch { aligned: None, plain: Vec::new() })
+    };
+}
+
+struct Scratch {
+    aligned: Option<AlignedBuf>,
+    plain: Vec<u8>,
+}
+
+impl Scratch {
+    /// The aligned buffer, grown to hold `size` bytes at `align`.
+    fn aligned(&mut self, size: usize, align: usize) -> io::Result<&mut AlignedBuf> {
+        if !self.aligned.as_ref().is_some_and(|b| b.fits(size, align)) {
+            self.aligned = None;
+            self.aligned = Some(AlignedBuf::new(size, align)?);
+        }
+        Ok(self.aligned.as_mut().expect("just set"))
+    }
+}
+
+/// Data of a write waiting in the queue: copied once out of the kernel's
+/// request buffer, into an aligned buffer when it will go to the O_DIRECT
+/// descriptor, so the worker does not copy it again.
+#[derive(Debug)]
+pub enum WriteData {
+    Plain(Vec<u8>),
+    Aligned(AlignedBuf),
+}
+
+impl WriteData {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            WriteData::Plain(v) => v,
+            WriteData::Aligned(b) => b.as_slice(),
+        }
     }
 }
 
@@ -110,50 +183,89 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Data read for a caller.
-pub enum ReadData {
-    Buffered(Vec<u8>),
-    Direct(AlignedBuf),
-}
-
-impl ReadData {
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            ReadData::Buffered(v) => v,
-            ReadData::Direct(b) => b.as_slice(),
-        }
-    }
-}
-
 impl Handle {
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 
-    /// Read up to `size` bytes at `offset`, directly when the caller asked
-    /// for O_DIRECT and the request is aligned.
-    pub fn read_at(&self, offset: u64, size: usize) -> io::Result<ReadData> {
-        if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, size)) {
-            let mut buf = AlignedBuf::new(size, d.mem_align_bytes)?;
-            // SAFETY: the buffer has room for `size` bytes.
-            let spare = unsafe {
-                std::slice::from_raw_parts_mut(buf.ptr.as_ptr().cast::<MaybeUninit<u8>>(), size)
-            };
-            buf.len = pread_into(d.fd.as_raw_fd(), spare, offset)?;
-            return Ok(ReadData::Direct(buf));
-        }
-        pread_full(self.raw(), offset, size).map(ReadData::Buffered)
+    /// Read up to `size` bytes at `offset` into this thread's scratch
+    /// buffer, directly when the caller asked for O_DIRECT and the request
+    /// is aligned, and hand the bytes read (or the error) to `with`.
+    pub fn read_with<T>(
+        &self,
+        offset: u64,
+        size: usize,
+        with: impl FnOnce(io::Result<&[u8]>) -> T,
+    ) -> T {
+        SCRATCH.with_borrow_mut(|scratch| {
+            if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, size)) {
+                let buf = match scratch.aligned(size, d.mem_align_bytes) {
+                    Ok(b) => b,
+                    Err(e) => return with(Err(e)),
+                };
+                return match pread_into(d.fd.as_raw_fd(), buf.spare(size), offset) {
+                    Ok(n) => {
+                        buf.len = n;
+                        with(Ok(buf.as_slice()))
+                    }
+                    Err(e) => with(Err(e)),
+                };
+            }
+            let buf = &mut scratch.plain;
+            buf.clear();
+            buf.reserve(size);
+            match pread_into(self.raw(), &mut buf.spare_capacity_mut()[..size], offset) {
+                Ok(n) => {
+                    // SAFETY: pread_into initialised the first `n` bytes.
+                    unsafe { buf.set_len(n) };
+                    with(Ok(buf.as_slice()))
+                }
+                Err(e) => with(Err(e)),
+            }
+        })
     }
 
-    /// Write all of `data` at `offset`, directly when the caller asked for
-    /// O_DIRECT and the request is aligned.
+    /// Copy a write's data out of the kernel's buffer to wait in the queue,
+    /// aligned when it will go to the O_DIRECT descriptor.
+    pub fn write_data(&self, offset: u64, data: &[u8]) -> WriteData {
+        if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, data.len()))
+            && let Ok(buf) = AlignedBuf::from_slice(data, d.mem_align_bytes)
+        {
+            return WriteData::Aligned(buf);
+        }
+        WriteData::Plain(data.to_vec())
+    }
+
+    /// Write queued data (see `write_data`) at `offset`.
+    pub fn write_queued(&self, offset: u64, data: &WriteData) -> io::Result<usize> {
+        match (data, self.direct.as_ref()) {
+            (WriteData::Aligned(buf), Some(d)) => {
+                pwrite_full(d.fd.as_raw_fd(), offset, buf.as_slice())
+            }
+            _ => self.write_at(offset, data.as_slice()),
+        }
+    }
+
+    /// Write all of `data` at `offset`, directly (through this thread's
+    /// aligned scratch buffer) when the caller asked for O_DIRECT and the
+    /// request is aligned.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
         if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, data.len())) {
-            let mut buf = AlignedBuf::new(data.len(), d.mem_align_bytes)?;
-            // SAFETY: the buffer has room for data.len() bytes.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
-            buf.len = data.len();
-            return pwrite_full(d.fd.as_raw_fd(), offset, buf.as_slice());
+            return SCRATCH.with_borrow_mut(|scratch| {
+                let buf = scratch.aligned(data.len(), d.mem_align_bytes)?;
+                let spare = buf.spare(data.len());
+                // SAFETY: MaybeUninit<u8> has the layout of u8; the slices
+                // do not overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        spare.as_mut_ptr().cast::<u8>(),
+                        data.len(),
+                    )
+                };
+                buf.len = data.len();
+                pwrite_full(d.fd.as_raw_fd(), offset, buf.as_slice())
+            });
         }
         pwrite_full(self.raw(), offset, data)
     }
@@ -284,7 +396,7 @@ pub enum Job {
     Write {
         handle: Arc<Handle>,
         offset: u64,
-        data: Vec<u8>,
+        data: WriteData,
         reply: ReplyWrite,
     },
     /// A barrier: answered only after every earlier request of the file has
@@ -341,7 +453,7 @@ impl Job {
     pub fn bytes(&self) -> u64 {
         match self {
             Job::Read { size, .. } => u64::from(*size),
-            Job::Write { data, .. } => data.len() as u64,
+            Job::Write { data, .. } => data.as_slice().len() as u64,
             Job::Fsync { .. } | Job::Flush { .. } => 0,
             Job::Copy { len, .. } => u64::from(*len),
         }
@@ -367,24 +479,24 @@ impl Job {
                 offset,
                 size,
                 reply,
-            } => match handle.read_at(offset, size as usize) {
-                Ok(buf) => {
-                    let data = buf.as_slice();
+            } => handle.read_with(offset, size as usize, |r| match r {
+                Ok(data) => {
                     handle.shared.record_io(Direction::Read, data.len() as u64);
+                    let moved = data.len();
                     reply.data(data);
-                    unmoved(Direction::Read, requested, data.len())
+                    unmoved(Direction::Read, requested, moved)
                 }
                 Err(e) => {
                     reply.error(Errno::from(e));
                     unmoved(Direction::Read, requested, 0)
                 }
-            },
+            }),
             Job::Write {
                 handle,
                 offset,
                 data,
                 reply,
-            } => match handle.write_at(offset, &data) {
+            } => match handle.write_queued(offset, &data) {
                 Ok(n) => {
                     handle.shared.record_io(Direction::Write, n as u64);
                     reply.written(n as u32);
@@ -440,14 +552,83 @@ fn unmoved(dir: Direction, requested: u64, moved: usize) -> Option<(Direction, u
     (short > 0).then_some((dir, short))
 }
 
-/// A finished job, reported back to the scheduler so barriers know when
-/// every earlier request of a file has been performed.
+/// What is in flight for one file: released to the pool and not yet
+/// performed. The scheduler counts a job in when it releases it and the
+/// worker counts it out, so a completion needs no message back unless the
+/// scheduler asked to hear of it (`watch`): a barrier waiting for writes,
+/// a file that may skip the scheduler once idle, a forgotten file, a
+/// shutdown. Both sides use SeqCst so that either the worker sees the
+/// watch flag or the scheduler, after setting it, sees the count.
+#[derive(Debug, Default)]
+pub struct Flight {
+    jobs: AtomicUsize,
+    writes: AtomicUsize,
+    watch: AtomicBool,
+}
+
+impl Flight {
+    /// A job of this file was released.
+    pub fn start(&self, write: bool) {
+        self.jobs.fetch_add(1, Ordering::SeqCst);
+        if write {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A released job will not be performed here after all (a copy moving
+    /// on to its destination's queue).
+    pub fn cancel(&self, write: bool) {
+        self.finish(write);
+    }
+
+    /// A job was performed; true when the scheduler must hear of it (the
+    /// file's writes or all its jobs are done and it is watching).
+    pub fn finish(&self, write: bool) -> bool {
+        let jobs_left = self.jobs.fetch_sub(1, Ordering::SeqCst) - 1;
+        let writes_left = if write {
+            self.writes.fetch_sub(1, Ordering::SeqCst) - 1
+        } else {
+            usize::MAX
+        };
+        (jobs_left == 0 || writes_left == 0) && self.watch.load(Ordering::SeqCst)
+    }
+
+    pub fn jobs(&self) -> usize {
+        self.jobs.load(Ordering::SeqCst)
+    }
+
+    pub fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Ask (or stop asking) to hear when the file's writes or jobs are done;
+    /// returns whether it was asked before.
+    pub fn set_watch(&self, on: bool) -> bool {
+        self.watch.swap(on, Ordering::SeqCst)
+    }
+
+    /// Tests: everything released has been performed.
+    #[cfg(test)]
+    pub fn clear(&self) {
+        self.jobs.store(0, Ordering::SeqCst);
+        self.writes.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A finished job the scheduler must hear of: a barrier may now go, the
+/// file may be idle, or bytes charged for it were not moved.
 pub struct Completion {
     pub file: u64,
-    /// It was a write (barriers wait for writes).
-    pub write: bool,
     /// Bytes charged but not moved (short read at end of file, error).
     pub unmoved: Option<(Direction, u64)>,
+}
+
+/// A released job with the file it belongs to and that file's in-flight
+/// count.
+pub struct Released {
+    pub file: u64,
+    pub flight: Arc<Flight>,
+    pub job: Job,
 }
 
 /// The queue of released jobs. A mutex and a condition variable rather
@@ -461,8 +642,13 @@ struct JobQueue {
 
 #[derive(Default)]
 struct QueueState {
-    jobs: VecDeque<(u64, Job)>,
+    jobs: VecDeque<Released>,
     closed: bool,
+    /// Workers asleep on `ready`.
+    sleeping: usize,
+    /// Wake-ups sent and not yet taken: no more workers are woken than
+    /// there are jobs for them, since every wake-up is a context switch.
+    waking: usize,
 }
 
 /// Where the scheduler puts released jobs. Dropping the last sender closes
@@ -472,15 +658,28 @@ pub struct JobSender {
 }
 
 impl JobSender {
-    /// Queue a job. After the pool has stopped the job is handed back.
-    pub fn send(&self, file: u64, job: Job) -> Result<(), Job> {
+    /// Queue a batch of jobs under one lock, waking at most one sleeping
+    /// worker per job. After the pool has stopped the jobs are handed back.
+    pub fn send_all(&self, batch: &mut Vec<Released>) -> Result<(), Vec<Released>> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let mut state = self.queue.state.lock().expect("job queue");
         if state.closed {
-            return Err(job);
+            return Err(std::mem::take(batch));
         }
-        state.jobs.push_back((file, job));
+        let mut wake = 0;
+        for r in batch.drain(..) {
+            state.jobs.push_back(r);
+            if state.sleeping > state.waking {
+                state.waking += 1;
+                wake += 1;
+            }
+        }
         drop(state);
-        self.queue.ready.notify_one();
+        for _ in 0..wake {
+            self.queue.ready.notify_one();
+        }
         Ok(())
     }
 }
@@ -498,8 +697,9 @@ pub struct IoPool {
 }
 
 impl IoPool {
-    /// Start `threads` workers, each reporting every completion through
-    /// `done`. Returns the pool and the one sender of its queue.
+    /// Start `threads` workers, each reporting through `done` the
+    /// completions the scheduler must hear of. Returns the pool and the one
+    /// sender of its queue.
     pub fn start(
         threads: usize,
         done: impl Fn(Completion) + Send + Clone + 'static,
@@ -513,14 +713,12 @@ impl IoPool {
                 thread::Builder::new()
                     .name(format!("io-{i}"))
                     .spawn(move || {
-                        while let Some((file, job)) = next_job(&queue) {
+                        while let Some(Released { file, flight, job }) = next_job(&queue) {
                             let write = job.direction() == Some(Direction::Write);
                             let unmoved = job.run();
-                            done(Completion {
-                                file,
-                                write,
-                                unmoved,
-                            });
+                            if flight.finish(write) || unmoved.is_some() {
+                                done(Completion { file, unmoved });
+                            }
                         }
                     })?,
             );
@@ -536,7 +734,7 @@ impl IoPool {
 }
 
 /// The next job, or `None` once the queue is closed and empty.
-fn next_job(queue: &JobQueue) -> Option<(u64, Job)> {
+fn next_job(queue: &JobQueue) -> Option<Released> {
     let mut state = queue.state.lock().expect("job queue");
     loop {
         if let Some(job) = state.jobs.pop_front() {
@@ -545,6 +743,9 @@ fn next_job(queue: &JobQueue) -> Option<(u64, Job)> {
         if state.closed {
             return None;
         }
+        state.sleeping += 1;
         state = queue.ready.wait(state).expect("job queue");
+        state.sleeping -= 1;
+        state.waking = state.waking.saturating_sub(1);
     }
 }

@@ -7,13 +7,12 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use crossbeam_channel::Sender;
 use fuser::{MountOption, SessionACL};
 
 use throttlefs::fs::ThrottleFs;
 use throttlefs::io::IoPool;
 use throttlefs::options::{MountConfig, parse_args};
-use throttlefs::scheduler::{Msg, Scheduler};
+use throttlefs::scheduler::{Msg, Scheduler, SchedulerTx};
 
 /// How long a shutdown waits for released requests to finish on the
 /// underlying files before the daemon exits anyway.
@@ -95,7 +94,7 @@ fn run(cfg: MountConfig) -> Result<()> {
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0) };
 
-    let (sched_tx, sched_rx) = crossbeam_channel::unbounded();
+    let (sched_tx, sched_rx) = throttlefs::scheduler::channel();
     let done_tx = sched_tx.clone();
     let (pool, job_tx) = IoPool::start(cfg.io_threads, move |c| {
         let _ = done_tx.send(Msg::Done(c));
@@ -158,7 +157,7 @@ fn run(cfg: MountConfig) -> Result<()> {
 
 /// Waits for SIGINT/SIGTERM/SIGHUP and shuts down without losing a request:
 /// queued requests are released at once, then the mount goes away.
-fn signal_thread(signals: libc::sigset_t, mountpoint: CString, scheduler: Sender<Msg>) {
+fn signal_thread(signals: libc::sigset_t, mountpoint: CString, scheduler: SchedulerTx) {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: waits on a valid, blocked signal set.

@@ -9,16 +9,143 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::thread::{self, JoinHandle};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use fuser::Errno;
 
-use crate::io::{Completion, Job, JobSender};
+use crate::io::{Completion, Flight, Job, JobSender, Released};
 use crate::stats::FileShared;
 use crate::throttle::{BucketKind, Direction, Limits, ThrottleState};
+
+/// The scheduler's inbox: a crossbeam channel, with a wake-up of our own.
+/// crossbeam's blocking receive spins and yields before it sleeps; on a
+/// 2-core host that spinning took a quarter of the scheduler's CPU and the
+/// cores the FUSE and I/O threads needed. The scheduler instead sleeps in
+/// `park` (no spinning) and a sender unparks it only when it sleeps.
+pub fn channel() -> (SchedulerTx, SchedulerRx) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let wake = Arc::new(Wake::default());
+    (
+        SchedulerTx {
+            tx,
+            wake: wake.clone(),
+        },
+        SchedulerRx { rx, wake },
+    )
+}
+
+#[derive(Default)]
+struct Wake {
+    /// The scheduler is about to sleep or sleeping.
+    sleeping: AtomicBool,
+    thread: std::sync::OnceLock<Thread>,
+}
+
+impl Wake {
+    fn notify(&self) {
+        // Pairs with the fence in `SchedulerRx::recv_until`: either the
+        // scheduler sees the message, or this sees it sleeping.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst)
+            && self.sleeping.swap(false, Ordering::SeqCst)
+            && let Some(t) = self.thread.get()
+        {
+            t.unpark();
+        }
+    }
+}
+
+/// The sending side of the scheduler's inbox.
+pub struct SchedulerTx {
+    tx: Sender<Msg>,
+    wake: Arc<Wake>,
+}
+
+impl Clone for SchedulerTx {
+    fn clone(&self) -> Self {
+        SchedulerTx {
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+}
+
+/// The scheduler has stopped (only during teardown). The message was
+/// dropped, which answers any request inside it with EIO.
+#[derive(Debug)]
+pub struct Stopped;
+
+impl SchedulerTx {
+    pub fn send(&self, msg: Msg) -> Result<(), Stopped> {
+        self.tx.send(msg).map_err(|_| Stopped)?;
+        self.wake.notify();
+        Ok(())
+    }
+}
+
+impl Drop for SchedulerTx {
+    fn drop(&mut self) {
+        // The last sender going away must wake the scheduler to see it.
+        self.wake.sleeping.store(true, Ordering::SeqCst);
+        self.wake.notify();
+    }
+}
+
+/// The receiving side, used by the scheduler thread only.
+pub struct SchedulerRx {
+    rx: Receiver<Msg>,
+    wake: Arc<Wake>,
+}
+
+/// Why `recv_until` returned without a message.
+enum Idle {
+    Timeout,
+    Disconnected,
+}
+
+impl SchedulerRx {
+    fn try_recv(&self) -> Option<Msg> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The next message, waiting until `deadline` (or for ever) without
+    /// spinning.
+    fn recv_until(&self, deadline: Option<Instant>) -> Result<Msg, Idle> {
+        let _ = self.wake.thread.set(thread::current());
+        loop {
+            match self.rx.try_recv() {
+                Ok(msg) => return Ok(msg),
+                Err(TryRecvError::Disconnected) => return Err(Idle::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+            self.wake.sleeping.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            match self.rx.try_recv() {
+                Ok(msg) => {
+                    self.wake.sleeping.store(false, Ordering::SeqCst);
+                    return Ok(msg);
+                }
+                Err(TryRecvError::Disconnected) => return Err(Idle::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+            match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        self.wake.sleeping.store(false, Ordering::SeqCst);
+                        return Err(Idle::Timeout);
+                    }
+                    thread::park_timeout(d - now);
+                }
+                None => thread::park(),
+            }
+            self.wake.sleeping.store(false, Ordering::SeqCst);
+        }
+    }
+}
 
 /// What the scheduler is told.
 pub enum Msg {
@@ -101,16 +228,20 @@ impl Queued for Waiting {
 /// (files without limits, requests already answered) are what fills it.
 const EARLY_INTERRUPTS_MAX: usize = 1024;
 
+/// Messages handled in one round before released jobs go to the pool and
+/// deadlines are looked at: big enough to batch a queue depth of 128, small
+/// enough that a due deadline is never kept waiting long.
+const BATCH_MESSAGES_MAX: usize = 64;
+
 /// One file's throttle state and queue: the ordering rules, kept free of
 /// threads and clocks so they are tested with a fake clock.
 struct FileQueue<J> {
     state: ThrottleState,
     /// Waiting requests in arrival order.
     queue: VecDeque<J>,
-    /// Released jobs not yet performed by the pool.
-    in_flight: usize,
-    /// Of those, writes (a barrier waits for these only).
-    writes_in_flight: usize,
+    /// Released jobs not yet performed by the pool, and of those the
+    /// writes (a barrier waits for these only); counted out by the workers.
+    flight: Arc<Flight>,
     /// The deadline this file has in the heap, if any; heap entries that do
     /// not match it are stale and skipped.
     armed: Option<Instant>,
@@ -126,8 +257,7 @@ impl<J: Queued> FileQueue<J> {
         FileQueue {
             state: ThrottleState::new(limits, at),
             queue: VecDeque::new(),
-            in_flight: 0,
-            writes_in_flight: 0,
+            flight: Arc::default(),
             armed: None,
             forgotten: false,
             shared: Arc::default(),
@@ -136,7 +266,7 @@ impl<J: Queued> FileQueue<J> {
     }
 
     fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.in_flight == 0
+        self.queue.is_empty() && self.flight.jobs() == 0
     }
 
     /// Move whatever may go at `at` to `out`, in order, charging it, and
@@ -172,9 +302,9 @@ impl<J: Queued> FileQueue<J> {
                 // A barrier (fsync, flush) follows every earlier write: it
                 // goes once none is queued before it or being performed.
                 // Reads are not held back by it, nor it by them.
-                if !write_waiting && self.writes_in_flight == 0 {
+                if !write_waiting && self.flight.writes() == 0 {
                     let job = self.queue.remove(i).expect("index in range");
-                    self.in_flight += 1;
+                    self.flight.start(false);
                     out.push(job);
                     released += 1;
                     continue;
@@ -206,10 +336,7 @@ impl<J: Queued> FileQueue<J> {
                 if let Some(g) = gate.as_mut() {
                     g.account(dir, job.bytes(), at);
                 }
-                self.in_flight += 1;
-                if dir == Direction::Write {
-                    self.writes_in_flight += 1;
-                }
+                self.flight.start(dir == Direction::Write);
                 out.push(job);
                 released += 1;
                 continue;
@@ -294,6 +421,10 @@ pub struct Scheduler {
     early_interrupts: BTreeSet<u64>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     jobs: JobSender,
+    /// Jobs released in this round, handed to the pool together.
+    outbox: Vec<Released>,
+    /// Files to pump again at the end of this round (see `settle`).
+    recheck: Vec<u64>,
     draining: bool,
     exiting: bool,
     idle_waiters: Vec<Sender<()>>,
@@ -310,39 +441,49 @@ impl Scheduler {
             early_interrupts: BTreeSet::new(),
             deadlines: BinaryHeap::new(),
             jobs,
+            outbox: Vec::new(),
+            recheck: Vec::new(),
             draining: false,
             exiting: false,
             idle_waiters: Vec::new(),
         }
     }
 
-    pub fn spawn(self, rx: Receiver<Msg>) -> std::io::Result<JoinHandle<()>> {
+    pub fn spawn(self, rx: SchedulerRx) -> std::io::Result<JoinHandle<()>> {
         thread::Builder::new()
             .name("scheduler".into())
             .spawn(move || self.run(rx))
     }
 
-    fn run(mut self, rx: Receiver<Msg>) {
+    fn run(mut self, rx: SchedulerRx) {
         loop {
             if self.exiting && self.is_idle() {
                 break;
             }
-            let received = match self.deadlines.peek() {
-                Some(Reverse((when, _))) => match rx.recv_deadline(*when) {
-                    Ok(msg) => Some(msg),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                },
-                None => match rx.recv() {
-                    Ok(msg) => Some(msg),
-                    Err(_) => break,
-                },
+            let deadline = self.deadlines.peek().map(|Reverse((when, _))| *when);
+            let received = match rx.recv_until(deadline) {
+                Ok(msg) => Some(msg),
+                Err(Idle::Timeout) => None,
+                Err(Idle::Disconnected) => break,
             };
-            let now = Instant::now();
+            let mut now = Instant::now();
             if let Some(msg) = received {
                 self.handle(msg, now);
+                // Under load, take what else has arrived before handing
+                // anything to the pool: one wake-up serves a batch.
+                for _ in 1..BATCH_MESSAGES_MAX {
+                    match rx.try_recv() {
+                        Some(msg) => self.handle(msg, now),
+                        None => break,
+                    }
+                }
+                now = Instant::now();
             }
             self.fire_due(now);
+            while let Some(file) = self.recheck.pop() {
+                self.pump(file, now);
+            }
+            dispatch(&self.jobs, &mut self.outbox);
             if !self.idle_waiters.is_empty() && self.is_idle() {
                 for w in self.idle_waiters.drain(..) {
                     let _ = w.send(());
@@ -438,25 +579,14 @@ impl Scheduler {
                 let _ = reply.send(report.unwrap_or_default());
             }
             Msg::Interrupt(unique) => self.interrupt(unique, now),
-            Msg::Done(Completion {
-                file,
-                write,
-                unmoved,
-            }) => {
+            Msg::Done(Completion { file, unmoved }) => {
                 let at = self.since_epoch(now);
                 if let Some(f) = self.files.get_mut(&file) {
-                    f.in_flight = f.in_flight.saturating_sub(1);
-                    let mut pump = false;
-                    if write {
-                        f.writes_in_flight = f.writes_in_flight.saturating_sub(1);
-                        pump = f.writes_in_flight == 0 && !f.queue.is_empty();
-                    }
                     if let Some((dir, bytes)) = unmoved {
                         // Charge what moved, not what was asked for.
                         f.state.refund(dir, bytes, at);
-                        pump |= !f.queue.is_empty();
                     }
-                    if pump {
+                    if !f.queue.is_empty() {
                         // A barrier at the head, or a request the refund
                         // lets through, may now go.
                         self.pump(file, now);
@@ -469,6 +599,7 @@ impl Scheduler {
                 if let Some(f) = self.files.get_mut(&file) {
                     f.forgotten = true;
                 }
+                self.settle(file);
                 self.collect(file);
             }
             Msg::Drain | Msg::Exit => {
@@ -481,8 +612,12 @@ impl Scheduler {
                 for id in ids {
                     self.pump(id, now);
                 }
+                self.watch_all();
             }
-            Msg::WhenIdle(tx) => self.idle_waiters.push(tx),
+            Msg::WhenIdle(tx) => {
+                self.idle_waiters.push(tx);
+                self.watch_all();
+            }
         }
     }
 
@@ -534,16 +669,42 @@ impl Scheduler {
     /// A file without limits and with nothing queued or in flight may be
     /// served inline again, without the scheduler; not before, so that a
     /// barrier or a queued request is never overtaken.
+    ///
+    /// It also decides whether the workers must report this file's
+    /// completions: only when something here waits for them (see `Flight`).
     fn settle(&mut self, file: u64) {
-        if let Some(f) = self.files.get(&file)
-            && f.is_idle()
-            && f.state.limits().is_unlimited()
+        let Some(f) = self.files.get(&file) else {
+            return;
+        };
+        let unlimited = f.state.limits().is_unlimited()
             && f.group
                 .as_ref()
                 .and_then(|g| self.groups.get(g))
-                .is_none_or(|g| g.state.limits().is_unlimited())
-        {
+                .is_none_or(|g| g.state.limits().is_unlimited());
+        let watch = unlimited || f.forgotten || !f.queue.is_empty() || self.watching_all();
+        // Set before looking at the counts: a job finishing meanwhile then
+        // either sees the flag and reports, or is already counted out here.
+        let was = f.flight.set_watch(watch);
+        if watch && !was && !f.queue.is_empty() {
+            // Writes may have finished unreported while nobody watched: a
+            // barrier could be waiting for them.
+            self.recheck.push(file);
+        }
+        if unlimited && f.is_idle() {
             f.shared.bypass.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Shutting down, or someone waits for the whole scheduler to be idle:
+    /// every completion that empties a file must be heard.
+    fn watching_all(&self) -> bool {
+        self.draining || self.exiting || !self.idle_waiters.is_empty()
+    }
+
+    fn watch_all(&mut self) {
+        let ids: Vec<u64> = self.files.keys().copied().collect();
+        for id in ids {
+            self.settle(id);
         }
     }
 
@@ -571,9 +732,12 @@ impl Scheduler {
                 break;
             }
             self.deadlines.pop();
-            let current = self.files.get(&file).is_some_and(|f| f.armed == Some(when));
-            if current {
-                self.files.get_mut(&file).expect("checked").armed = None;
+            if let Some(f) = self.files.get_mut(&file)
+                && f.armed == Some(when)
+            {
+                f.armed = None;
+                f.shared
+                    .record_release_lateness(now.saturating_duration_since(when));
                 self.pump(file, now);
             }
         }
@@ -668,7 +832,11 @@ impl Scheduler {
     /// on their destination file.
     fn finish(&mut self, file: u64, released: Vec<Waiting>, now: Instant) -> Vec<(u64, Waiting)> {
         let mut handoffs = Vec::new();
-        let Some(shared) = self.files.get(&file).map(|f| f.shared.clone()) else {
+        let Some((shared, flight)) = self
+            .files
+            .get(&file)
+            .map(|f| (f.shared.clone(), f.flight.clone()))
+        else {
             return handoffs;
         };
         for mut w in released {
@@ -678,12 +846,16 @@ impl Scheduler {
                 // A copy passed its source's buckets: it is not in flight
                 // there, and now queues on its destination as a write.
                 Some(next) => {
-                    if let Some(f) = self.files.get_mut(&file) {
-                        f.in_flight = f.in_flight.saturating_sub(1);
+                    if let Some(f) = self.files.get(&file) {
+                        f.flight.cancel(false);
                     }
                     handoffs.push((next, w));
                 }
-                None => dispatch(&self.jobs, file, w.job),
+                None => self.outbox.push(Released {
+                    file,
+                    flight: flight.clone(),
+                    job: w.job,
+                }),
             }
         }
         handoffs
@@ -744,11 +916,14 @@ fn group_turns<J: Queued>(
     }
 }
 
-fn dispatch(jobs: &JobSender, file: u64, job: Job) {
-    if let Err(job) = jobs.send(file, job) {
+/// Hand released jobs to the I/O pool, all at once.
+fn dispatch(jobs: &JobSender, batch: &mut Vec<Released>) {
+    if let Err(lost) = jobs.send_all(batch) {
         // The pool is gone (only during teardown).
-        log::warn!("I/O pool gone, failing a request of inode {file}");
-        job.fail(Errno::EIO);
+        log::warn!("I/O pool gone, failing {} released requests", lost.len());
+        for r in lost {
+            r.job.fail(Errno::EIO);
+        }
     }
 }
 
@@ -821,8 +996,7 @@ mod tests {
             let mut out = Vec::new();
             let next = q.release(at, false, &mut out, None, usize::MAX);
             log.extend(out.iter().map(|f| (f.id, at)));
-            q.in_flight = 0; // performed at once
-            q.writes_in_flight = 0;
+            q.flight.clear(); // performed at once
             match next {
                 Some(wait) => at += wait,
                 None if q.queue.is_empty() => return log,
@@ -924,13 +1098,12 @@ mod tests {
         out.clear();
         q.release(ms(540), false, &mut out, None, usize::MAX);
         assert_eq!(ids(&out), vec![2]);
-        assert_eq!(q.writes_in_flight, 2);
+        assert_eq!(q.flight.writes(), 2);
         out.clear();
         q.release(ms(541), false, &mut out, None, usize::MAX);
         assert!(out.is_empty());
         // Both performed: the barrier goes, and write 4 after it.
-        q.in_flight = 0;
-        q.writes_in_flight = 0;
+        q.flight.clear();
         out.clear();
         q.release(ms(1200), false, &mut out, None, usize::MAX);
         assert_eq!(ids(&out), vec![3, 4]);
@@ -1000,8 +1173,7 @@ mod tests {
                 e.0 += job.bytes;
                 e.1 += 1;
                 let q = files.get_mut(&member).unwrap();
-                q.in_flight = 0;
-                q.writes_in_flight = 0;
+                q.flight.clear();
             }
             match arms.iter().filter_map(|(_, next)| *next).min() {
                 Some(wait) => at += wait,

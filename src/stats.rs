@@ -92,6 +92,9 @@ pub struct FileShared {
     wait_ns_total: AtomicU64,
     waiting: AtomicU64,
     window: Mutex<RateWindow>,
+    /// How late the scheduler woke for this file's deadlines; made at the
+    /// first deadline, so files that never wait pay nothing for it.
+    lateness: Mutex<Option<Box<Lateness>>>,
 }
 
 impl std::fmt::Debug for FileShared {
@@ -113,6 +116,7 @@ impl Default for FileShared {
             wait_ns_total: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             window: Mutex::new(RateWindow::default()),
+            lateness: Mutex::new(None),
         }
     }
 }
@@ -147,6 +151,15 @@ impl FileShared {
         self.wait_ns_total.fetch_add(ns, Ordering::Relaxed);
     }
 
+    /// The scheduler woke `late` after a deadline of this file.
+    pub fn record_release_lateness(&self, late: Duration) {
+        self.lateness
+            .lock()
+            .expect("lateness")
+            .get_or_insert_with(Box::default)
+            .record(late);
+    }
+
     /// `user.throttle.stats`: one `name=value` a line; the names are stable.
     pub fn render_stats(&self) -> String {
         let now = self.slot(Instant::now());
@@ -173,7 +186,85 @@ impl FileShared {
         line("read_ops_per_sec", rate_ops[0]);
         line("write_bytes_per_sec", rate_bytes[1]);
         line("write_ops_per_sec", rate_ops[1]);
+        let late = self.lateness.lock().expect("lateness");
+        let late = late.as_deref();
+        line("deadline_releases", late.map_or(0, |l| l.count));
+        line("release_late_p50_ns", late.map_or(0, |l| l.quantile_ns(50)));
+        line("release_late_p99_ns", late.map_or(0, |l| l.quantile_ns(99)));
+        line("release_late_max_ns", late.map_or(0, |l| l.max_ns));
         out
+    }
+}
+
+/// Sub-buckets per power of two in the lateness histogram: each bucket is
+/// at most 1/16 (6.25 %) wide relative to its values.
+const LATENESS_SUB_BUCKETS: usize = 16;
+/// Powers of two covered: 2^40 ns is about 18 minutes.
+const LATENESS_OCTAVES: usize = 40;
+
+/// A log-linear histogram of lateness in nanoseconds.
+struct Lateness {
+    buckets: [u64; LATENESS_OCTAVES * LATENESS_SUB_BUCKETS],
+    count: u64,
+    max_ns: u64,
+}
+
+impl Default for Lateness {
+    fn default() -> Self {
+        Lateness {
+            buckets: [0; LATENESS_OCTAVES * LATENESS_SUB_BUCKETS],
+            count: 0,
+            max_ns: 0,
+        }
+    }
+}
+
+impl Lateness {
+    fn bucket(ns: u64) -> usize {
+        let sub = LATENESS_SUB_BUCKETS as u64;
+        if ns < sub {
+            return ns as usize;
+        }
+        // Octave k holds [sub * 2^(k-1), sub * 2^k): 16 buckets each.
+        let octave = (63 - ns.leading_zeros() as usize) + 1 - sub.trailing_zeros() as usize;
+        let shift = octave - 1;
+        let idx = octave * LATENESS_SUB_BUCKETS + ((ns >> shift) - sub) as usize;
+        idx.min(LATENESS_OCTAVES * LATENESS_SUB_BUCKETS - 1)
+    }
+
+    /// The largest value bucket `idx` holds.
+    fn bucket_top_ns(idx: usize) -> u64 {
+        let sub = LATENESS_SUB_BUCKETS as u64;
+        if idx < LATENESS_SUB_BUCKETS {
+            return idx as u64;
+        }
+        let octave = idx / LATENESS_SUB_BUCKETS;
+        let shift = octave - 1;
+        ((sub + (idx % LATENESS_SUB_BUCKETS) as u64 + 1) << shift) - 1
+    }
+
+    fn record(&mut self, late: Duration) {
+        let ns = u64::try_from(late.as_nanos()).unwrap_or(u64::MAX);
+        self.buckets[Self::bucket(ns)] += 1;
+        self.count += 1;
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// The `pct` percentile, rounded up to its bucket's top (never
+    /// reported lower than it was), and never above the maximum seen.
+    fn quantile_ns(&self, pct: u64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = (self.count * pct).div_ceil(100).max(1);
+        let mut seen = 0;
+        for (idx, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Self::bucket_top_ns(idx).min(self.max_ns);
+            }
+        }
+        self.max_ns
     }
 }
 
@@ -193,6 +284,33 @@ mod tests {
         w.bytes[1][(13 % 10) as usize] = 7;
         w.advance(1_000); // a long idle gap clears everything
         assert_eq!(w.bytes[1].iter().sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn lateness_quantiles_are_never_low_and_within_a_bucket() {
+        let mut l = Lateness::default();
+        for us in 1..=100u64 {
+            l.record(Duration::from_micros(us));
+        }
+        let p50 = l.quantile_ns(50);
+        let p99 = l.quantile_ns(99);
+        assert!((50_000..=50_000 * 17 / 16).contains(&p50), "{p50}");
+        assert!((99_000..=100_000).contains(&p99), "{p99}");
+        assert_eq!(l.max_ns, 100_000);
+        assert_eq!(l.count, 100);
+        // Each value lies in its bucket: above the previous bucket's top,
+        // at most its own.
+        for ns in [0, 1, 15, 16, 17, 31, 32, 33, 1000, 999_999, 1 << 30] {
+            let b = Lateness::bucket(ns);
+            assert!(ns <= Lateness::bucket_top_ns(b), "{ns} in {b}");
+            if b > 0 {
+                assert!(ns > Lateness::bucket_top_ns(b - 1), "{ns} in {b}");
+            }
+        }
+        assert_eq!(
+            Lateness::bucket(u64::MAX),
+            LATENESS_OCTAVES * LATENESS_SUB_BUCKETS - 1
+        );
     }
 
     #[test]
