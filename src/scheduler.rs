@@ -222,6 +222,15 @@ impl Queued for Waiting {
     }
 }
 
+/// Where a request joins its file's queue.
+#[derive(Clone, Copy)]
+enum Arrival {
+    /// A new request from the kernel: in the kernel's order, by its id.
+    KernelOrder,
+    /// A copy moving on to its destination's queue: behind everything.
+    Now,
+}
+
 /// Interrupts that arrived before their request reached us (another FUSE
 /// thread may still be handing it over) are remembered, at most this many;
 /// the oldest ids go first. Interrupts for requests that never come here
@@ -511,7 +520,7 @@ impl Scheduler {
                         job,
                         since: now,
                     };
-                    self.enqueue(file, w, now);
+                    self.enqueue(file, w, now, Arrival::KernelOrder);
                 }
             }
             Msg::Limits {
@@ -647,7 +656,7 @@ impl Scheduler {
         }
     }
 
-    fn enqueue(&mut self, file: u64, mut w: Waiting, now: Instant) {
+    fn enqueue(&mut self, file: u64, mut w: Waiting, now: Instant, arrival: Arrival) {
         self.waiting.insert(w.unique, file);
         w.since = now;
         let at = self.since_epoch(now);
@@ -660,7 +669,21 @@ impl Scheduler {
         f.shared.bypass.store(false, Ordering::SeqCst);
         f.shared.record_queued();
         let was_idle = f.queue.is_empty();
-        f.queue.push_back(w);
+        match arrival {
+            Arrival::KernelOrder => {
+                // The kernel numbers requests in the order it queues them
+                // for us, but several FUSE threads hand them over, so one
+                // may reach us a little after a later one. Still-queued
+                // later requests of the file do not keep that lead.
+                let at = f
+                    .queue
+                    .iter()
+                    .rposition(|q| q.unique < w.unique)
+                    .map_or(0, |i| i + 1);
+                f.queue.insert(at, w);
+            }
+            Arrival::Now => f.queue.push_back(w),
+        }
         if was_idle && let Some(group) = f.group.clone() {
             self.join_group(&group, file, at);
         }
@@ -775,7 +798,7 @@ impl Scheduler {
         let handoffs = self.finish(file, released, now);
         self.settle(file);
         for (next, w) in handoffs {
-            self.enqueue(next, w, now);
+            self.enqueue(next, w, now, Arrival::Now);
         }
     }
 
@@ -808,7 +831,7 @@ impl Scheduler {
             self.settle(member);
         }
         for (next, w) in handoffs {
-            self.enqueue(next, w, now);
+            self.enqueue(next, w, now, Arrival::Now);
         }
     }
 
