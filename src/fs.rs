@@ -399,12 +399,14 @@ impl ThrottleFs {
         // SAFETY: getrlimit fills a valid out-structure.
         let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        let since = match s.warned {
+            Some(_) => format!("; {} failures since the last warning", s.unreported),
+            None => String::new(),
+        };
         log::warn!(
-            "out of file descriptors ({what}: {}): {} failure(s) since the last warning; \
-             {held} inodes held, {open} open files, limit {}; raise the hard RLIMIT_NOFILE \
-             (see the README, Descriptors)",
+            "out of file descriptors ({what}: {}{since}): {held} inodes held, {open} open \
+             files, limit {}; raise the hard RLIMIT_NOFILE (README: Descriptors)",
             io::Error::from_raw_os_error(e.code()),
-            s.unreported,
             lim.rlim_cur
         );
         s.warned = Some(now);
@@ -848,6 +850,7 @@ impl ThrottleFs {
         // SAFETY: dup of a descriptor we hold.
         let first = unsafe { libc::fcntl(start, libc::F_DUPFD_CLOEXEC, 0) };
         if first < 0 {
+            self.note_fd_error(last_errno(), "resolving limits");
             return Vec::new();
         }
         // SAFETY: fresh descriptor.
@@ -869,6 +872,7 @@ impl ThrottleFs {
                 )
             };
             if up < 0 {
+                self.note_fd_error(last_errno(), "resolving limits");
                 return Vec::new();
             }
             // SAFETY: fresh descriptor.
