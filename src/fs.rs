@@ -15,8 +15,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -25,7 +25,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::io::{self as fio, Handle, Job};
+use crate::io::{self as fio, DirectFd, Handle, Job};
 use crate::scheduler::{Msg, SchedulerTx};
 use crate::stats::{Effective, FileShared, Origin};
 use crate::throttle::{Direction, Limits};
@@ -51,6 +51,15 @@ const MAX_REQUEST_BYTES: u32 = 1024 * 1024;
 /// keeps in flight towards us before it queues the rest on its side. A VM
 /// keeps 32-128 requests in flight per disk; the kernel's default is 12.
 const MAX_BACKGROUND_REQUESTS: u16 = 512;
+
+/// Open flags that give an O_DIRECT descriptor its meaning beyond the
+/// alignment: handles of one inode share one only when these agree.
+const DIRECT_SHARE_FLAGS: i32 =
+    libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
+
+/// Running out of descriptors is logged at most this often, with a count of
+/// the failures since: one line, not one per failed lookup.
+const FD_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 type Result<T> = std::result::Result<T, Errno>;
 
@@ -106,9 +115,32 @@ struct InodeRef {
     parent: AtomicU64,
     /// Throttle state shared with the scheduler and the open handles.
     shared: Arc<FileShared>,
+    /// The `tree_gen` a file's limits were last resolved at; 0: never.
+    resolved_gen: AtomicU64,
+    /// Held while resolving, so the last limits sent are the newest.
+    resolving: Mutex<()>,
+    /// O_DIRECT descriptors of this file, by DIRECT_SHARE_FLAGS: one per
+    /// access mode, alive while a handle holds it.
+    direct_fds: Mutex<HashMap<i32, Weak<DirectFd>>>,
 }
 
 impl InodeRef {
+    fn new(ino: u64, fd: OwnedFd, key: (u64, u64), kind: libc::mode_t, parent: u64) -> Self {
+        InodeRef {
+            ino,
+            fd: fd.as_raw_fd(),
+            _owned: fd,
+            key,
+            lookups: AtomicU64::new(1),
+            kind,
+            parent: AtomicU64::new(parent),
+            shared: Arc::default(),
+            resolved_gen: AtomicU64::new(0),
+            resolving: Mutex::new(()),
+            direct_fds: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
     }
@@ -135,13 +167,33 @@ impl Drop for DirStream {
     }
 }
 
+/// An open file: its handle, and its inode, whose limits are brought up to
+/// date before each request.
+struct OpenFile {
+    handle: Arc<Handle>,
+    node: Arc<InodeRef>,
+}
+
+/// When descriptors last ran out, and failures since the last warning.
+#[derive(Default)]
+struct FdShortage {
+    warned: Option<Instant>,
+    unreported: u64,
+}
+
 pub struct ThrottleFs {
     /// The source directory's path, only to show directory origins.
     source: std::path::PathBuf,
     /// (dev, ino) of the source directory: where inheritance stops.
     root_key: (u64, u64),
     inodes: RwLock<InodeTable>,
-    files: RwLock<HashMap<u64, Arc<Handle>>>,
+    files: RwLock<HashMap<u64, OpenFile>>,
+    /// Bumped whenever a directory's limits, group or place change: every
+    /// file resolved at an older value is re-resolved before it is next
+    /// used (open, request, `user.throttle.effective`), open files at once.
+    /// A rename costs O(open files), not O(files seen since mount).
+    tree_gen: AtomicU64,
+    fd_shortage: Mutex<FdShortage>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
     scheduler: SchedulerTx,
@@ -262,17 +314,10 @@ impl ThrottleFs {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let st = stat_fd(fd.as_raw_fd()).map_err(|e| io::Error::from_raw_os_error(e.code()))?;
         let key = (st.st_dev, st.st_ino);
-        let root = Arc::new(InodeRef {
-            ino: INodeNo::ROOT.0,
-            fd: fd.as_raw_fd(),
-            _owned: fd,
-            key,
-            // The root is never forgotten.
-            lookups: AtomicU64::new(u64::MAX / 2),
-            kind: libc::S_IFDIR,
-            parent: AtomicU64::new(INodeNo::ROOT.0),
-            shared: Arc::default(),
-        });
+        let root = InodeRef::new(INodeNo::ROOT.0, fd, key, libc::S_IFDIR, INodeNo::ROOT.0);
+        // The root is never forgotten.
+        root.lookups.store(u64::MAX / 2, Ordering::Relaxed);
+        let root = Arc::new(root);
         let mut table = InodeTable {
             by_ino: HashMap::new(),
             by_key: HashMap::new(),
@@ -286,6 +331,8 @@ impl ThrottleFs {
             root_key: key,
             inodes: RwLock::new(table),
             files: RwLock::new(HashMap::new()),
+            tree_gen: AtomicU64::new(1),
+            fd_shortage: Mutex::default(),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             scheduler,
@@ -314,8 +361,56 @@ impl ThrottleFs {
             .read()
             .expect("file lock")
             .get(&fh.0)
-            .cloned()
+            .map(|f| f.handle.clone())
             .ok_or(Errno::EBADF)
+    }
+
+    /// An open file's handle for a request, its limits first brought up to
+    /// date if a directory changed since they were resolved.
+    fn current_handle(&self, fh: FileHandle) -> Result<Arc<Handle>> {
+        let (handle, node) = {
+            let files = self.files.read().expect("file lock");
+            let f = files.get(&fh.0).ok_or(Errno::EBADF)?;
+            (f.handle.clone(), f.node.clone())
+        };
+        if node.is_file() {
+            self.ensure_limits(&node);
+        }
+        Ok(handle)
+    }
+
+    /// Count a failure to get a descriptor; EMFILE/ENFILE are logged once
+    /// per FD_WARNING_INTERVAL, saying what holds descriptors.
+    fn note_fd_error(&self, e: Errno, what: &str) -> Errno {
+        if e.code() != libc::EMFILE && e.code() != libc::ENFILE {
+            return e;
+        }
+        let mut s = self.fd_shortage.lock().expect("fd shortage");
+        s.unreported += 1;
+        let now = Instant::now();
+        if s.warned
+            .is_some_and(|t| now.duration_since(t) < FD_WARNING_INTERVAL)
+        {
+            return e;
+        }
+        let held = self.inodes.read().expect("inode lock").by_ino.len();
+        let open = self.files.read().expect("file lock").len();
+        // SAFETY: getrlimit fills a valid out-structure.
+        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        let since = match s.warned {
+            Some(_) => format!("; {} failures since the last warning", s.unreported),
+            None => String::new(),
+        };
+        log::warn!(
+            "out of file descriptors ({what}: {}{since}): {held} inodes held, {open} open \
+             files, limit {}; raise the hard RLIMIT_NOFILE (README: Descriptors)",
+            io::Error::from_raw_os_error(e.code()),
+            lim.rlim_cur
+        );
+        s.warned = Some(now);
+        s.unreported = 0;
+        e
     }
 
     /// Find `name` in `parent` and count a kernel lookup of it.
@@ -329,7 +424,8 @@ impl ThrottleFs {
                 name.as_ptr(),
                 libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
             )
-        })?;
+        })
+        .map_err(|e| self.note_fd_error(e, "lookup"))?;
         // SAFETY: fd is fresh and ours.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let st = stat_fd(fd.as_raw_fd())?;
@@ -343,16 +439,13 @@ impl ThrottleFs {
         }
         let ino = table.next_ino;
         table.next_ino += 1;
-        let node = Arc::new(InodeRef {
+        let node = Arc::new(InodeRef::new(
             ino,
-            fd: fd.as_raw_fd(),
-            _owned: fd,
+            fd,
             key,
-            lookups: AtomicU64::new(1),
-            kind: st.st_mode & libc::S_IFMT,
-            parent: AtomicU64::new(parent.ino),
-            shared: Arc::default(),
-        });
+            st.st_mode & libc::S_IFMT,
+            parent.ino,
+        ));
         table.by_ino.insert(ino, node);
         table.by_key.insert(key, ino);
         Ok(to_attr(ino, &st))
@@ -416,7 +509,8 @@ impl ThrottleFs {
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)
             | libc::O_CLOEXEC;
         // SAFETY: open of a NUL-terminated path.
-        let fd = check(unsafe { libc::open(path.as_ptr(), flags) })?;
+        let fd = check(unsafe { libc::open(path.as_ptr(), flags) })
+            .map_err(|e| self.note_fd_error(e, "open"))?;
         // SAFETY: fd is fresh and ours.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
@@ -424,42 +518,59 @@ impl ThrottleFs {
     /// Register an open file. When the caller asked for O_DIRECT, a second
     /// descriptor opened O_DIRECT serves its aligned requests, so they stay
     /// out of the host's page cache as the caller meant.
-    fn add_file(&self, node: &InodeRef, fd: OwnedFd, flags: i32) -> u64 {
-        let ino = node.ino;
+    fn add_file(&self, node: &Arc<InodeRef>, fd: OwnedFd, flags: i32) -> u64 {
         if node.is_file() {
             self.ensure_limits(node);
         }
         let direct = if flags & libc::O_DIRECT != 0 {
-            let path = proc_path(fd.as_raw_fd());
-            let dflags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
-                | libc::O_DIRECT
-                | libc::O_CLOEXEC;
-            // SAFETY: open of a NUL-terminated path.
-            let dfd = unsafe { libc::open(path.as_ptr(), dflags) };
-            if dfd < 0 {
-                log::debug!(
-                    "inode {ino}: no O_DIRECT on the underlying file ({}); using its page cache",
-                    io::Error::last_os_error()
-                );
-                None
-            } else {
-                // SAFETY: fresh descriptor.
-                fio::DirectFd::new(unsafe { OwnedFd::from_raw_fd(dfd) })
-            }
+            self.direct_fd(node, &fd, flags)
         } else {
             None
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(Handle {
+            fd,
+            direct,
+            file: node.ino,
+            shared: node.shared.clone(),
+        });
         self.files.write().expect("file lock").insert(
             fh,
-            Arc::new(Handle {
-                fd,
-                direct,
-                file: ino,
-                shared: node.shared.clone(),
-            }),
+            OpenFile {
+                handle,
+                node: node.clone(),
+            },
         );
         fh
+    }
+
+    /// The inode's O_DIRECT descriptor for these access flags, opened
+    /// (from the open file `fd`) if no handle holds one. Handles hold it by
+    /// `Arc`, as queued requests hold their handle, so it closes only after
+    /// the last request that may use it.
+    fn direct_fd(&self, node: &InodeRef, fd: &OwnedFd, flags: i32) -> Option<Arc<DirectFd>> {
+        let key = flags & DIRECT_SHARE_FLAGS;
+        let mut shared = node.direct_fds.lock().expect("direct fds");
+        if let Some(d) = shared.get(&key).and_then(Weak::upgrade) {
+            return Some(d);
+        }
+        shared.retain(|_, d| d.strong_count() > 0);
+        let path = proc_path(fd.as_raw_fd());
+        // SAFETY: open of a NUL-terminated path.
+        let dfd = unsafe { libc::open(path.as_ptr(), key | libc::O_DIRECT | libc::O_CLOEXEC) };
+        if dfd < 0 {
+            let e = self.note_fd_error(last_errno(), "O_DIRECT open");
+            log::debug!(
+                "inode {}: no O_DIRECT on the underlying file ({}); using its page cache",
+                node.ino,
+                io::Error::from_raw_os_error(e.code())
+            );
+            return None;
+        }
+        // SAFETY: fresh descriptor.
+        let d = Arc::new(DirectFd::new(unsafe { OwnedFd::from_raw_fd(dfd) })?);
+        shared.insert(key, Arc::downgrade(&d));
+        Some(d)
     }
 
     /// Files without any limit are served inline: they pay nothing for the
@@ -582,22 +693,38 @@ impl ThrottleFs {
         };
         node.parent.store(dir.ino, Ordering::Relaxed);
         if node.is_dir() {
-            self.refresh_all();
-        } else if node.is_file() && node.shared.effective.lock().expect("effective").is_some() {
+            self.directory_changed();
+        } else if node.is_file() && node.resolved_gen.load(Ordering::SeqCst) != 0 {
             self.refresh(&node);
         }
     }
 
-    /// Resolve a file's limits the first time it is opened.
+    /// Resolve a file's limits if they never were, or if a directory
+    /// changed since they were.
     fn ensure_limits(&self, node: &InodeRef) {
-        let resolved = node.shared.effective.lock().expect("effective").is_some();
-        if !resolved {
-            self.refresh(node);
+        let current = self.tree_gen.load(Ordering::SeqCst);
+        if node.resolved_gen.load(Ordering::SeqCst) == current {
+            return;
+        }
+        let _one = node.resolving.lock().expect("resolving");
+        // Another thread may have done it while this one waited.
+        if node.resolved_gen.load(Ordering::SeqCst) != self.tree_gen.load(Ordering::SeqCst) {
+            self.resolve_and_send(node);
         }
     }
 
     /// Work out a file's limits again and hand them to the scheduler.
     fn refresh(&self, node: &InodeRef) {
+        let _one = node.resolving.lock().expect("resolving");
+        self.resolve_and_send(node);
+    }
+
+    /// `refresh`, with the node's `resolving` lock held: of two racing
+    /// resolutions, the one that read the attributes last sends last.
+    fn resolve_and_send(&self, node: &InodeRef) {
+        // Read before the walk: a change during it leaves the file stale,
+        // to be resolved again at its next use.
+        let generation = self.tree_gen.load(Ordering::SeqCst);
         let eff = self.resolve(node);
         let limits = eff.limits;
         let group = eff.group.as_ref().map(|(g, _)| g.clone());
@@ -614,30 +741,48 @@ impl ThrottleFs {
             group,
             shared: node.shared.clone(),
         });
+        node.resolved_gen.store(generation, Ordering::SeqCst);
     }
 
-    /// After a directory's limits changed: every file resolved so far may
-    /// inherit differently.
-    fn refresh_all(&self) {
-        let nodes: Vec<Arc<InodeRef>> = self
+    /// A directory's limits, group or place changed: any file resolved so
+    /// far may inherit differently. Each is resolved again before its next
+    /// use; open files at once, so their queued requests are retuned now.
+    fn directory_changed(&self) {
+        self.tree_gen.fetch_add(1, Ordering::SeqCst);
+        let mut open: HashMap<u64, Arc<InodeRef>> = HashMap::new();
+        for f in self.files.read().expect("file lock").values() {
+            open.entry(f.node.ino).or_insert_with(|| f.node.clone());
+        }
+        for node in open.values().filter(|n| n.is_file()) {
+            self.ensure_limits(node);
+        }
+    }
+
+    /// Bring every file resolved so far up to date, before a report that
+    /// lists them (a group's members).
+    fn resolve_stale(&self) {
+        let current = self.tree_gen.load(Ordering::SeqCst);
+        let stale: Vec<Arc<InodeRef>> = self
             .inodes
             .read()
             .expect("inode lock")
             .by_ino
             .values()
             .filter(|n| n.is_file())
+            .filter(|n| {
+                !matches!(n.resolved_gen.load(Ordering::SeqCst), 0)
+                    && n.resolved_gen.load(Ordering::SeqCst) != current
+            })
             .cloned()
             .collect();
-        for node in nodes {
-            if node.shared.effective.lock().expect("effective").is_some() {
-                self.refresh(&node);
-            }
+        for node in stale {
+            self.ensure_limits(&node);
         }
     }
 
     fn after_change(&self, node: &InodeRef) {
         if node.is_dir() {
-            self.refresh_all();
+            self.directory_changed();
         } else if node.is_file() {
             self.refresh(node);
         }
@@ -703,6 +848,7 @@ impl ThrottleFs {
         // SAFETY: dup of a descriptor we hold.
         let first = unsafe { libc::fcntl(start, libc::F_DUPFD_CLOEXEC, 0) };
         if first < 0 {
+            self.note_fd_error(last_errno(), "resolving limits");
             return Vec::new();
         }
         // SAFETY: fresh descriptor.
@@ -724,6 +870,7 @@ impl ThrottleFs {
                 )
             };
             if up < 0 {
+                self.note_fd_error(last_errno(), "resolving limits");
                 return Vec::new();
             }
             // SAFETY: fresh descriptor.
@@ -1031,6 +1178,8 @@ impl ThrottleFs {
         if node.ino != INodeNo::ROOT.0 {
             return None;
         }
+        // Members are the files the scheduler knows in the group.
+        self.resolve_stale();
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.scheduler
             .send(Msg::GroupStats {
@@ -1075,6 +1224,11 @@ impl ThrottleFs {
         }
         match attr {
             Attr::Effective => {
+                // A file opened before is kept up to date; one never opened
+                // is resolved for this answer only.
+                if node.is_file() && node.resolved_gen.load(Ordering::SeqCst) != 0 {
+                    self.ensure_limits(node);
+                }
                 let eff = node.shared.effective.lock().expect("effective").clone();
                 let eff = eff.unwrap_or_else(|| self.resolve(node));
                 Some(xattr::render_effective(&eff).into_bytes())
@@ -1398,7 +1552,7 @@ impl Filesystem for ThrottleFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let handle = match self.handle(fh) {
+        let handle = match self.current_handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
@@ -1424,7 +1578,7 @@ impl Filesystem for ThrottleFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let handle = match self.handle(fh) {
+        let handle = match self.current_handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
@@ -1456,7 +1610,9 @@ impl Filesystem for ThrottleFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let throttled = self.handle(fh).is_ok_and(|h| Self::is_throttled(&h.shared));
+        let throttled = self
+            .current_handle(fh)
+            .is_ok_and(|h| Self::is_throttled(&h.shared));
         if throttled {
             // A barrier: answered after every write queued before it.
             self.submit(req, ino.0, Job::Flush { reply });
@@ -1475,9 +1631,11 @@ impl Filesystem for ThrottleFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // The descriptor closes when the last queued request holding it is
-        // done.
-        self.files.write().expect("file lock").remove(&fh.0);
+        // The descriptors close when the last queued request holding the
+        // handle is done (the O_DIRECT one when the inode's last handle
+        // that shares it is), outside the lock.
+        let gone = self.files.write().expect("file lock").remove(&fh.0);
+        drop(gone);
         reply.ok();
     }
 
@@ -1489,7 +1647,7 @@ impl Filesystem for ThrottleFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let handle = match self.handle(fh) {
+        let handle = match self.current_handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
@@ -1817,7 +1975,8 @@ impl Filesystem for ThrottleFs {
                 | libc::O_NOFOLLOW
                 | libc::O_CLOEXEC;
             // SAFETY: *at call on a directory descriptor we hold.
-            let fd = check(unsafe { libc::openat(p.fd, cname.as_ptr(), oflags, mode) })?;
+            let fd = check(unsafe { libc::openat(p.fd, cname.as_ptr(), oflags, mode) })
+                .map_err(|e| self.note_fd_error(e, "create"))?;
             // SAFETY: fresh descriptor.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             self.chown_new(req, p.fd, &cname)?;
@@ -1912,7 +2071,7 @@ impl Filesystem for ThrottleFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let r = (|| Ok((self.handle(fh_in)?, self.handle(fh_out)?)))();
+        let r = (|| Ok((self.current_handle(fh_in)?, self.current_handle(fh_out)?)))();
         let (src, dst) = match r {
             Ok(pair) => pair,
             Err(e) => return reply.error(e),

@@ -23,8 +23,9 @@ use crate::throttle::Direction;
 pub struct Handle {
     pub fd: OwnedFd,
     /// When the caller opened with O_DIRECT: the file opened O_DIRECT too,
-    /// used for every request that meets its alignment.
-    pub direct: Option<DirectFd>,
+    /// used for every request that meets its alignment. Shared by the
+    /// inode's handles with the same access flags; it closes with the last.
+    pub direct: Option<Arc<DirectFd>>,
     /// The scheduler's key for the file (the FUSE inode number).
     pub file: u64,
     /// The file's counters and bypass flag.

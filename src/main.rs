@@ -79,7 +79,48 @@ fn termination_signals() -> libc::sigset_t {
 #[cfg(target_env = "gnu")]
 const MALLOC_ARENAS_MAX: libc::c_int = 1;
 
+/// Every inode the kernel knows holds one descriptor, so the common soft
+/// limit of 1024 is far too low; the hard limit is the administrator's
+/// choice (ulimit -Hn, systemd's LimitNOFILE=) and is left alone.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on valid structures.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let mut want = lim.rlim_max;
+    if want == libc::RLIM_INFINITY {
+        // The kernel refuses more than fs.nr_open.
+        want = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(lim.rlim_cur);
+    }
+    if want <= lim.rlim_cur {
+        log::info!("file descriptors: limit {}", lim.rlim_cur);
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        log::info!(
+            "file descriptors: limit raised from {} to {want}",
+            lim.rlim_cur
+        );
+    } else {
+        log::warn!(
+            "file descriptors: could not raise the limit from {} to {want}: {}",
+            lim.rlim_cur,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn run(cfg: MountConfig) -> Result<()> {
+    raise_fd_limit();
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt before any other thread exists.
     unsafe {
