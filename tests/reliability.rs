@@ -1018,6 +1018,26 @@ impl Drop for Tmpfs {
     }
 }
 
+/// How long the space of a removed file may take to come back: the daemon
+/// answers the kernel's FORGET within milliseconds even on a loaded machine.
+const SPACE_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes free for unprivileged use on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let path = cpath(dir);
+    // SAFETY: statvfs(3) on a NUL-terminated path into a zeroed struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    assert_eq!(
+        rc,
+        0,
+        "statvfs {}: {}",
+        dir.display(),
+        io::Error::last_os_error()
+    );
+    st.f_bavail * st.f_frsize
+}
+
 fn underlying_errors_reach_the_caller(limits: &[&str]) {
     let mut m = Mount::new();
     let _tmpfs = Tmpfs::mount(m.src(), "4m");
@@ -1065,8 +1085,20 @@ fn underlying_errors_reach_the_caller(limits: &[&str]) {
         "daemon died on ENOSPC\n{}",
         m.daemon_output()
     );
-    // Space freed: writes work again.
+    // Space freed: writes work again. Not at once: the daemon holds each
+    // inode it was told about until the kernel's FORGET, which the kernel
+    // queues as unlink() returns and the daemon serves on another thread
+    // (a RELEASE, sent after close() returns, may also still be on its way).
+    // No later syscall waits for either, so wait, bounded, for the space.
     fs::remove_file(m.path("fill.img")).unwrap();
+    let freed = wait_until(SPACE_BACK_TIMEOUT, || {
+        free_bytes(m.src()) >= 2 * block.len() as u64
+    });
+    assert!(
+        freed,
+        "{} bytes free in the source {SPACE_BACK_TIMEOUT:?} after the full file was removed",
+        free_bytes(m.src())
+    );
     fs::write(m.path("after.img"), &block).unwrap();
     assert!(fs::read(m.src_path("after.img")).unwrap() == block);
 
