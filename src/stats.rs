@@ -39,18 +39,21 @@ pub struct Effective {
     pub group: Option<(String, Origin)>,
 }
 
-/// Width of one slot of the rate window; the window is RATE_SLOTS of them.
+/// Width of one slot of the rate window.
 const RATE_SLOT: Duration = Duration::from_millis(100);
-/// Slots in the rate window: 10 x 100 ms = the last second.
+/// Slots in one second of rate window.
 const RATE_SLOTS: usize = 10;
+/// Slots kept: the current (partial) slot, the nine full ones before it,
+/// and one more, of which only the part inside the last second counts.
+const RING_SLOTS: usize = RATE_SLOTS + 1;
 
-/// Bytes and operations per 100 ms slot over the last second.
+/// Bytes and operations per 100 ms slot, enough to sum exactly one second.
 #[derive(Default)]
 struct RateWindow {
     /// Index (in slots since `FileShared::epoch`) of the newest slot.
     newest: u64,
-    bytes: [[u64; RATE_SLOTS]; 2],
-    ops: [[u64; RATE_SLOTS]; 2],
+    bytes: [[u64; RING_SLOTS]; 2],
+    ops: [[u64; RING_SLOTS]; 2],
 }
 
 impl RateWindow {
@@ -59,15 +62,34 @@ impl RateWindow {
         if now <= self.newest {
             return;
         }
-        let passed = (now - self.newest).min(RATE_SLOTS as u64);
+        let passed = (now - self.newest).min(RING_SLOTS as u64);
         for i in 1..=passed {
-            let slot = ((self.newest + i) % RATE_SLOTS as u64) as usize;
+            let slot = ((self.newest + i) % RING_SLOTS as u64) as usize;
             for lane in 0..2 {
                 self.bytes[lane][slot] = 0;
                 self.ops[lane][slot] = 0;
             }
         }
         self.newest = now;
+    }
+
+    /// What `counts` holds for the second that ends `into_newest` after the
+    /// start of the newest slot. The newest slot covers only `into_newest`,
+    /// so the one-second window also takes the rest of a slot from the
+    /// oldest one: that slot counts with weight 1 - into_newest / slot
+    /// (rounded to nearest), which makes a steady flow read as its rate
+    /// whatever the phase. Summing only ten slots would cover 0.9 s plus a
+    /// partial slot and under-read by up to 10%.
+    fn last_second(&self, counts: &[u64; RING_SLOTS], into_newest: Duration) -> u64 {
+        let slot_ns = RATE_SLOT.as_nanos();
+        let into_ns = into_newest.as_nanos().min(slot_ns);
+        let oldest = ((self.newest + 1) % RING_SLOTS as u64) as usize;
+        let whole: u64 = (0..RING_SLOTS)
+            .filter(|&i| i != oldest)
+            .map(|i| counts[i])
+            .sum();
+        let part = (u128::from(counts[oldest]) * (slot_ns - into_ns) + slot_ns / 2) / slot_ns;
+        whole + part as u64
     }
 }
 
@@ -122,19 +144,27 @@ impl Default for FileShared {
 }
 
 impl FileShared {
-    fn slot(&self, at: Instant) -> u64 {
-        (at.saturating_duration_since(self.epoch).as_nanos() / RATE_SLOT.as_nanos()) as u64
+    /// The rate-window slot `at` falls in, and how far into it.
+    fn slot(&self, at: Instant) -> (u64, Duration) {
+        let since = at.saturating_duration_since(self.epoch).as_nanos();
+        let slot_ns = RATE_SLOT.as_nanos();
+        let into = Duration::from_nanos((since % slot_ns) as u64);
+        ((since / slot_ns) as u64, into)
     }
 
     /// One request done: `bytes` moved (its actual result).
     pub fn record_io(&self, dir: Direction, bytes: u64) {
+        self.record_io_at(dir, bytes, Instant::now());
+    }
+
+    fn record_io_at(&self, dir: Direction, bytes: u64, now: Instant) {
         let l = lane(dir);
         self.bytes[l].fetch_add(bytes, Ordering::Relaxed);
         self.ops[l].fetch_add(1, Ordering::Relaxed);
-        let now = self.slot(Instant::now());
+        let (now, _) = self.slot(now);
         let mut w = self.window.lock().expect("rate window");
         w.advance(now);
-        let slot = (now % RATE_SLOTS as u64) as usize;
+        let slot = (now % RING_SLOTS as u64) as usize;
         w.bytes[l][slot] += bytes;
         w.ops[l][slot] += 1;
     }
@@ -162,11 +192,15 @@ impl FileShared {
 
     /// `user.throttle.stats`: one `name=value` a line; the names are stable.
     pub fn render_stats(&self) -> String {
-        let now = self.slot(Instant::now());
+        self.render_stats_at(Instant::now())
+    }
+
+    fn render_stats_at(&self, now: Instant) -> String {
+        let (slot, into) = self.slot(now);
         let (rate_bytes, rate_ops) = {
             let mut w = self.window.lock().expect("rate window");
-            w.advance(now);
-            let sum = |a: &[u64; RATE_SLOTS]| a.iter().sum::<u64>();
+            w.advance(slot);
+            let sum = |a: &[u64; RING_SLOTS]| w.last_second(a, into);
             (
                 [sum(&w.bytes[0]), sum(&w.bytes[1])],
                 [sum(&w.ops[0]), sum(&w.ops[1])],
@@ -272,18 +306,90 @@ impl Lateness {
 mod tests {
     use super::*;
 
+    const MS: Duration = Duration::from_millis(1);
+
+    fn stat(text: &str, name: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
     #[test]
     fn window_forgets_slots_older_than_a_second() {
-        let mut w = RateWindow::default();
-        w.advance(3);
-        w.bytes[0][3] = 100;
-        w.advance(12); // 0.9 s later: slot 3 still counts
-        assert_eq!(w.bytes[0].iter().sum::<u64>(), 100);
-        w.advance(13); // 1.0 s later: it is gone
-        assert_eq!(w.bytes[0].iter().sum::<u64>(), 0);
-        w.bytes[1][(13 % 10) as usize] = 7;
-        w.advance(1_000); // a long idle gap clears everything
-        assert_eq!(w.bytes[1].iter().sum::<u64>(), 0);
+        let s = FileShared::default();
+        let t0 = s.epoch;
+        s.record_io_at(Direction::Read, 100, t0 + MS * 350);
+        let rate = |ms: u32| stat(&s.render_stats_at(t0 + MS * ms), "read_bytes_per_sec");
+        assert_eq!(rate(1299), 100); // its slot is wholly in the last second
+        assert_eq!(rate(1300), 100);
+        assert_eq!(rate(1350), 50); // half of its slot is
+        assert_eq!(rate(1400), 0); // none of it is
+        s.record_io_at(Direction::Write, 7, t0 + MS * 1450);
+        let text = s.render_stats_at(t0 + MS * 100_000);
+        assert_eq!(
+            stat(&text, "write_bytes_per_sec"),
+            0,
+            "a long idle gap clears all"
+        );
+        assert_eq!(stat(&text, "write_bytes"), 7);
+    }
+
+    /// Feeds `bytes` every `every`, the first at `first`, for 5 s and
+    /// samples the read rate at 997 instants (every 3.01 ms from 1.5 s on,
+    /// so at every phase of a slot); returns the samples.
+    fn steady_flow_rates(bytes: u64, every: Duration, first: Duration) -> Vec<u64> {
+        let s = FileShared::default();
+        let t0 = s.epoch;
+        let mut samples = (0..997u64).map(|k| Duration::from_micros(1_500_000 + k * 3_010));
+        let mut next = samples.next();
+        let mut rates = Vec::new();
+        let mut at = first;
+        while at < Duration::from_secs(5) {
+            while let Some(t) = next.filter(|t| *t < at) {
+                let text = s.render_stats_at(t0 + t);
+                rates.push(stat(&text, "read_bytes_per_sec"));
+                next = samples.next();
+            }
+            s.record_io_at(Direction::Read, bytes, t0 + at);
+            at += every;
+        }
+        assert_eq!(rates.len(), 997);
+        rates
+    }
+
+    #[test]
+    fn steady_flow_reads_as_its_rate_at_every_phase() {
+        // 1 KiB every 1 ms: 1,024,000 B/s. Only the oldest slot is
+        // estimated, so every sample is within one request of the rate
+        // (summing ten slots read 0.9-1.0 of it).
+        for rate in steady_flow_rates(1024, MS, Duration::ZERO) {
+            assert!(rate.abs_diff(1_024_000) <= 1024, "read {rate} B/s");
+        }
+    }
+
+    #[test]
+    fn coarse_steady_flow_averages_to_its_rate() {
+        // 64 KiB every 62.5 ms, 1 MiB/s exactly, as a throttled reader does:
+        // a sample may be a request off, but the phases average out to the
+        // rate (the old window averaged 0.95 of it: 896-1024 KiB/s). Such a
+        // flow puts requests at only 8 phases of a slot, so it is run at 20
+        // offsets spread over 12.5 ms, as jitter spreads a real one.
+        let rates: Vec<u64> = (0..20u64)
+            .flat_map(|k| {
+                let first = Duration::from_micros(k * 625);
+                steady_flow_rates(64 * 1024, Duration::from_micros(62_500), first)
+            })
+            .collect();
+        let mean = rates.iter().sum::<u64>() as f64 / rates.len() as f64;
+        assert!(
+            (mean / 1_048_576.0 - 1.0).abs() < 0.005,
+            "mean of samples {mean} B/s"
+        );
+        for rate in rates {
+            assert!(rate.abs_diff(1_048_576) <= 64 * 1024, "read {rate} B/s");
+        }
     }
 
     #[test]

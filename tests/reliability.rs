@@ -817,6 +817,81 @@ fn kill_9_keeps_acknowledged_writes_and_a_new_mount_replaces_the_dead_one() {
 // ---------------------------------------------------------------------------
 // fsync and flush ordering
 
+// ---------------------------------------------------------------------------
+// Unmount right after a client with thousands of open files exits
+
+/// Files the client holds open when it exits.
+const MANY_FILES: usize = 3000;
+/// Descriptors the daemon (one for each open file and one for each inode)
+/// and the client need, with room to spare.
+const MANY_FILES_NOFILE: usize = 4 * MANY_FILES;
+
+/// Such an exit leaves thousands of RELEASEs in the kernel's background
+/// queue; an unmount at once aborts the connection under them, and the
+/// daemon's late replies fail with ENODEV or ENOENT. That is a normal
+/// unmount: the daemon exits 0 and logs no ERROR.
+#[test]
+fn unmount_right_after_a_client_with_thousands_of_open_files_logs_no_error() {
+    let mut m = Mount::with_setup(
+        |src| {
+            for i in 0..MANY_FILES {
+                File::create(src.join(format!("f{i}"))).unwrap();
+            }
+        },
+        &[],
+    );
+    // The daemon inherits our descriptor limit, which may be 1024.
+    let nofile = format!("--nofile={MANY_FILES_NOFILE}:{MANY_FILES_NOFILE}");
+    let pid = m.pid().to_string();
+    let out = run_unchecked("prlimit", &["--pid", &pid, &nofile]);
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("prlimit", &["--pid", &pid, &nofile], &out)
+    );
+
+    // The client opens them all, says so, and waits to be killed.
+    let script = format!(
+        "ulimit -n {MANY_FILES_NOFILE} && for i in $(seq 0 {}); do exec {{fd}}<\"$1/f$i\" || exit 1; done && echo ready && exec sleep 600",
+        MANY_FILES - 1
+    );
+    let mut client = Command::new("bash")
+        .args(["-c", &script, "client"])
+        .arg(m.mnt())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn bash");
+    let mut ready = String::new();
+    io::BufRead::read_line(
+        &mut io::BufReader::new(client.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    if ready.trim() != "ready" {
+        let _ = client.kill();
+        let _ = client.wait();
+        panic!(
+            "the client could not open {MANY_FILES} files\n{}",
+            m.daemon_output()
+        );
+    }
+    client.kill().unwrap();
+    client.wait().unwrap();
+    // Unmount at once, in-process, while its RELEASEs are being answered.
+    let mnt = cpath(m.mnt());
+    // SAFETY: umount(2) on a NUL-terminated path we own.
+    let rc = unsafe { libc::umount(mnt.as_ptr()) };
+    assert_eq!(rc, 0, "umount: {}", io::Error::last_os_error());
+    assert_exits_zero(&mut m, ANSWER_BOUND, "umount");
+    let stderr = m.stderr();
+    assert!(
+        !stderr.contains("ERROR"),
+        "an unmount logged errors\n{}",
+        m.daemon_output()
+    );
+}
+
 /// Queues writes from four threads, then runs `barrier` (fsync, or the
 /// close of another descriptor, which sends FUSE_FLUSH) on a descriptor of
 /// the same file from a fifth thread, and checks that it returns only once
@@ -943,6 +1018,26 @@ impl Drop for Tmpfs {
     }
 }
 
+/// How long the space of a removed file may take to come back: the daemon
+/// answers the kernel's FORGET within milliseconds even on a loaded machine.
+const SPACE_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes free for unprivileged use on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let path = cpath(dir);
+    // SAFETY: statvfs(3) on a NUL-terminated path into a zeroed struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    assert_eq!(
+        rc,
+        0,
+        "statvfs {}: {}",
+        dir.display(),
+        io::Error::last_os_error()
+    );
+    st.f_bavail * st.f_frsize
+}
+
 fn underlying_errors_reach_the_caller(limits: &[&str]) {
     let mut m = Mount::new();
     let _tmpfs = Tmpfs::mount(m.src(), "4m");
@@ -990,8 +1085,20 @@ fn underlying_errors_reach_the_caller(limits: &[&str]) {
         "daemon died on ENOSPC\n{}",
         m.daemon_output()
     );
-    // Space freed: writes work again.
+    // Space freed: writes work again. Not at once: the daemon holds each
+    // inode it was told about until the kernel's FORGET, which the kernel
+    // queues as unlink() returns and the daemon serves on another thread
+    // (a RELEASE, sent after close() returns, may also still be on its way).
+    // No later syscall waits for either, so wait, bounded, for the space.
     fs::remove_file(m.path("fill.img")).unwrap();
+    let freed = wait_until(SPACE_BACK_TIMEOUT, || {
+        free_bytes(m.src()) >= 2 * block.len() as u64
+    });
+    assert!(
+        freed,
+        "{} bytes free in the source {SPACE_BACK_TIMEOUT:?} after the full file was removed",
+        free_bytes(m.src())
+    );
     fs::write(m.path("after.img"), &block).unwrap();
     assert!(fs::read(m.src_path("after.img")).unwrap() == block);
 

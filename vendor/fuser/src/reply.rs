@@ -14,6 +14,7 @@ use std::time::Duration;
 #[cfg(target_os = "macos")]
 use std::time::SystemTime;
 
+use log::debug;
 use log::error;
 use log::warn;
 
@@ -134,7 +135,16 @@ impl ReplyRaw {
         let sender = self.sender.take().unwrap();
         let res = response.with_iovec(self.unique, |iov| sender.send(iov));
         if let Err(err) = res {
-            error!("Failed to send FUSE reply: {err}");
+            // throttlefs patch: ENODEV (the connection is gone: unmounted or
+            // aborted) and ENOENT (the kernel no longer waits for this
+            // request: interrupted or already aborted) are normal late
+            // replies, e.g. to RELEASE at unmount; see PATCHES.md.
+            match err.raw_os_error() {
+                Some(libc::ENODEV | libc::ENOENT) => {
+                    debug!("FUSE reply not delivered, the kernel no longer waits for it: {err}")
+                }
+                _ => error!("Failed to send FUSE reply: {err}"),
+            }
         }
     }
     pub(crate) fn send_ll(mut self, response: &impl Response) {

@@ -526,10 +526,25 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
+        // throttlefs patch: the last read returned ECONNABORTED.
+        let mut aborted = false;
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_retrying(buf) {
+            let received = self.ch.receive_retrying(buf);
+            let was_aborted = std::mem::replace(
+                &mut aborted,
+                received == Err(nix::errno::Errno::ECONNABORTED),
+            );
+            match received {
+                // throttlefs patch: a read that took a request just as an
+                // unmount aborted the connection fails with ECONNABORTED,
+                // and the next one with ENODEV. Read once more to tell that
+                // from a lasting abort; see PATCHES.md.
+                Err(nix::errno::Errno::ECONNABORTED) if !was_aborted => {
+                    debug!("read from the FUSE device aborted; reading once more");
+                    continue;
+                }
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
