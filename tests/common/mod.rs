@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod aio;
 pub mod attrs;
 
 use std::ffi::OsStr;
