@@ -37,6 +37,11 @@ use crate::xattr::{self, Attr, OwnSet};
 /// How long a FUSE thread waits for the scheduler's report on a group.
 const GROUP_STATS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The largest value the kernel passes for an xattr (XATTR_SIZE_MAX).
+const XATTR_VALUE_MAX_BYTES: usize = 64 * 1024;
+/// Room kept for the `members_unlisted=N` line of a group's stats.
+const UNLISTED_LINE_BYTES: usize = 40;
+
 /// Membership of a throttle group.
 const GROUP_ATTR: &str = "user.throttle.group";
 
@@ -1194,18 +1199,33 @@ impl ThrottleFs {
             out.push_str(&format!("{name}={value}\n"));
         }
         out.push_str(&format!("members={}\n", report.members.len()));
+        let tail = format!(
+            "waiting={}\nread_bytes={}\nread_ops={}\nwrite_bytes={}\nwrite_ops={}\n",
+            report.waiting, report.bytes[0], report.ops[0], report.bytes[1], report.ops[1]
+        );
+        // One line per member until the value would pass what an xattr may
+        // hold; then only how many were left out.
+        let mut unlisted = 0;
         for member in &report.members {
+            if unlisted > 0 {
+                unlisted += 1;
+                continue;
+            }
             let path = self
                 .inode(INodeNo(*member))
                 .map(|n| self.display_path(n.fd))
                 .unwrap_or_else(|_| format!("inode {member}"));
-            out.push_str(&format!("member={path}\n"));
+            let line = format!("member={path}\n");
+            if out.len() + line.len() + tail.len() + UNLISTED_LINE_BYTES > XATTR_VALUE_MAX_BYTES {
+                unlisted = 1;
+                continue;
+            }
+            out.push_str(&line);
         }
-        out.push_str(&format!("waiting={}\n", report.waiting));
-        out.push_str(&format!(
-            "read_bytes={}\nread_ops={}\nwrite_bytes={}\nwrite_ops={}\n",
-            report.bytes[0], report.ops[0], report.bytes[1], report.ops[1]
-        ));
+        if unlisted > 0 {
+            out.push_str(&format!("members_unlisted={unlisted}\n"));
+        }
+        out.push_str(&tail);
         Some(out.into_bytes())
     }
 

@@ -2,8 +2,9 @@
 //! top of their own, get equal shares (in bytes for a bps group, in
 //! requests for an iops group) whatever their request sizes and queue
 //! depths, a member capped by its own limit leaves the rest to its mates,
-//! membership and group limits change live and survive a remount, and bad
-//! names, values and command lines are refused.
+//! membership and group limits change live and survive a remount, a
+//! group of a thousand members keeps its rate, and bad names, values and
+//! command lines are refused.
 //!
 //! Reads use O_DIRECT and requests of at most 512 KiB, so each one reaches
 //! throttlefs as a single FUSE request. Reader threads count what they
@@ -125,10 +126,14 @@ fn group_stats(m: &Mount, group: &str) -> GroupStats {
     ] {
         s.get(key);
     }
+    let unlisted = s
+        .values
+        .get("members_unlisted")
+        .map_or(0, |v| v.parse::<usize>().expect("members_unlisted"));
     assert_eq!(
         s.num("members") as usize,
-        s.members.len(),
-        "members= does not match the member= lines: {:?}",
+        s.members.len() + unlisted,
+        "members= does not match the member= lines and members_unlisted=: {:?}",
         s.text
     );
     s
@@ -799,4 +804,142 @@ fn a_member_leaving_reads_at_full_speed_while_its_mate_keeps_the_limit() {
         "the remaining member got only {:.2} MiB/s of a bps=4M group",
         mib(bb) / w.secs
     );
+}
+
+// ---------------------------------------------------------------------------
+// 7. A large group keeps its rate.
+
+/// Members of the large group, made members by their directory's xattr.
+const LARGE_GROUP_MEMBERS: usize = 1000;
+/// The large group's limit; its bucket holds a tenth of a second of it.
+const LARGE_GROUP_IOPS: u64 = 2000;
+/// Reads of each member: 6000 in all, three seconds at the limit.
+const READS_PER_MEMBER: usize = 6;
+/// Reader threads; each keeps one read outstanding and cycles over its
+/// share of the members, so every member gets requests, one at a time.
+const LARGE_GROUP_READERS: usize = 16;
+const LARGE_GROUP_REQ_BYTES: u64 = 4 * KIB;
+
+/// The daemon keeps descriptors for each open member: let it (a child of
+/// this process) have as many as the hard limit allows.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+#[test]
+fn a_thousand_member_group_reaches_its_limit_and_never_exceeds_it() {
+    raise_nofile_limit();
+    let mut m = Mount::new();
+    fs::create_dir(m.src_path("big")).unwrap();
+    let data: Vec<Vec<u8>> = (0..LARGE_GROUP_MEMBERS)
+        .map(|i| {
+            common::make_file(
+                m.src(),
+                &format!("big/{i}"),
+                LARGE_GROUP_REQ_BYTES,
+                100 + i as u64,
+            )
+        })
+        .collect();
+    let data = Arc::new(data);
+    m.start(&["--group", &format!("big:iops_rd={LARGE_GROUP_IOPS}")]);
+    sys_set_attr(&m.path("big"), GROUP, "big");
+
+    // Open every member first, so that the timed part is reads only.
+    let files: Vec<Vec<(usize, fs::File)>> = (0..LARGE_GROUP_READERS)
+        .map(|t| {
+            (t..LARGE_GROUP_MEMBERS)
+                .step_by(LARGE_GROUP_READERS)
+                .map(|i| (i, common::open_direct(&m.path(&format!("big/{i}")), false)))
+                .collect()
+        })
+        .collect();
+    let t0 = Instant::now();
+    let readers: Vec<JoinHandle<Result<(), String>>> = files
+        .into_iter()
+        .map(|mine| {
+            let data = Arc::clone(&data);
+            thread::spawn(move || {
+                let mut buf = vec![0u8; LARGE_GROUP_REQ_BYTES as usize];
+                for _ in 0..READS_PER_MEMBER {
+                    for (i, file) in &mine {
+                        file.read_exact_at(&mut buf, 0)
+                            .map_err(|e| format!("read member {i}: {e}"))?;
+                        if buf != data[*i] {
+                            return Err(format!("wrong data read from member {i}"));
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().expect("reader panicked").unwrap();
+    }
+    let elapsed = t0.elapsed();
+
+    let reads = (LARGE_GROUP_MEMBERS * READS_PER_MEMBER) as f64;
+    let rate = LARGE_GROUP_IOPS as f64;
+    // The bucket (a tenth of a second) plus one request may go at once;
+    // every other read waits for the group to leak one.
+    let lower = (reads - rate * 0.1 - 1.0) / rate;
+    let got = reads / elapsed.as_secs_f64();
+    eprintln!("{reads} reads in {elapsed:?}: {got:.0} requests/s");
+    assert_elapsed_between(
+        &format!(
+            "{reads} reads of a {LARGE_GROUP_MEMBERS}-member group under iops_rd={LARGE_GROUP_IOPS}"
+        ),
+        elapsed,
+        lower,
+        loose_upper(reads / rate),
+    );
+    assert!(
+        got >= rate * (1.0 - SHARE_TOLERANCE),
+        "a {LARGE_GROUP_MEMBERS}-member group reached only {got:.0} of its {rate} requests/s"
+    );
+    let s = group_stats(&m, "big");
+    assert_eq!(s.num("members"), LARGE_GROUP_MEMBERS as u64, "{}", s.text);
+    assert_eq!(s.num("read_ops"), reads as u64, "{}", s.text);
+    assert_eq!(s.num("waiting"), 0, "{}", s.text);
+}
+
+/// Members of a group too large to list in one attribute value.
+const UNLISTABLE_GROUP_MEMBERS: usize = 5000;
+
+#[test]
+fn stats_of_a_group_too_large_to_list_count_the_members_left_out() {
+    raise_nofile_limit();
+    let mut m = Mount::new();
+    fs::create_dir(m.src_path("many")).unwrap();
+    for i in 0..UNLISTABLE_GROUP_MEMBERS {
+        fs::write(m.src_path(&format!("many/member-file-{i:05}.img")), b"x").unwrap();
+    }
+    m.start(&["--group", "many:iops_rd=1000"]);
+    sys_set_attr(&m.path("many"), GROUP, "many");
+    // Opening a file makes it a member the scheduler knows.
+    for i in 0..UNLISTABLE_GROUP_MEMBERS {
+        drop(fs::File::open(m.path(&format!("many/member-file-{i:05}.img"))).unwrap());
+    }
+    let s = group_stats(&m, "many");
+    assert!(s.text.len() <= 64 * 1024, "{} bytes", s.text.len());
+    let listed = s.members.len() as u64;
+    assert_eq!(s.num("members"), UNLISTABLE_GROUP_MEMBERS as u64);
+    assert!(listed > 1000, "only {listed} members listed");
+    assert_eq!(
+        listed + s.num("members_unlisted"),
+        UNLISTABLE_GROUP_MEMBERS as u64,
+        "listed {listed}"
+    );
+    assert_eq!(s.num("waiting"), 0, "{}", &s.text[s.text.len() - 200..]);
 }
