@@ -943,3 +943,30 @@ fn stats_of_a_group_too_large_to_list_count_the_members_left_out() {
     );
     assert_eq!(s.num("waiting"), 0, "{}", &s.text[s.text.len() - 200..]);
 }
+
+#[test]
+fn bytes_a_short_read_did_not_move_go_back_to_the_group() {
+    // Group bps_rd=1M: its bucket holds 102.4 KiB. A 1 MiB read of a
+    // 64 KiB file is charged 1 MiB at release; if only the file got the
+    // 960 KiB back, the mate's read would wait until the group's bucket
+    // drained to its capacity, about 0.9 s.
+    let mut m = Mount::new();
+    fs::create_dir(m.src_path("t")).unwrap();
+    fs::write(m.src_path("t/short"), vec![7u8; 64 * KIB as usize]).unwrap();
+    fs::write(m.src_path("t/mate"), vec![9u8; 4 * KIB as usize]).unwrap();
+    m.start(&["--group", "t:bps_rd=1M"]);
+    sys_set_attr(&m.path("t"), GROUP, "t");
+    let mut buf = vec![0u8; MIB as usize];
+    let short = fs::File::open(m.path("t/short")).unwrap();
+    let n = short.read_at(&mut buf, 0).unwrap();
+    assert_eq!(n, 64 * KIB as usize);
+    let mate = fs::File::open(m.path("t/mate")).unwrap();
+    let t0 = Instant::now();
+    let n = mate.read_at(&mut buf[..4 * KIB as usize], 0).unwrap();
+    let took = t0.elapsed();
+    assert_eq!(n, 4 * KIB as usize);
+    assert!(
+        took < Duration::from_millis(450),
+        "the mate's 4 KiB read waited {took:?}: the group kept the short read's charge"
+    );
+}
