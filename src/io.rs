@@ -14,6 +14,7 @@ use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 
 use crate::stats::FileShared;
 use crate::throttle::Direction;
+use crate::uring::{self, RingWake};
 
 /// An open file of the underlying tree. Queued requests hold an `Arc` to it,
 /// so a `release` that races with a queued request (a caller killed while
@@ -67,7 +68,7 @@ impl DirectFd {
         })
     }
 
-    fn fits(&self, offset: u64, len: usize) -> bool {
+    pub(crate) fn fits(&self, offset: u64, len: usize) -> bool {
         len > 0
             && offset.is_multiple_of(self.offset_align_bytes)
             && (len as u64).is_multiple_of(self.offset_align_bytes)
@@ -93,7 +94,7 @@ impl std::fmt::Debug for AlignedBuf {
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
-    fn new(capacity: usize, align: usize) -> io::Result<AlignedBuf> {
+    pub(crate) fn new(capacity: usize, align: usize) -> io::Result<AlignedBuf> {
         let layout = std::alloc::Layout::from_size_align(capacity.max(1), align)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: the layout has a non-zero size.
@@ -114,6 +115,18 @@ impl AlignedBuf {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
         buf.len = data.len();
         Ok(buf)
+    }
+
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The first `len` bytes, which the caller had filled (a read into
+    /// `as_mut_ptr`).
+    pub(crate) fn filled(&self, len: usize) -> &[u8] {
+        assert!(len <= self.layout.size());
+        // SAFETY: within the allocation; the caller filled them.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len) }
     }
 
     /// Whether this buffer can hold `size` bytes at alignment `align`.
@@ -636,9 +649,25 @@ pub struct Released {
 /// than a channel: idle workers sleep without spinning, which on a 2-core
 /// machine would take the CPU from the threads doing the work.
 #[derive(Default)]
-struct JobQueue {
+pub(crate) struct JobQueue {
     state: Mutex<QueueState>,
     ready: Condvar,
+}
+
+impl JobQueue {
+    /// For ring workers: move up to `max` queued jobs into `out`. When it
+    /// takes none, `idle` runs under the queue's lock (the worker marks
+    /// itself asleep, so a sender that queues a job after this sees it).
+    /// Returns whether the queue is closed.
+    pub(crate) fn take(&self, max: usize, out: &mut Vec<Released>, idle: impl FnOnce()) -> bool {
+        let mut state = self.state.lock().expect("job queue");
+        let n = max.min(state.jobs.len());
+        out.extend(state.jobs.drain(..n));
+        if out.is_empty() && !state.closed {
+            idle();
+        }
+        state.closed
+    }
 }
 
 #[derive(Default)]
@@ -650,6 +679,9 @@ struct QueueState {
     /// Wake-ups sent and not yet taken: no more workers are woken than
     /// there are jobs for them, since every wake-up is a context switch.
     waking: usize,
+    /// Ring workers (io_uring), when the pool has them instead of blocking
+    /// workers.
+    rings: Vec<Arc<RingWake>>,
 }
 
 /// Where the scheduler puts released jobs. Dropping the last sender closes
@@ -677,6 +709,15 @@ impl JobSender {
                 wake += 1;
             }
         }
+        // One ring worker takes the whole batch: wake one that sleeps, if
+        // none is awake to come back for it.
+        if let Some(w) = state
+            .rings
+            .iter()
+            .find(|w| w.sleeping.swap(false, Ordering::SeqCst))
+        {
+            w.ring();
+        }
         drop(state);
         for _ in 0..wake {
             self.queue.ready.notify_one();
@@ -687,10 +728,20 @@ impl JobSender {
 
 impl Drop for JobSender {
     fn drop(&mut self) {
-        self.queue.state.lock().expect("job queue").closed = true;
+        let mut state = self.queue.state.lock().expect("job queue");
+        state.closed = true;
+        for w in &state.rings {
+            w.ring();
+        }
+        drop(state);
         self.queue.ready.notify_all();
     }
 }
+
+/// Set (to anything) in the daemon's environment, the I/O pool uses
+/// blocking workers even where io_uring works: for comparison, and for
+/// hosts whose io_uring misbehaves.
+pub const NO_URING_ENV: &str = "THROTTLEFS_NO_IO_URING";
 
 /// Worker threads that run released jobs.
 pub struct IoPool {
@@ -706,6 +757,14 @@ impl IoPool {
         done: impl Fn(Completion) + Send + Clone + 'static,
     ) -> io::Result<(IoPool, JobSender)> {
         let queue = Arc::new(JobQueue::default());
+        match Self::start_rings(threads, &queue, done.clone()) {
+            Ok(workers) if !workers.is_empty() => {
+                log::info!("I/O on io_uring, {} ring workers", workers.len());
+                return Ok((IoPool { workers }, JobSender { queue }));
+            }
+            Ok(_) => {}
+            Err(e) => log::info!("no io_uring ({e}): I/O on {threads} blocking workers"),
+        }
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
             let queue = queue.clone();
@@ -725,6 +784,37 @@ impl IoPool {
             );
         }
         Ok((IoPool { workers }, JobSender { queue }))
+    }
+
+    /// Ring workers, one per core up to `threads`, or the error that says
+    /// io_uring is not to be had here (then none was started).
+    fn start_rings(
+        threads: usize,
+        queue: &Arc<JobQueue>,
+        done: impl Fn(Completion) + Send + Clone + 'static,
+    ) -> io::Result<Vec<JoinHandle<()>>> {
+        if std::env::var_os(NO_URING_ENV).is_some() {
+            return Err(io::Error::other(format!("{NO_URING_ENV} is set")));
+        }
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        let n = threads.min(cores).max(1);
+        let mut rings = Vec::with_capacity(n);
+        for _ in 0..n {
+            rings.push((uring::new_ring()?, Arc::new(RingWake::new()?)));
+        }
+        queue.state.lock().expect("job queue").rings =
+            rings.iter().map(|(_, w)| w.clone()).collect();
+        let mut workers = Vec::with_capacity(n);
+        for (i, (ring, wake)) in rings.into_iter().enumerate() {
+            let queue = queue.clone();
+            let done = done.clone();
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("io-{i}"))
+                    .spawn(move || uring::run(ring, queue, wake, done))?,
+            );
+        }
+        Ok(workers)
     }
 
     pub fn join(self) {

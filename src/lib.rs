@@ -7,4 +7,5 @@ pub mod options;
 pub mod scheduler;
 pub mod stats;
 pub mod throttle;
+pub mod uring;
 pub mod xattr;

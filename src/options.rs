@@ -133,7 +133,7 @@ struct Cli {
     /// more log output; repeat for even more
     #[arg(short = 'v', action = ArgAction::Count)]
     verbose: u8,
-    /// worker threads doing file I/O (1 to 1024, default 8)
+    /// I/O worker threads (1 to 1024, default 8; with io_uring, at most one per core)
     #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
     io_threads: Vec<String>,
     /// limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable

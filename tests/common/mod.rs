@@ -49,6 +49,8 @@ pub struct Mount {
     status: Option<ExitStatus>,
     stderr_path: PathBuf,
     stdout_path: PathBuf,
+    /// Extra environment of the daemon.
+    pub daemon_env: Vec<(String, String)>,
 }
 
 impl Default for Mount {
@@ -80,6 +82,7 @@ impl Mount {
             mnt,
             child: None,
             status: None,
+            daemon_env: Vec::new(),
         }
     }
 
@@ -158,6 +161,7 @@ impl Mount {
         let stdout = File::create(&self.stdout_path).expect("create stdout file");
         let child = Command::new(binary())
             .args(args)
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
