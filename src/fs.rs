@@ -25,7 +25,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::io::{self as fio, DirectFd, Handle, Job};
+use crate::io::{self as fio, DirectFd, DirectSender, Handle, Job};
 use crate::scheduler::{Msg, SchedulerTx};
 use crate::stats::{Effective, FileShared, Origin};
 use crate::throttle::{Direction, Limits};
@@ -202,6 +202,8 @@ pub struct ThrottleFs {
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
     scheduler: SchedulerTx,
+    /// Where requests of files without limits may go at queue depth.
+    unthrottled: DirectSender,
     /// Limits in force for every file (mount options).
     limits: Limits,
     /// Throttle groups' limits from the mount options.
@@ -303,6 +305,7 @@ impl ThrottleFs {
         limits: Limits,
         groups: &[(String, Limits)],
         scheduler: SchedulerTx,
+        unthrottled: DirectSender,
     ) -> io::Result<ThrottleFs> {
         let path = CString::new(source.as_os_str().as_bytes())?;
         // SAFETY: plain open of a NUL-terminated path.
@@ -341,6 +344,7 @@ impl ThrottleFs {
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             scheduler,
+            unthrottled,
             limits,
             // SAFETY: geteuid cannot fail.
             our_uid: unsafe { libc::geteuid() },
@@ -538,6 +542,7 @@ impl ThrottleFs {
             direct,
             file: node.ino,
             shared: node.shared.clone(),
+            unthrottled: Arc::default(),
         });
         self.files.write().expect("file lock").insert(
             fh,
@@ -592,6 +597,12 @@ impl ThrottleFs {
         } else {
             let _ = job.run();
         }
+    }
+
+    /// A read or write of a file without limits: here, or at queue depth
+    /// on a ring worker (see `DirectSender::run`).
+    fn unthrottled(&self, file: u64, flight: &Arc<fio::Flight>, job: Job) {
+        self.unthrottled.run(file, flight, job);
     }
 
     fn submit(&self, req: &Request, file: u64, job: Job) {
@@ -1576,14 +1587,24 @@ impl Filesystem for ThrottleFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let throttled = Self::is_throttled(&handle.shared);
-        let job = Job::Read {
-            handle,
-            offset,
-            size,
-            reply,
-        };
-        self.route(req, ino.0, job, throttled);
+        if Self::is_throttled(&handle.shared) {
+            let job = Job::Read {
+                handle,
+                offset,
+                size,
+                reply,
+            };
+            self.submit(req, ino.0, job);
+        } else {
+            let flight = handle.unthrottled.clone();
+            let job = Job::Read {
+                handle,
+                offset,
+                size,
+                reply,
+            };
+            self.unthrottled(ino.0, &flight, job);
+        }
     }
 
     fn write(
@@ -1611,7 +1632,19 @@ impl Filesystem for ThrottleFs {
                 reply,
             };
             self.submit(req, ino.0, job);
+        } else if self.unthrottled.has_rings() && handle.unthrottled.jobs() > 0 {
+            // At depth: to a ring worker, with its own copy of the data.
+            let flight = handle.unthrottled.clone();
+            let job = Job::Write {
+                data: handle.write_data(offset, data),
+                handle,
+                offset,
+                reply,
+            };
+            self.unthrottled(ino.0, &flight, job);
         } else {
+            let flight = handle.unthrottled.clone();
+            flight.start(true);
             match handle.write_at(offset, data) {
                 Ok(n) => {
                     handle.shared.record_io(Direction::Write, n as u64);
@@ -1619,6 +1652,7 @@ impl Filesystem for ThrottleFs {
                 }
                 Err(e) => reply.error(Errno::from(e)),
             }
+            flight.finish(true);
         }
     }
 

@@ -31,6 +31,9 @@ pub struct Handle {
     pub file: u64,
     /// The file's counters and bypass flag.
     pub shared: Arc<FileShared>,
+    /// Requests of this handle served without the scheduler (the file has
+    /// no limits) and not yet answered.
+    pub unthrottled: Arc<Flight>,
 }
 
 /// A descriptor opened with O_DIRECT and the alignment it demands.
@@ -694,10 +697,73 @@ impl JobSender {
     /// Queue a batch of jobs under one lock, waking at most one sleeping
     /// worker per job. After the pool has stopped the jobs are handed back.
     pub fn send_all(&self, batch: &mut Vec<Released>) -> Result<(), Vec<Released>> {
+        self.queue.push_all(batch)
+    }
+
+    /// A way for the FUSE threads to hand jobs of files without limits to
+    /// the ring workers directly (it does not keep the pool open).
+    pub fn direct(&self) -> DirectSender {
+        DirectSender {
+            queue: self.queue.clone(),
+            rings: self.queue.has_rings(),
+        }
+    }
+}
+
+/// Hands jobs of files without limits straight to the ring workers,
+/// bypassing the scheduler.
+#[derive(Clone)]
+pub struct DirectSender {
+    queue: Arc<JobQueue>,
+    /// The pool has ring workers (fixed once it has started).
+    rings: bool,
+}
+
+impl DirectSender {
+    /// Run `job` of a file without limits: on this thread when nothing else
+    /// of the handle is in flight (the lowest latency), else on a ring
+    /// worker, which keeps many in flight without blocking this thread (the
+    /// lowest cost at queue depth). Without ring workers always here.
+    pub fn run(&self, file: u64, flight: &Arc<Flight>, job: Job) {
+        let write = job.direction() == Some(Direction::Write);
+        let busy = flight.jobs() > 0;
+        flight.start(write);
+        if busy && self.rings {
+            let mut batch = vec![Released {
+                file,
+                flight: flight.clone(),
+                job,
+            }];
+            match self.queue.push_all(&mut batch) {
+                Ok(()) => return,
+                Err(lost) => {
+                    for r in lost {
+                        let _ = r.job.run();
+                    }
+                }
+            }
+        } else {
+            let _ = job.run();
+        }
+        flight.finish(write);
+    }
+
+    /// Whether `run` may hand jobs to ring workers (they need owned data).
+    pub fn has_rings(&self) -> bool {
+        self.rings
+    }
+}
+
+impl JobQueue {
+    fn has_rings(&self) -> bool {
+        !self.state.lock().expect("job queue").rings.is_empty()
+    }
+
+    fn push_all(&self, batch: &mut Vec<Released>) -> Result<(), Vec<Released>> {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut state = self.queue.state.lock().expect("job queue");
+        let mut state = self.state.lock().expect("job queue");
         if state.closed {
             return Err(std::mem::take(batch));
         }
@@ -720,7 +786,7 @@ impl JobSender {
         }
         drop(state);
         for _ in 0..wake {
-            self.queue.ready.notify_one();
+            self.ready.notify_one();
         }
         Ok(())
     }

@@ -141,12 +141,19 @@ fn run(cfg: MountConfig) -> Result<()> {
         let _ = done_tx.send(Msg::Done(c));
     })
     .context("starting I/O threads")?;
+    let unthrottled = job_tx.direct();
     let scheduler = Scheduler::new(cfg.limits, job_tx)
         .spawn(sched_rx)
         .context("starting the scheduler")?;
 
-    let fs = ThrottleFs::new(&cfg.source, cfg.limits, &cfg.groups, sched_tx.clone())
-        .with_context(|| format!("opening source '{}'", cfg.source.display()))?;
+    let fs = ThrottleFs::new(
+        &cfg.source,
+        cfg.limits,
+        &cfg.groups,
+        sched_tx.clone(),
+        unthrottled,
+    )
+    .with_context(|| format!("opening source '{}'", cfg.source.display()))?;
 
     let mut options = cfg.fuse_options.clone();
     if !options.iter().any(|o| matches!(o, MountOption::FSName(_))) {
