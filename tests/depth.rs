@@ -374,6 +374,91 @@ fn read_page_at(path: &Path, offset: u64, data: &[u8]) -> Instant {
     done[0].at
 }
 
+/// A fio run killed while its reads wait behind `--iops-rd iops`, as
+/// `kill_fio_with_queued_reads` leaves it.
+struct KilledRun {
+    /// Kept mounted until the run is dropped.
+    _mount: Mount,
+    path: std::path::PathBuf,
+    data: Vec<u8>,
+    start: Instant,
+    /// Requests still queued right after the kill.
+    in_queue: u64,
+    /// How long after SIGKILL the process was reaped, and when.
+    reap_took: Duration,
+    reaped: Instant,
+    /// The file's stats after the reap.
+    after: std::collections::BTreeMap<String, u64>,
+}
+
+/// Starts fio with `fio_args` on a file of 64 pages under `--iops-rd
+/// iops`, waits until `queued_at_least` reads wait in the throttle, kills
+/// it with SIGKILL, and reaps it within `reap_limit(in_queue)`.
+fn kill_fio_with_queued_reads(
+    iops: u64,
+    seed: u64,
+    fio_args: &[&str],
+    queued_at_least: u64,
+    reap_limit: impl Fn(u64) -> Duration,
+) -> KilledRun {
+    const N: usize = 64;
+    let mut m = Mount::new();
+    let data = source_file(&m, "disk.img", N * PAGE_BYTES, seed);
+    m.start(&["--iops-rd", &iops.to_string()]);
+    let path = m.path("disk.img");
+    let start = Instant::now();
+    let mut fio = spawn_fio(&path, fio_args);
+    let queued = waiting_reaches(&path, queued_at_least, Duration::from_secs(10));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(fio.id() as libc::pid_t, libc::SIGKILL) };
+    let killed = Instant::now();
+    assert!(
+        queued,
+        "fio's {N} reads never queued (waiting={})",
+        waiting(&path)
+    );
+    let in_queue = waiting(&path);
+    let reaped = reap_within(&mut fio, reap_limit(in_queue)).expect("the killed fio never exited");
+    let after = stats(&path);
+    eprintln!(
+        "{in_queue} queued at the kill; reaped {:?} after; {} performed",
+        reaped - killed,
+        after["read_ops"]
+    );
+    KilledRun {
+        _mount: m,
+        path,
+        data,
+        start,
+        in_queue,
+        reap_took: reaped - killed,
+        reaped,
+        after,
+    }
+}
+
+impl KilledRun {
+    /// The queue is empty, and the next read goes no earlier than the
+    /// reads really performed allow (strict); returns when it completed,
+    /// after the reap.
+    fn next_read_after_reap(&self, iops: u64) -> Duration {
+        assert_eq!(
+            self.after["waiting"], 0,
+            "requests left in the queue: {:?}",
+            self.after
+        );
+        let performed = self.after["read_ops"] as usize;
+        let model = earliest_releases(performed + 1, 1, iops);
+        let next = read_page_at(&self.path, 0, &self.data) - self.start;
+        eprintln!("next read at {next:?}, earliest {:.3} s", model[performed]);
+        assert!(
+            next.as_secs_f64() >= model[performed],
+            "the next read went at {next:?}, before the {performed} performed reads allow"
+        );
+        Instant::now() - self.reaped
+    }
+}
+
 #[test]
 fn killed_process_with_64_queued_reads_is_cancelled_and_charges_nothing() {
     // 64 fio threads each block in one O_DIRECT read behind iops_rd=10
@@ -381,15 +466,10 @@ fn killed_process_with_64_queued_reads_is_cancelled_and_charges_nothing() {
     // interrupts every queued one (FUSE_INTERRUPT): the process is reaped at
     // once, the queue empties, and the next read goes when the reads that
     // really happened allow, not 6 s later.
-    const N: usize = 64;
     const IOPS: u64 = 10;
-    let mut m = Mount::new();
-    let data = source_file(&m, "disk.img", N * PAGE_BYTES, 4);
-    m.start(&["--iops-rd", &IOPS.to_string()]);
-    let path = m.path("disk.img");
-    let start = Instant::now();
-    let mut fio = spawn_fio(
-        &path,
+    let run = kill_fio_with_queued_reads(
+        IOPS,
+        4,
         &[
             "--ioengine=psync",
             "--rw=read",
@@ -397,38 +477,18 @@ fn killed_process_with_64_queued_reads_is_cancelled_and_charges_nothing() {
             "--time_based",
             "--runtime=60",
         ],
-    );
-    let queued = waiting_reaches(&path, 48, Duration::from_secs(10));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(fio.id() as libc::pid_t, libc::SIGKILL) };
-    let killed = Instant::now();
-    assert!(
-        queued,
-        "fio's 64 reads never queued (waiting={})",
-        waiting(&path)
+        48,
+        |_| Duration::from_secs(30),
     );
     // Without cancellation the 48+ queued reads keep it for 4.8 s or more.
-    let reaped = reap_within(&mut fio, Duration::from_secs(30)).expect("fio never exited");
-    let reap_took = reaped - killed;
-    let after = stats(&path);
-    let performed = after["read_ops"] as usize;
-    eprintln!("reaped {reap_took:?} after SIGKILL; {performed} reads performed");
     assert!(
-        reap_took < Duration::from_millis(2500),
-        "the killed process was reaped only {reap_took:?} after SIGKILL"
+        run.reap_took < Duration::from_millis(2500),
+        "the killed process was reaped only {:?} after SIGKILL",
+        run.reap_took
     );
-    assert_eq!(after["waiting"], 0, "requests left in the queue: {after:?}");
-    // The next read is release number `performed`: strict lower bound from
-    // the model; had the cancelled reads been charged it would wait for all
-    // N of them (several seconds), hence the upper bound.
-    let model = earliest_releases(performed + 1, 1, IOPS);
-    let next = read_page_at(&path, 0, &data) - start;
-    eprintln!("next read at {next:?}, earliest {:.3} s", model[performed]);
-    assert!(
-        next.as_secs_f64() >= model[performed],
-        "the next read went at {next:?}, before the {performed} performed reads allow"
-    );
-    let next_after_reap = Instant::now() - reaped;
+    // Had the cancelled reads been charged, the next read would wait for
+    // all of them (several seconds).
+    let next_after_reap = run.next_read_after_reap(IOPS);
     assert!(
         next_after_reap < Duration::from_millis(1500),
         "the next read waited {next_after_reap:?} after the cancellation: the cancelled \
@@ -443,15 +503,12 @@ fn killed_process_with_64_queued_async_reads_is_answered() {
     // are not cancelled: throttlefs must answer each at its release time
     // (iops_rd=100: the 64th at 0.53 s), after which the process is reaped,
     // the queue is empty, and the next read goes as those charges allow.
-    const N: usize = 64;
     const IOPS: u64 = 100;
-    let mut m = Mount::new();
-    let data = source_file(&m, "disk.img", N * PAGE_BYTES, 5);
-    m.start(&["--iops-rd", &IOPS.to_string()]);
-    let path = m.path("disk.img");
-    let start = Instant::now();
-    let mut fio = spawn_fio(
-        &path,
+    // Each queued read is released 10 ms after the previous one.
+    let bound = |in_queue: u64| loose_upper(in_queue as f64 / IOPS as f64);
+    let run = kill_fio_with_queued_reads(
+        IOPS,
+        5,
         &[
             "--ioengine=libaio",
             "--rw=randread",
@@ -460,42 +517,17 @@ fn killed_process_with_64_queued_async_reads_is_answered() {
             "--time_based",
             "--runtime=60",
         ],
+        40,
+        |in_queue| Duration::from_secs_f64(bound(in_queue) + 30.0),
     );
-    let queued = waiting_reaches(&path, 40, Duration::from_secs(10));
-    unsafe { libc::kill(fio.id() as libc::pid_t, libc::SIGKILL) };
-    let killed = Instant::now();
+    let limit = bound(run.in_queue);
     assert!(
-        queued,
-        "fio's 64 reads never queued (waiting={})",
-        waiting(&path)
+        run.reap_took.as_secs_f64() <= limit,
+        "the killed process was reaped {:?} after SIGKILL, more than {limit:.3} s",
+        run.reap_took
     );
-    let in_queue = waiting(&path);
-    // Each queued read is released 10 ms after the previous one.
-    let bound = loose_upper(in_queue as f64 / IOPS as f64);
-    let reaped = reap_within(&mut fio, Duration::from_secs_f64(bound + 30.0))
-        .expect("the killed fio never exited");
-    let reap_took = reaped - killed;
-    let after = stats(&path);
-    let performed = after["read_ops"] as usize;
-    eprintln!("{in_queue} queued at the kill; reaped {reap_took:?} after; {performed} performed");
-    assert!(
-        reap_took.as_secs_f64() <= bound,
-        "the killed process was reaped {reap_took:?} after SIGKILL, more than {bound:.3} s"
-    );
-    assert_eq!(after["waiting"], 0, "requests left in the queue: {after:?}");
-    let model = earliest_releases(performed + 1, 1, IOPS);
-    let next = read_page_at(&path, 0, &data) - start;
-    eprintln!("next read at {next:?}, earliest {:.3} s", model[performed]);
-    assert!(
-        next.as_secs_f64() >= model[performed],
-        "the next read went at {next:?}, before the {performed} performed reads allow"
-    );
-    common::assert_elapsed_between(
-        "the next read",
-        Instant::now() - reaped,
-        0.0,
-        loose_upper(0.01),
-    );
+    let next_after_reap = run.next_read_after_reap(IOPS);
+    common::assert_elapsed_between("the next read", next_after_reap, 0.0, loose_upper(0.01));
 }
 
 #[test]
