@@ -297,3 +297,43 @@ fn pwritev2_noappend_on_an_o_append_o_direct_descriptor_writes_at_its_offset() {
     let block = Block([0x5a; PAGE_BYTES]);
     check_noappend(libc::O_DIRECT, &block.0, PAGE_BYTES as i64, 4 * PAGE_BYTES);
 }
+
+#[test]
+fn o_direct_handles_with_and_without_o_append_write_where_told() {
+    // Handles that differ only in O_APPEND share the file's O_DIRECT
+    // descriptor; neither may turn the other's positioned writes into
+    // appends.
+    #[repr(C, align(4096))]
+    struct Block([u8; PAGE_BYTES]);
+    let m = mount_with(&[("f", &pattern(4 * PAGE_BYTES, 4))]);
+    let mut results = Vec::new();
+    for path in pair(&m, "f") {
+        let appending = open_raw(&path, libc::O_RDWR | libc::O_APPEND | libc::O_DIRECT);
+        let plain = open_raw(&path, libc::O_RDWR | libc::O_DIRECT);
+        let r = match (appending, plain) {
+            (Ok(a), Ok(p)) => {
+                let block = Block([0x33; PAGE_BYTES]);
+                // SAFETY: an aligned buffer of PAGE_BYTES on an open descriptor.
+                let n = unsafe { libc::pwrite(p, block.0.as_ptr().cast(), PAGE_BYTES, 0) };
+                let block = Block([0x44; PAGE_BYTES]);
+                let r = pwritev2_noappend(a, &block.0, 2 * PAGE_BYTES as i64);
+                Ok((n, r))
+            }
+            (a, p) => Err((a.err(), p.err())),
+        };
+        for fd in [appending, plain].into_iter().flatten() {
+            // SAFETY: descriptors opened above.
+            unsafe { libc::close(fd) };
+        }
+        results.push(r);
+    }
+    assert_eq!(results[0], results[1], "source vs mount");
+    if results[0].is_err() {
+        eprintln!("the source refuses O_DIRECT: compared errno only");
+        return;
+    }
+    assert_same_contents(&m, "f");
+    let got = fs::read(m.src_path("mnt-f")).unwrap();
+    assert_eq!(got.len(), 4 * PAGE_BYTES, "nothing appended");
+    assert!(got[..PAGE_BYTES].iter().all(|&b| b == 0x33));
+}
