@@ -59,8 +59,15 @@ const MAX_BACKGROUND_REQUESTS: u16 = 512;
 
 /// Open flags that give an O_DIRECT descriptor its meaning beyond the
 /// alignment: handles of one inode share one only when these agree.
-const DIRECT_SHARE_FLAGS: i32 =
-    libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
+/// Not O_APPEND, which no underlying descriptor carries.
+const DIRECT_SHARE_FLAGS: i32 = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
+
+/// Caller's open flags our underlying descriptors must not carry. O_APPEND:
+/// the kernel already sends an appending write at the end of file, and
+/// sends writes that must not append (page writeback of a shared mapping,
+/// pwritev2 RWF_NOAPPEND) at their own offset; an O_APPEND descriptor would
+/// move them all to the end.
+const UNDERLYING_DROP_FLAGS: i32 = libc::O_APPEND;
 
 /// Running out of descriptors is logged at most this often, with a count of
 /// the failures since: one line, not one per failed lookup.
@@ -514,8 +521,16 @@ impl ThrottleFs {
         let path = proc_path(node.fd);
         // O_DIRECT goes to a second descriptor (see add_file): this one
         // serves unaligned requests. O_CREAT/O_EXCL/O_NOCTTY make no sense
-        // on reopen.
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)
+        // on reopen. The kernel resolved the path already, so the caller's
+        // O_NOFOLLOW would only refuse our `/proc/self/fd` link (ELOOP).
+        // O_APPEND: see UNDERLYING_DROP_FLAGS.
+        let flags = flags
+            & !(libc::O_CREAT
+                | libc::O_EXCL
+                | libc::O_NOCTTY
+                | libc::O_DIRECT
+                | libc::O_NOFOLLOW
+                | UNDERLYING_DROP_FLAGS)
             | libc::O_CLOEXEC;
         // SAFETY: open of a NUL-terminated path.
         let fd = check(unsafe { libc::open(path.as_ptr(), flags) })
@@ -2024,7 +2039,7 @@ impl Filesystem for ThrottleFs {
         let r = (|| {
             let p = self.inode(parent)?;
             let cname = component(name)?;
-            let oflags = (flags & !(libc::O_NOCTTY | libc::O_DIRECT))
+            let oflags = (flags & !(libc::O_NOCTTY | libc::O_DIRECT | UNDERLYING_DROP_FLAGS))
                 | libc::O_CREAT
                 | libc::O_NOFOLLOW
                 | libc::O_CLOEXEC;

@@ -1,0 +1,339 @@
+//! The mount must behave like the plain source directory: each test runs
+//! the same operation on a file of the source and, through the mount, on an
+//! identical file, and compares the outcome (issue 9).
+
+mod common;
+
+use std::ffi::{CString, OsStr};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use common::{Mount, pattern, run_unchecked};
+
+/// Linux `RWF_NOAPPEND` (uapi linux/fs.h): this write ignores O_APPEND.
+const RWF_NOAPPEND: libc::c_int = 0x20;
+
+/// One page of the test files' mappings; every Linux page size divides it.
+const PAGE_BYTES: usize = 4096;
+
+/// A mount of a source directory holding `files` (name, contents), each
+/// written twice: `src-NAME`, operated on directly, and `mnt-NAME`, operated
+/// on through the mount.
+fn mount_with(files: &[(&str, &[u8])]) -> Mount {
+    let mut m = Mount::new();
+    for (name, data) in files {
+        fs::write(m.src_path(&format!("src-{name}")), data).unwrap();
+        fs::write(m.src_path(&format!("mnt-{name}")), data).unwrap();
+    }
+    m.start(&[]);
+    m
+}
+
+/// The two paths of `name`: its source copy, and its other copy through the
+/// mount.
+fn pair(m: &Mount, name: &str) -> [std::path::PathBuf; 2] {
+    [
+        m.src_path(&format!("src-{name}")),
+        m.path(&format!("mnt-{name}")),
+    ]
+}
+
+/// Both copies of `name`, read from the source, must be byte-identical.
+fn assert_same_contents(m: &Mount, name: &str) {
+    let direct = fs::read(m.src_path(&format!("src-{name}"))).unwrap();
+    let mounted = fs::read(m.src_path(&format!("mnt-{name}"))).unwrap();
+    assert_eq!(
+        direct.len(),
+        mounted.len(),
+        "{name}: size on the source vs through the mount"
+    );
+    assert!(
+        direct == mounted,
+        "{name}: contents differ between the source and the mount (first difference at byte {:?})",
+        direct.iter().zip(&mounted).position(|(a, b)| a != b)
+    );
+}
+
+/// `open(path, flags)`: the descriptor, or the errno.
+fn open_raw(path: &Path, flags: libc::c_int) -> Result<libc::c_int, i32> {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: open of a NUL-terminated path.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        Err(io::Error::last_os_error().raw_os_error().unwrap())
+    } else {
+        Ok(fd)
+    }
+}
+
+#[test]
+fn open_nofollow_of_a_regular_file_succeeds_and_of_a_symlink_fails() {
+    let m = mount_with(&[("f", b"data")]);
+    std::os::unix::fs::symlink("src-f", m.src_path("link")).unwrap();
+    for (path, mount_path) in [
+        (m.src_path("src-f"), m.path("mnt-f")),
+        (m.src_path("link"), m.path("link")),
+    ] {
+        let direct = open_raw(&path, libc::O_RDONLY | libc::O_NOFOLLOW);
+        let mounted = open_raw(&mount_path, libc::O_RDONLY | libc::O_NOFOLLOW);
+        for fd in [direct, mounted].into_iter().flatten() {
+            // SAFETY: a descriptor we opened above.
+            unsafe { libc::close(fd) };
+        }
+        assert_eq!(
+            direct.map(|_| ()),
+            mounted.map(|_| ()),
+            "open(O_RDONLY|O_NOFOLLOW) of {}: source vs mount (Err = errno)",
+            mount_path.display()
+        );
+    }
+    assert_eq!(
+        open_raw(&m.src_path("link"), libc::O_RDONLY | libc::O_NOFOLLOW),
+        Err(libc::ELOOP),
+        "the reference itself: O_NOFOLLOW of a symlink"
+    );
+}
+
+#[test]
+fn tar_of_a_directory_lists_the_same_entries() {
+    let mut m = Mount::new();
+    let dir = m.src_path("d");
+    fs::create_dir(&dir).unwrap();
+    for (i, name) in ["a", "b.img", "c"].iter().enumerate() {
+        fs::write(dir.join(name), pattern(10_000 + i * 777, i as u64)).unwrap();
+    }
+    fs::create_dir(dir.join("sub")).unwrap();
+    fs::write(dir.join("sub/e"), b"e").unwrap();
+    std::os::unix::fs::symlink("a", dir.join("to-a")).unwrap();
+    m.start(&[]);
+
+    let mut listings = Vec::new();
+    for (label, parent) in [
+        ("source", m.src().to_owned()),
+        ("mount", m.mnt().to_owned()),
+    ] {
+        let archive = m.root().join(format!("{label}.tar"));
+        let create = run_unchecked(
+            "tar",
+            &[
+                OsStr::new("-cf"),
+                archive.as_os_str(),
+                OsStr::new("-C"),
+                parent.as_os_str(),
+                OsStr::new("d"),
+            ],
+        );
+        assert!(
+            create.status.success(),
+            "tar -cf of the {label}: {:?}\nstderr: {}",
+            create.status,
+            String::from_utf8_lossy(&create.stderr)
+        );
+        let list = run_unchecked("tar", &[OsStr::new("-tvf"), archive.as_os_str()]);
+        assert!(list.status.success(), "tar -tvf of the {label} archive");
+        let mut lines: Vec<String> = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            // Mode, size, name and link target; not owner or time columns.
+            .map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                format!("{} {} {}", cols[0], cols[2], cols[5..].join(" "))
+            })
+            .collect();
+        lines.sort();
+        listings.push(lines);
+    }
+    assert_eq!(listings[0], listings[1], "tar listing: source vs mount");
+    assert_eq!(listings[0].len(), 7, "d, its 3 files, sub, sub/e, to-a");
+}
+
+#[test]
+fn cp_a_of_a_file_within_the_mount_succeeds() {
+    let data = pattern(70_000, 7);
+    let m = mount_with(&[("f", &data)]);
+    for (label, dir) in [
+        ("source", m.src().to_owned()),
+        ("mount", m.mnt().to_owned()),
+    ] {
+        let from = if label == "source" { "src-f" } else { "mnt-f" };
+        let to = dir.join(format!("{from}.copy"));
+        let out = run_unchecked(
+            "cp",
+            &[OsStr::new("-a"), dir.join(from).as_os_str(), to.as_os_str()],
+        );
+        assert!(
+            out.status.success(),
+            "cp -a on the {label}: {:?}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(fs::read(&to).unwrap() == data, "cp -a copy on the {label}");
+    }
+}
+
+#[test]
+fn o_append_write_appends() {
+    let m = mount_with(&[("f", &pattern(1000, 1))]);
+    for path in pair(&m, "f") {
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"appended").unwrap();
+        // A second descriptor without O_APPEND writes where it is told.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"start")
+            .unwrap();
+        f.write_all(b"again").unwrap();
+    }
+    assert_same_contents(&m, "f");
+    assert_eq!(fs::metadata(m.src_path("mnt-f")).unwrap().len(), 1013);
+}
+
+#[test]
+fn shared_mapping_of_an_o_append_descriptor_writes_its_page() {
+    let len = 2 * PAGE_BYTES;
+    let m = mount_with(&[("f", &pattern(len, 2))]);
+    for path in pair(&m, "f") {
+        let f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: a fresh shared mapping of `len` bytes of an open file,
+        // unmapped below; nothing else touches it.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(
+                p,
+                libc::MAP_FAILED,
+                "mmap {}: {}",
+                path.display(),
+                io::Error::last_os_error()
+            );
+            std::ptr::write_bytes(p.cast::<u8>().add(100), 0xab, 50);
+            assert_eq!(
+                libc::msync(p, len, libc::MS_SYNC),
+                0,
+                "msync {}",
+                path.display()
+            );
+            assert_eq!(libc::munmap(p, len), 0);
+        }
+    }
+    assert_same_contents(&m, "f");
+    assert_eq!(fs::metadata(m.src_path("mnt-f")).unwrap().len(), len as u64);
+}
+
+/// `pwritev2(fd, data, offset, RWF_NOAPPEND)`: bytes written, or errno.
+fn pwritev2_noappend(fd: libc::c_int, data: &[u8], offset: i64) -> Result<isize, i32> {
+    let iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: one iovec over a live buffer.
+    let n = unsafe { libc::pwritev2(fd, &iov, 1, offset, RWF_NOAPPEND) };
+    if n < 0 {
+        Err(io::Error::last_os_error().raw_os_error().unwrap())
+    } else {
+        Ok(n)
+    }
+}
+
+/// A RWF_NOAPPEND write at `offset` on a descriptor opened with
+/// `extra_flags | O_WRONLY | O_APPEND` must land at `offset` on both; if
+/// the source refuses it (or the open), the mount must refuse it alike.
+fn check_noappend(extra_flags: libc::c_int, data: &[u8], offset: i64, len: usize) {
+    let m = mount_with(&[("f", &pattern(len, 3))]);
+    let mut results = Vec::new();
+    for path in pair(&m, "f") {
+        let r = open_raw(&path, extra_flags | libc::O_WRONLY | libc::O_APPEND).and_then(|fd| {
+            let r = pwritev2_noappend(fd, data, offset);
+            // SAFETY: the descriptor opened above.
+            unsafe { libc::close(fd) };
+            r
+        });
+        results.push(r);
+    }
+    assert_eq!(
+        results[0], results[1],
+        "pwritev2(RWF_NOAPPEND) at {offset}: source vs mount (Err = errno)"
+    );
+    if results[0].is_err() {
+        eprintln!(
+            "the source refuses it ({:?}): compared errno only",
+            results[0]
+        );
+        return;
+    }
+    assert_same_contents(&m, "f");
+    let got = fs::read(m.src_path("mnt-f")).unwrap();
+    assert_eq!(got.len(), len, "nothing appended");
+    assert!(
+        got[offset as usize..offset as usize + data.len()] == *data,
+        "the data is at offset {offset}"
+    );
+}
+
+#[test]
+fn pwritev2_noappend_on_an_o_append_descriptor_writes_at_its_offset() {
+    check_noappend(0, b"0123456789", 10, 100);
+}
+
+#[test]
+fn pwritev2_noappend_on_an_o_append_o_direct_descriptor_writes_at_its_offset() {
+    // An aligned buffer and offset: served by the O_DIRECT descriptor.
+    #[repr(C, align(4096))]
+    struct Block([u8; PAGE_BYTES]);
+    let block = Block([0x5a; PAGE_BYTES]);
+    check_noappend(libc::O_DIRECT, &block.0, PAGE_BYTES as i64, 4 * PAGE_BYTES);
+}
+
+#[test]
+fn o_direct_handles_with_and_without_o_append_write_where_told() {
+    // Handles that differ only in O_APPEND share the file's O_DIRECT
+    // descriptor; neither may turn the other's positioned writes into
+    // appends.
+    #[repr(C, align(4096))]
+    struct Block([u8; PAGE_BYTES]);
+    let m = mount_with(&[("f", &pattern(4 * PAGE_BYTES, 4))]);
+    let mut results = Vec::new();
+    for path in pair(&m, "f") {
+        let appending = open_raw(&path, libc::O_RDWR | libc::O_APPEND | libc::O_DIRECT);
+        let plain = open_raw(&path, libc::O_RDWR | libc::O_DIRECT);
+        let r = match (appending, plain) {
+            (Ok(a), Ok(p)) => {
+                let block = Block([0x33; PAGE_BYTES]);
+                // SAFETY: an aligned buffer of PAGE_BYTES on an open descriptor.
+                let n = unsafe { libc::pwrite(p, block.0.as_ptr().cast(), PAGE_BYTES, 0) };
+                let block = Block([0x44; PAGE_BYTES]);
+                let r = pwritev2_noappend(a, &block.0, 2 * PAGE_BYTES as i64);
+                Ok((n, r))
+            }
+            (a, p) => Err((a.err(), p.err())),
+        };
+        for fd in [appending, plain].into_iter().flatten() {
+            // SAFETY: descriptors opened above.
+            unsafe { libc::close(fd) };
+        }
+        results.push(r);
+    }
+    assert_eq!(results[0], results[1], "source vs mount");
+    if results[0].is_err() {
+        eprintln!("the source refuses O_DIRECT: compared errno only");
+        return;
+    }
+    assert_same_contents(&m, "f");
+    let got = fs::read(m.src_path("mnt-f")).unwrap();
+    assert_eq!(got.len(), 4 * PAGE_BYTES, "nothing appended");
+    assert!(got[..PAGE_BYTES].iter().all(|&b| b == 0x33));
+}
