@@ -2212,6 +2212,10 @@ impl Filesystem for ThrottleFs {
             Ok(pair) => pair,
             Err(e) => return reply.error(e),
         };
+        // As for a truncate (see do_setattr).
+        if let Err(e) = Self::kill_suidgid(req, dst.raw(), false) {
+            return reply.error(e);
+        }
         // At most one request's worth per call (callers loop on short
         // copies), so a copy is metered like a read and a write of that size.
         let len = len.min(u64::from(MAX_REQUEST_BYTES)) as u32;

@@ -3,7 +3,7 @@
 //! daemon does the work as root. Each test runs the same operation as
 //! nobody on the source directory and through the mount, then compares.
 //!
-//! - a write, truncate or fallocate by nobody clears setuid, and setgid
+//! - a write, truncate, fallocate or copy_file_range by nobody clears setuid, and setgid
 //!   as the kernel would (group-executable, or the writer is not in the
 //!   file's group), on an unthrottled and on a throttled file; by root
 //!   (CAP_FSETID) it keeps them;
@@ -14,6 +14,7 @@ mod common;
 
 use std::ffi::OsStr;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -85,6 +86,51 @@ fn nobody_sh(script: &str, target: &Path) {
     sh_as(false, script, target);
 }
 
+/// Runs `f` on a thread of its own with nobody's credentials (raw
+/// syscalls change only the calling thread's, unlike the libc wrappers),
+/// for system calls no shell tool makes on its own.
+fn on_nobody_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscalls on this thread's credentials.
+            unsafe {
+                let none: *const libc::gid_t = std::ptr::null();
+                assert_eq!(libc::syscall(libc::SYS_setgroups, 0, none), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534), 0);
+            }
+            f()
+        })
+        .join()
+        .expect("nobody thread")
+    })
+}
+
+/// copy_file_range of the file's first bytes to a later offset of itself.
+fn copy_within(root: bool, target: &Path) {
+    let copy = || -> std::io::Result<()> {
+        let f = fs::OpenOptions::new().read(true).write(true).open(target)?;
+        let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (0, 4096);
+        // SAFETY: valid descriptors and offset pointers.
+        let n = unsafe {
+            libc::copy_file_range(
+                f.as_raw_fd(),
+                &mut off_in,
+                f.as_raw_fd(),
+                &mut off_out,
+                4,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let r = if root { copy() } else { on_nobody_thread(copy) };
+    r.unwrap_or_else(|e| panic!("copy_file_range in {}: {e}", target.display()));
+}
+
 /// Files (name, mode, gid), all owned by root, that nobody may write.
 const PRIVILEGED: [(&str, u32, u32); 5] = [
     ("suid-sgid-gx", 0o6777, 0),
@@ -96,8 +142,9 @@ const PRIVILEGED: [(&str, u32, u32); 5] = [
     ("sgid-member", 0o2767, NOGROUP_GID),
 ];
 
-/// Modifications, as shell lines on `$1`.
-const OPS: [(&str, &str); 4] = [
+/// Modifications, as shell lines on `$1` ("" for `copy_within`).
+const OPS: [(&str, &str); 5] = [
+    ("copy_file_range", ""),
     ("append", "printf x >> \"$1\""),
     (
         "dd",
@@ -128,8 +175,16 @@ fn assert_modification_kills_privileges_like_the_source(root: bool, args: &[&str
     for (op, script) in OPS {
         for (name, mode, _) in PRIVILEGED {
             let file = format!("{op}-{name}");
-            sh_as(root, script, &m.src_path(&format!("ref/{file}")));
-            sh_as(root, script, &m.path(&format!("dut/{file}")));
+            for target in [
+                m.src_path(&format!("ref/{file}")),
+                m.path(&format!("dut/{file}")),
+            ] {
+                if script.is_empty() {
+                    copy_within(root, &target);
+                } else {
+                    sh_as(root, script, &target);
+                }
+            }
             let want = owner_and_mode(&m.src_path(&format!("ref/{file}")));
             let got = owner_and_mode(&m.src_path(&format!("dut/{file}")));
             let seen = owner_and_mode(&m.path(&format!("dut/{file}")));
@@ -198,4 +253,38 @@ fn objects_made_in_a_setgid_directory_take_its_group() {
     let (uid, gid, mode) = owner_and_mode(&m.src_path("ref/dir"));
     assert_eq!((uid, gid), (65534, OTHER_GID));
     assert_ne!(mode & 0o2000, 0, "no setgid on the reference directory");
+}
+
+#[test]
+fn write_by_a_member_through_a_supplementary_group_keeps_setgid() {
+    let m = mount_pair(
+        |dir| {
+            chmod(dir, 0o777);
+            let f = dir.join("f");
+            fs::write(&f, b"data").unwrap();
+            chown(&f, 0, OTHER_GID);
+            chmod(&f, 0o2767);
+        },
+        &[],
+    );
+    let groups = format!("--groups={OTHER_GID}");
+    for target in [m.src_path("ref/f"), m.path("dut/f")] {
+        let args = [
+            OsStr::new("--reuid=65534"),
+            OsStr::new("--regid=65534"),
+            OsStr::new(&groups),
+            OsStr::new("--"),
+            OsStr::new("sh"),
+            OsStr::new("-c"),
+            OsStr::new("printf x >> \"$1\""),
+            OsStr::new("sh"),
+            target.as_os_str(),
+        ];
+        let out = run_unchecked("setpriv", &args);
+        assert!(out.status.success(), "{}", describe("setpriv", &args, &out));
+    }
+    let want = owner_and_mode(&m.src_path("ref/f"));
+    assert_eq!(want.2 & 0o7777, 0o2767, "plain filesystem reference");
+    assert_eq!(fmt(owner_and_mode(&m.src_path("dut/f"))), fmt(want));
+    assert_eq!(fmt(owner_and_mode(&m.path("dut/f"))), fmt(want));
 }
