@@ -218,6 +218,39 @@ pub struct ThrottleFs {
     our_uid: u32,
 }
 
+/// The /proc status of the process that sent `req`, if it is still there
+/// and in sight (another pid namespace reports pid 0).
+fn caller_status(req: &Request) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{}/status", req.pid())).ok()
+}
+
+/// The value of a `Name:` line of a /proc status.
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+}
+
+/// Whether the process that sent `req` is in group `gid`: its primary
+/// group, or a supplementary one (from /proc; without it, only the
+/// primary group counts).
+fn caller_in_group(req: &Request, gid: u32) -> bool {
+    req.gid() == gid
+        || caller_status(req).is_some_and(|s| {
+            status_field(&s, "Groups")
+                .is_some_and(|g| g.split_whitespace().any(|g| g.parse() == Ok(gid)))
+        })
+}
+
+/// Whether the process that sent `req` may keep setuid/setgid bits on a
+/// file it modifies (CAP_FSETID; without /proc, whether it is root).
+fn caller_has_fsetid(req: &Request) -> bool {
+    const CAP_FSETID_BIT: u32 = 4;
+    caller_status(req)
+        .and_then(|s| u64::from_str_radix(status_field(&s, "CapEff")?.trim(), 16).ok())
+        .map_or(req.uid() == 0, |caps| caps & (1 << CAP_FSETID_BIT) != 0)
+}
+
 fn stat_fd(fd: RawFd) -> Result<libc::stat> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid out-pointer; "" with AT_EMPTY_PATH names fd.
@@ -491,16 +524,50 @@ impl ThrottleFs {
         if req.uid() == self.our_uid {
             return Ok(());
         }
-        // SAFETY: *at call on a directory descriptor we hold.
+        // In a setgid directory the object already has the directory's
+        // group (and a directory the setgid bit), as for any creator.
+        let gid = if stat_fd(parent_fd)?.st_mode & libc::S_ISGID != 0 {
+            u32::MAX
+        } else {
+            req.gid()
+        };
+        // SAFETY: *at call on a directory descriptor we hold; -1 leaves
+        // the group unchanged.
         check(unsafe {
             libc::fchownat(
                 parent_fd,
                 name.as_ptr(),
                 req.uid(),
-                req.gid(),
+                gid,
                 libc::AT_SYMLINK_NOFOLLOW,
             )
         })?;
+        Ok(())
+    }
+
+    /// A write, truncate or fallocate by a caller without CAP_FSETID
+    /// clears setuid, and setgid when group-executable or when the caller
+    /// is not in the file's group, as a local filesystem does. The daemon
+    /// does them as root, which keeps the bits, so it clears them here,
+    /// before the operation runs or is queued. `fd` is an open descriptor
+    /// of the file; `flagged`: the kernel said the caller lacks CAP_FSETID
+    /// (else it is looked up, only if there is a bit to clear).
+    fn kill_suidgid(req: &Request, fd: RawFd, flagged: bool) -> Result<()> {
+        let st = stat_fd(fd)?;
+        let old = st.st_mode & 0o7777;
+        if old & (libc::S_ISUID | libc::S_ISGID) == 0 || !flagged && caller_has_fsetid(req) {
+            return Ok(());
+        }
+        let mut mode = old & !libc::S_ISUID;
+        if mode & libc::S_ISGID != 0
+            && (mode & libc::S_IXGRP != 0 || !caller_in_group(req, st.st_gid))
+        {
+            mode &= !libc::S_ISGID;
+        }
+        if mode != old {
+            // SAFETY: fchmod on an open descriptor.
+            check(unsafe { libc::fchmod(fd, mode) })?;
+        }
         Ok(())
     }
 
@@ -630,6 +697,7 @@ impl ThrottleFs {
     #[allow(clippy::too_many_arguments)] // mirrors the FUSE setattr fields
     fn do_setattr(
         &self,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -665,11 +733,18 @@ impl ThrottleFs {
         }
         if let Some(size) = size {
             let size = libc::off_t::try_from(size).map_err(|_| Errno::EFBIG)?;
+            // The kernel already sent the mode a truncate leaves, except
+            // for setgid without group-execute, which a local filesystem
+            // also clears when the caller is not in the file's group.
             match &handle {
-                // SAFETY: ftruncate on an open descriptor.
-                Some(h) => check(unsafe { libc::ftruncate(h.raw(), size) })?,
+                Some(h) => {
+                    Self::kill_suidgid(req, h.raw(), false)?;
+                    // SAFETY: ftruncate on an open descriptor.
+                    check(unsafe { libc::ftruncate(h.raw(), size) })?
+                }
                 None => {
                     let fd = self.reopen(&node, libc::O_WRONLY)?;
+                    Self::kill_suidgid(req, fd.as_raw_fd(), false)?;
                     // SAFETY: as above.
                     check(unsafe { libc::ftruncate(fd.as_raw_fd(), size) })?
                 }
@@ -1390,7 +1465,7 @@ impl Filesystem for ThrottleFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -1406,7 +1481,7 @@ impl Filesystem for ThrottleFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh) {
             Ok(attr) => reply.attr(&ATTR_TTL, &attr),
             Err(e) => reply.error(e),
         }
@@ -1629,7 +1704,7 @@ impl Filesystem for ThrottleFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -1638,6 +1713,11 @@ impl Filesystem for ThrottleFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = Self::kill_suidgid(req, handle.raw(), true)
+        {
+            return reply.error(e);
+        }
         if Self::is_throttled(&handle.shared) {
             // The data must outlive this call to wait in the queue.
             let job = Job::Write {
@@ -2068,7 +2148,7 @@ impl Filesystem for ThrottleFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -2081,6 +2161,8 @@ impl Filesystem for ThrottleFs {
             let h = self.handle(fh)?;
             let off = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
             let len = libc::off_t::try_from(length).map_err(|_| Errno::EINVAL)?;
+            // As for a truncate (see do_setattr).
+            Self::kill_suidgid(req, h.raw(), false)?;
             // SAFETY: fallocate on an open descriptor.
             check(unsafe { libc::fallocate(h.raw(), mode, off, len) })
         })();
@@ -2145,6 +2227,10 @@ impl Filesystem for ThrottleFs {
             Ok(pair) => pair,
             Err(e) => return reply.error(e),
         };
+        // As for a truncate (see do_setattr).
+        if let Err(e) = Self::kill_suidgid(req, dst.raw(), false) {
+            return reply.error(e);
+        }
         // At most one request's worth per call (callers loop on short
         // copies), so a copy is metered like a read and a write of that size.
         let len = len.min(u64::from(MAX_REQUEST_BYTES)) as u32;

@@ -1,0 +1,290 @@
+//! Ownership and mode bits of objects changed or made by another user
+//! (`-o allow_other`) must come out as on the plain filesystem, although the
+//! daemon does the work as root. Each test runs the same operation as
+//! nobody on the source directory and through the mount, then compares.
+//!
+//! - a write, truncate, fallocate or copy_file_range by nobody clears setuid, and setgid
+//!   as the kernel would (group-executable, or the writer is not in the
+//!   file's group), on an unthrottled and on a throttled file; by root
+//!   (CAP_FSETID) it keeps them;
+//! - files, directories, symlinks and fifos made in a setgid directory get
+//!   the directory's group, and new directories keep the setgid bit.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::{Mount, as_nobody, chmod, describe, run_unchecked};
+
+/// nobody's group: a file in it keeps setgid when nobody writes it, as
+/// nobody is a member (ext4 keeps the bit then unless group-executable).
+const NOGROUP_GID: u32 = 65534;
+/// A group nobody is not in, for the setgid directory.
+const OTHER_GID: u32 = 4242;
+
+/// (uid, gid, mode with type bits) of `p` itself, not following a symlink.
+fn owner_and_mode(p: &Path) -> (u32, u32, u32) {
+    let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+    (md.uid(), md.gid(), md.mode())
+}
+
+fn fmt((uid, gid, mode): (u32, u32, u32)) -> String {
+    format!("{uid}, {gid}, {mode:o}")
+}
+
+fn chown(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+}
+
+/// A mount with `-o allow_other` whose source holds `ref/` (used directly)
+/// and `dut/` (used through the mount), both made by `setup(dir)`. The test
+/// tree is opened up so nobody reaches both.
+fn mount_pair(setup: impl Fn(&Path), args: &[&str]) -> Mount {
+    let mut m = Mount::new();
+    for p in [m.root(), m.src(), m.mnt()] {
+        chmod(p, 0o755);
+    }
+    for d in ["ref", "dut"] {
+        let dir = m.src_path(d);
+        fs::create_dir(&dir).unwrap();
+        setup(&dir);
+    }
+    let mut all = vec!["-o", "allow_other"];
+    all.extend_from_slice(args);
+    m.start(&all);
+    m
+}
+
+/// Runs the shell `script` with `$1` = `target`, as nobody or (`root`) as
+/// this process, asserting success.
+fn sh_as(root: bool, script: &str, target: &Path) {
+    let args = [
+        OsStr::new("-c"),
+        OsStr::new(script),
+        OsStr::new("sh"),
+        target.as_os_str(),
+    ];
+    let out = if root {
+        run_unchecked("sh", &args)
+    } else {
+        as_nobody("sh", &args)
+    };
+    assert!(
+        out.status.success(),
+        "as {}: {}",
+        if root { "root" } else { "nobody" },
+        describe("sh", &args, &out)
+    );
+}
+
+fn nobody_sh(script: &str, target: &Path) {
+    sh_as(false, script, target);
+}
+
+/// Runs `f` on a thread of its own with nobody's credentials (raw
+/// syscalls change only the calling thread's, unlike the libc wrappers),
+/// for system calls no shell tool makes on its own.
+fn on_nobody_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscalls on this thread's credentials.
+            unsafe {
+                let none: *const libc::gid_t = std::ptr::null();
+                assert_eq!(libc::syscall(libc::SYS_setgroups, 0, none), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534), 0);
+            }
+            f()
+        })
+        .join()
+        .expect("nobody thread")
+    })
+}
+
+/// copy_file_range of the file's first bytes to a later offset of itself.
+fn copy_within(root: bool, target: &Path) {
+    let copy = || -> std::io::Result<()> {
+        let f = fs::OpenOptions::new().read(true).write(true).open(target)?;
+        let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (0, 4096);
+        // SAFETY: valid descriptors and offset pointers.
+        let n = unsafe {
+            libc::copy_file_range(
+                f.as_raw_fd(),
+                &mut off_in,
+                f.as_raw_fd(),
+                &mut off_out,
+                4,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let r = if root { copy() } else { on_nobody_thread(copy) };
+    r.unwrap_or_else(|e| panic!("copy_file_range in {}: {e}", target.display()));
+}
+
+/// Files (name, mode, gid), all owned by root, that nobody may write.
+const PRIVILEGED: [(&str, u32, u32); 5] = [
+    ("suid-sgid-gx", 0o6777, 0),
+    ("suid", 0o4777, 0),
+    ("sgid-gx", 0o2777, 0),
+    // Not group-executable: cleared as nobody is not in group root...
+    ("sgid-not-member", 0o2767, 0),
+    // ...and kept for a member of the file's group.
+    ("sgid-member", 0o2767, NOGROUP_GID),
+];
+
+/// Modifications, as shell lines on `$1` ("" for `copy_within`).
+const OPS: [(&str, &str); 5] = [
+    ("copy_file_range", ""),
+    ("append", "printf x >> \"$1\""),
+    (
+        "dd",
+        "dd if=/dev/zero of=\"$1\" bs=4096 count=1 conv=notrunc status=none",
+    ),
+    ("truncate", "truncate -s 100 \"$1\""),
+    ("fallocate", "fallocate -l 8192 \"$1\""),
+];
+
+/// Each operation, by nobody (or by root, who keeps the bits), leaves the
+/// files' modes as on the source.
+fn assert_modification_kills_privileges_like_the_source(root: bool, args: &[&str]) {
+    let m = mount_pair(
+        |dir| {
+            chmod(dir, 0o777);
+            for (op, _) in OPS {
+                for (name, mode, gid) in PRIVILEGED {
+                    let f = dir.join(format!("{op}-{name}"));
+                    fs::write(&f, b"data").unwrap();
+                    chown(&f, 0, gid);
+                    chmod(&f, mode);
+                }
+            }
+        },
+        args,
+    );
+    let mut diffs = Vec::new();
+    for (op, script) in OPS {
+        for (name, mode, _) in PRIVILEGED {
+            let file = format!("{op}-{name}");
+            for target in [
+                m.src_path(&format!("ref/{file}")),
+                m.path(&format!("dut/{file}")),
+            ] {
+                if script.is_empty() {
+                    copy_within(root, &target);
+                } else {
+                    sh_as(root, script, &target);
+                }
+            }
+            let want = owner_and_mode(&m.src_path(&format!("ref/{file}")));
+            let got = owner_and_mode(&m.src_path(&format!("dut/{file}")));
+            let seen = owner_and_mode(&m.path(&format!("dut/{file}")));
+            if got != want || seen != want {
+                diffs.push(format!(
+                    "{file} (was {mode:o}): plain {:o}, source under the mount {:o}, \
+                     seen through the mount {:o}",
+                    want.2, got.2, seen.2
+                ));
+            }
+        }
+    }
+    assert!(diffs.is_empty(), "modes differ:\n{}", diffs.join("\n"));
+    // Control: on the plain filesystem nobody's write cleared the bits,
+    // root's kept them.
+    let plain = owner_and_mode(&m.src_path("ref/append-suid-sgid-gx")).2;
+    let expected = if root { 0o6777 } else { 0o777 };
+    assert_eq!(plain & 0o7777, expected, "plain filesystem reference");
+}
+
+#[test]
+fn write_truncate_fallocate_by_another_user_clear_setuid_setgid() {
+    assert_modification_kills_privileges_like_the_source(false, &[]);
+}
+
+#[test]
+fn throttled_write_by_another_user_clears_setuid_setgid() {
+    assert_modification_kills_privileges_like_the_source(false, &["--bps-wr", "10M"]);
+}
+
+#[test]
+fn write_truncate_fallocate_by_root_keep_setuid_setgid() {
+    assert_modification_kills_privileges_like_the_source(true, &["--bps-wr", "10M"]);
+}
+
+#[test]
+fn objects_made_in_a_setgid_directory_take_its_group() {
+    let m = mount_pair(
+        |dir| {
+            chown(dir, 0, OTHER_GID);
+            chmod(dir, 0o2777);
+        },
+        &[],
+    );
+    let script = "cd \"$1\" && umask 022 && : > file && mkdir dir && ln -s file link \
+                  && mkfifo fifo && mkdir -m 0700 private && mkdir dir/sub";
+    nobody_sh(script, &m.src_path("ref"));
+    nobody_sh(script, &m.path("dut"));
+    let mut diffs = Vec::new();
+    for name in ["file", "dir", "link", "fifo", "private", "dir/sub"] {
+        let want = owner_and_mode(&m.src_path(&format!("ref/{name}")));
+        let got = owner_and_mode(&m.src_path(&format!("dut/{name}")));
+        let seen = owner_and_mode(&m.path(&format!("dut/{name}")));
+        if got != want || seen != want {
+            diffs.push(format!(
+                "{name} (uid, gid, mode): plain {}, source under the mount {}, seen through \
+                 the mount {}",
+                fmt(want),
+                fmt(got),
+                fmt(seen)
+            ));
+        }
+    }
+    assert!(diffs.is_empty(), "differ:\n{}", diffs.join("\n"));
+    // Control: the reference took the directory's group and setgid.
+    let (uid, gid, mode) = owner_and_mode(&m.src_path("ref/dir"));
+    assert_eq!((uid, gid), (65534, OTHER_GID));
+    assert_ne!(mode & 0o2000, 0, "no setgid on the reference directory");
+}
+
+#[test]
+fn write_by_a_member_through_a_supplementary_group_keeps_setgid() {
+    let m = mount_pair(
+        |dir| {
+            chmod(dir, 0o777);
+            let f = dir.join("f");
+            fs::write(&f, b"data").unwrap();
+            chown(&f, 0, OTHER_GID);
+            chmod(&f, 0o2767);
+        },
+        &[],
+    );
+    let groups = format!("--groups={OTHER_GID}");
+    for target in [m.src_path("ref/f"), m.path("dut/f")] {
+        let args = [
+            OsStr::new("--reuid=65534"),
+            OsStr::new("--regid=65534"),
+            OsStr::new(&groups),
+            OsStr::new("--"),
+            OsStr::new("sh"),
+            OsStr::new("-c"),
+            OsStr::new("printf x >> \"$1\""),
+            OsStr::new("sh"),
+            target.as_os_str(),
+        ];
+        let out = run_unchecked("setpriv", &args);
+        assert!(out.status.success(), "{}", describe("setpriv", &args, &out));
+    }
+    let want = owner_and_mode(&m.src_path("ref/f"));
+    assert_eq!(want.2 & 0o7777, 0o2767, "plain filesystem reference");
+    assert_eq!(fmt(owner_and_mode(&m.src_path("dut/f"))), fmt(want));
+    assert_eq!(fmt(owner_and_mode(&m.path("dut/f"))), fmt(want));
+}
