@@ -2042,24 +2042,18 @@ impl Filesystem for ThrottleFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let r = list_names(&proc_path(node.fd)).map(|mut names| {
-            for (attr, name) in [
-                (Attr::Effective, xattr::EFFECTIVE),
-                (Attr::Stats, xattr::STATS),
-            ] {
-                if self.generated_attr_applies(&node, &attr) {
-                    names.extend_from_slice(name.as_bytes());
-                    names.push(0);
+        // The generated attributes are readable by name but not listed,
+        // like other filesystems' virtual attributes: copy tools (cp -a,
+        // rsync -X) write back whatever is listed, and these are read-only.
+        let r = list_names(&proc_path(node.fd)).map(|names| {
+            let mut listed = Vec::with_capacity(names.len());
+            for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+                if xattr::is_listed(name) {
+                    listed.extend_from_slice(name);
+                    listed.push(0);
                 }
             }
-            if node.ino == INodeNo::ROOT.0 {
-                for group in self.known_groups() {
-                    let stats = format!("{}stats", xattr::group_prefix(&group));
-                    names.extend_from_slice(stats.as_bytes());
-                    names.push(0);
-                }
-            }
-            names
+            listed
         });
         Self::xattr_reply(reply, size, r);
     }

@@ -39,6 +39,20 @@ pub enum Attr {
     Unknown,
 }
 
+impl Attr {
+    /// Read-only and made up on each read: readable by name but never
+    /// listed, so that copy tools do not try to write them back.
+    pub fn is_generated(&self) -> bool {
+        matches!(self, Attr::Effective | Attr::Stats | Attr::GroupStats(_))
+    }
+}
+
+/// Whether `name` is listed by listxattr: everything but the generated
+/// attributes (stored copies of those names are shadowed by them).
+pub fn is_listed(name: &[u8]) -> bool {
+    !classify(name).is_some_and(|attr| attr.is_generated())
+}
+
 /// `None` for names outside `user.throttle.`, which pass through untouched.
 pub fn classify(name: &[u8]) -> Option<Attr> {
     let rest = name.strip_prefix(PREFIX.as_bytes())?;
@@ -199,6 +213,26 @@ mod tests {
         assert!(group_name(b"").is_err());
         assert!(group_name(b"a/b").is_err());
         assert_eq!(classify(b"user.throttle.\xff"), Some(Attr::Unknown));
+    }
+
+    #[test]
+    fn generated_attributes_are_not_listed() {
+        for name in [
+            &b"user.throttle.effective"[..],
+            b"user.throttle.stats",
+            b"user.throttle.group.t1.stats",
+        ] {
+            assert!(!is_listed(name), "{}", String::from_utf8_lossy(name));
+        }
+        for name in [
+            &b"user.foo"[..],
+            b"user.throttle.bps_rd",
+            b"user.throttle.group",
+            b"user.throttle.group.t1.bps",
+            b"user.throttle.bogus",
+        ] {
+            assert!(is_listed(name), "{}", String::from_utf8_lossy(name));
+        }
     }
 
     #[test]

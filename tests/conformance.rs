@@ -337,3 +337,136 @@ fn o_direct_handles_with_and_without_o_append_write_where_told() {
     assert_eq!(got.len(), 4 * PAGE_BYTES, "nothing appended");
     assert!(got[..PAGE_BYTES].iter().all(|&b| b == 0x33));
 }
+
+// ---------------------------------------------------------------------------
+// Copy tools that preserve extended attributes (issue 9). The generated,
+// read-only attributes are unlisted, so a copy writes back only stored ones:
+// the file's own limits travel with it, as they do on the plain source.
+
+const BPS_RD: &str = "user.throttle.bps_rd";
+/// The copied file's read limit: high enough not to slow the test.
+const COPY_BPS_RD_BYTES_PER_SEC: &str = "104857600";
+
+/// Runs `cmd args` and asserts that it succeeds.
+fn run_ok(what: &str, cmd: &str, args: &[&OsStr]) {
+    let out = run_unchecked(cmd, args);
+    assert!(
+        out.status.success(),
+        "{what}: {cmd} {args:?}: {:?}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The copy `to` has `data` and, for each (name, value), that attribute.
+fn assert_copy(what: &str, to: &Path, data: &[u8], attrs: &[(&str, &str)]) {
+    assert!(
+        fs::read(to).unwrap() == data,
+        "{what}: contents of the copy"
+    );
+    for (name, value) in attrs {
+        assert_eq!(
+            common::attrs::sys_get_attr(to, name).as_deref(),
+            Some(*value),
+            "{what}: {name} of the copy"
+        );
+    }
+}
+
+/// A copy made through the mount uses the limit it carried.
+fn assert_own_bps_rd(what: &str, copy: &Path) {
+    let eff = common::attrs::sys_get_attr(copy, "user.throttle.effective").unwrap_or_default();
+    assert!(
+        eff.starts_with("source=file\n")
+            && eff.contains(&format!("bps_rd={COPY_BPS_RD_BYTES_PER_SEC}\n")),
+        "{what}: effective limits of the copy:\n{eff}"
+    );
+}
+
+#[test]
+fn cp_preserving_xattrs_of_a_limited_file_within_the_mount_keeps_its_limit() {
+    let data = pattern(70_000, 9);
+    let m = mount_with(&[("f", &data)]);
+    for path in pair(&m, "f") {
+        common::attrs::sys_set_attr(&path, BPS_RD, COPY_BPS_RD_BYTES_PER_SEC);
+    }
+    let attrs = [(BPS_RD, COPY_BPS_RD_BYTES_PER_SEC)];
+    for (i, flag) in ["-a", "--preserve=xattr"].into_iter().enumerate() {
+        for (label, from) in pair(&m, "f").into_iter().enumerate() {
+            let label = ["source", "mount"][label];
+            let to = from.with_file_name(format!("copy{i}"));
+            let what = format!("cp {flag} on the {label}");
+            run_ok(
+                &what,
+                "cp",
+                &[OsStr::new(flag), from.as_os_str(), to.as_os_str()],
+            );
+            assert_copy(&what, &to, &data, &attrs);
+            if label == "mount" {
+                assert_own_bps_rd(&what, &to);
+            }
+        }
+    }
+}
+
+#[test]
+fn cp_a_into_the_mount_keeps_plain_xattrs_and_limits() {
+    let data = pattern(50_000, 10);
+    let m = mount_with(&[]);
+    let outside = m.root().join("outside");
+    fs::write(&outside, &data).unwrap();
+    common::attrs::sys_set_attr(&outside, "user.foo", "bar");
+    common::attrs::sys_set_attr(&outside, BPS_RD, COPY_BPS_RD_BYTES_PER_SEC);
+    let attrs = [("user.foo", "bar"), (BPS_RD, COPY_BPS_RD_BYTES_PER_SEC)];
+    for (label, dir) in [("source", m.src()), ("mount", m.mnt())] {
+        let to = dir.join("copied");
+        let what = format!("cp -a into the {label}");
+        run_ok(
+            &what,
+            "cp",
+            &[OsStr::new("-a"), outside.as_os_str(), to.as_os_str()],
+        );
+        assert_copy(&what, &to, &data, &attrs);
+    }
+    assert_own_bps_rd("cp -a into the mount", &m.path("copied"));
+}
+
+#[test]
+fn rsync_ax_within_and_into_the_mount_keeps_xattrs() {
+    if std::process::Command::new("rsync")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("rsync is not installed: skipped");
+        return;
+    }
+    let data = pattern(60_000, 11);
+    let m = mount_with(&[("f", &data)]);
+    for path in pair(&m, "f") {
+        common::attrs::sys_set_attr(&path, BPS_RD, COPY_BPS_RD_BYTES_PER_SEC);
+        common::attrs::sys_set_attr(&path, "user.foo", "bar");
+    }
+    let outside = m.root().join("outside");
+    fs::write(&outside, &data).unwrap();
+    common::attrs::sys_set_attr(&outside, BPS_RD, COPY_BPS_RD_BYTES_PER_SEC);
+    common::attrs::sys_set_attr(&outside, "user.foo", "bar");
+    let attrs = [("user.foo", "bar"), (BPS_RD, COPY_BPS_RD_BYTES_PER_SEC)];
+    for (label, from) in pair(&m, "f").into_iter().enumerate() {
+        let label = ["source", "mount"][label];
+        for (kind, from) in [("within", from.clone()), ("into", outside.clone())] {
+            let dir = if label == "source" { m.src() } else { m.mnt() };
+            let to = dir.join(format!("{kind}-copy"));
+            let what = format!("rsync -aX {kind} the {label}");
+            run_ok(
+                &what,
+                "rsync",
+                &[OsStr::new("-aX"), from.as_os_str(), to.as_os_str()],
+            );
+            assert_copy(&what, &to, &data, &attrs);
+            if label == "mount" {
+                assert_own_bps_rd(&what, &to);
+            }
+        }
+    }
+}

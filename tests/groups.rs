@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::attrs::{list_attrs, setxattr, sys_get_attr, sys_remove_attr, sys_set_attr};
+use common::attrs::{cpath, list_attrs, setxattr, sys_get_attr, sys_remove_attr, sys_set_attr};
 use common::{
     KIB, MIB, Mount, assert_elapsed_between, describe, loose_upper, rejected, run_unchecked,
 };
@@ -616,10 +616,10 @@ fn group_limits_and_membership_survive_a_remount() {
 }
 
 // ---------------------------------------------------------------------------
-// Group stats: where the limits come from, whole sets, listed on the root.
+// Group stats: where the limits come from, whole sets, unlisted on the root.
 
 #[test]
-fn group_stats_show_the_source_of_limits_and_are_listed_on_the_root() {
+fn group_stats_show_the_source_of_limits_and_are_unlisted_on_the_root() {
     let mut m = Mount::new();
     fs::write(m.src_path("f"), b"x").unwrap();
     m.start(&["--group", "t1:bps=8M"]);
@@ -645,16 +645,41 @@ fn group_stats_show_the_source_of_limits_and_are_listed_on_the_root() {
     let s = group_stats(&m, "t3");
     assert_eq!(s.get("source"), "none", "group stats:\n{}", s.text);
 
+    // The stored group limit is listed; the read-only stats are not (so
+    // copy tools do not try to write them back) but are readable by name
+    // and refused for writing.
     sys_set_attr(m.mnt(), "user.throttle.group.t2.bps_wr", "1M");
     let names = list_attrs(m.mnt());
-    for name in [
-        "user.throttle.group.t1.stats",
-        "user.throttle.group.t2.stats",
-        "user.throttle.group.t2.bps_wr",
-    ] {
+    assert!(
+        names.iter().any(|n| n == "user.throttle.group.t2.bps_wr"),
+        "listxattr on the mount root lacks the group limit: {names:?}"
+    );
+    for group in ["t1", "t2"] {
+        let name = format!("user.throttle.group.{group}.stats");
         assert!(
-            names.iter().any(|n| n == name),
-            "listxattr on the mount root lacks {name}: {names:?}"
+            !names.contains(&name),
+            "listxattr on the mount root lists {name}: {names:?}"
+        );
+        assert!(
+            sys_get_attr(m.mnt(), &name).is_some_and(|t| t.contains("source=")),
+            "{name} is not readable by name"
+        );
+        let r = setxattr(m.mnt(), &name, b"x");
+        assert_eq!(
+            r.as_ref().err().and_then(|e| e.raw_os_error()),
+            Some(libc::EPERM),
+            "setxattr {name}: {r:?}"
+        );
+        let (path, cname) = (
+            cpath(m.mnt()),
+            std::ffi::CString::new(name.clone()).unwrap(),
+        );
+        // SAFETY: valid NUL-terminated strings.
+        let r = unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) };
+        let err = std::io::Error::last_os_error();
+        assert!(
+            r == -1 && err.raw_os_error() == Some(libc::EPERM),
+            "removexattr {name}: {r} {err}"
         );
     }
 }

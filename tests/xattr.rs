@@ -328,9 +328,9 @@ fn set_get_list_remove_and_remount() {
     );
     assert_effective(&f, "file", &[("bps_rd", "1048576")]);
 
-    // List: stored attributes plus the read-only ones.
+    // List: the stored attributes only (the read-only ones are unlisted).
     let names = llist_attrs(&f);
-    for name in [BPS_RD, "user.foo", EFFECTIVE, STATS] {
+    for name in [BPS_RD, "user.foo"] {
         assert!(
             names.iter().any(|n| n == name),
             "listxattr lacks {name}: {names:?}"
@@ -696,7 +696,7 @@ fn invalid_values_and_conflicts_are_refused() {
 // 5. read-only attributes
 
 #[test]
-fn effective_and_stats_are_read_only_and_listed() {
+fn effective_and_stats_are_read_only_and_unlisted() {
     let mut m = Mount::new();
     fs::write(m.src_path("f"), b"data").unwrap();
     fs::create_dir(m.src_path("d")).unwrap();
@@ -709,24 +709,22 @@ fn effective_and_stats_are_read_only_and_listed() {
         set_attr_fails(&d, name, "x", eperm);
         remove_attr_fails(&f, name, eperm);
     }
+    // Readable by name.
     assert_effective(&f, "mount", &[("bps_wr", "1048576")]);
     assert_effective(&d, "mount", &[("bps_wr", "1048576")]);
     assert_eq!(stats(&f)["read_ops"], 0);
 
-    let names = llist_attrs(&f);
-    assert!(
-        names.iter().any(|n| n == EFFECTIVE) && names.iter().any(|n| n == STATS),
-        "listxattr on a file: {names:?}"
-    );
-    let names = llist_attrs(&d);
-    assert!(
-        names.iter().any(|n| n == EFFECTIVE),
-        "listxattr on a directory: {names:?}"
-    );
-    assert!(
-        !names.iter().any(|n| n == STATS),
-        "stats listed on a directory: {names:?}"
-    );
+    // Not listed, so copy tools do not try to write them back.
+    sys_set_attr(&f, BPS_RD, "1M");
+    for path in [&f, &d] {
+        let names = llist_attrs(path);
+        assert!(
+            !names.iter().any(|n| n == EFFECTIVE || n == STATS),
+            "listxattr on {} lists a read-only attribute: {names:?}",
+            path.display()
+        );
+    }
+    assert_eq!(llist_attrs(&f), [BPS_RD], "listxattr on a file");
     let err = lgetxattr(&d, STATS).expect_err("stats on a directory");
     assert_eq!(
         err.raw_os_error(),
@@ -734,7 +732,8 @@ fn effective_and_stats_are_read_only_and_listed() {
         "stats on a directory"
     );
 
-    // getfattr -d -m - dumps them with their values.
+    // getfattr -d -m - dumps the stored limit but not the generated ones;
+    // getfattr -n still reads them.
     let dump = common::run(
         "getfattr",
         &[
@@ -747,10 +746,35 @@ fn effective_and_stats_are_read_only_and_listed() {
     );
     let dump = String::from_utf8_lossy(&dump.stdout);
     assert!(
-        dump.contains("user.throttle.effective=\"source=mount")
-            && dump.contains("user.throttle.stats=\"read_bytes="),
+        dump.contains("user.throttle.bps_rd=\"1048576\"")
+            && !dump.contains(EFFECTIVE)
+            && !dump.contains(STATS),
         "getfattr -d -m - output: {dump}"
     );
+    let named = common::run(
+        "getfattr",
+        &[
+            OsStr::new("--absolute-names"),
+            OsStr::new("-n"),
+            OsStr::new(STATS),
+            f.as_os_str(),
+        ],
+    );
+    let named = String::from_utf8_lossy(&named.stdout);
+    assert!(
+        named.contains("user.throttle.stats=\"read_bytes="),
+        "getfattr -n {STATS} output: {named}"
+    );
+
+    // A stored copy of a generated name on the source (written there
+    // directly) is shadowed: not listed, and the generated value is read.
+    sys_set_attr(&m.src_path("f"), STATS, "stale");
+    assert!(
+        !llist_attrs(&f).iter().any(|n| n == STATS),
+        "a stored {STATS} is listed through the mount"
+    );
+    assert_eq!(stats(&f)["read_ops"], 0);
+    sys_remove_attr(&m.src_path("f"), STATS);
 
     // They are generated, never stored on the source.
     let src_names = llist_attrs(&m.src_path("f"));
