@@ -216,6 +216,9 @@ pub struct ThrottleFs {
     /// Throttle groups' limits from the mount options.
     group_defaults: HashMap<String, Limits>,
     our_uid: u32,
+    /// The kernel checks POSIX ACLs (FUSE_POSIX_ACL granted at INIT);
+    /// without it, `system.posix_acl_*` cannot be set.
+    acls_enforced: bool,
 }
 
 /// The /proc status of the process that sent `req`, if it is still there
@@ -388,6 +391,7 @@ impl ThrottleFs {
             limits,
             // SAFETY: geteuid cannot fail.
             our_uid: unsafe { libc::geteuid() },
+            acls_enforced: false,
         };
         for group in fs.known_groups() {
             fs.push_group_limits(&group);
@@ -768,11 +772,12 @@ impl ThrottleFs {
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
+        umask: u32,
         make: impl FnOnce(RawFd, &CString) -> libc::c_int,
     ) -> Result<FileAttr> {
         let p = self.inode(parent)?;
         let cname = component(name)?;
-        check(make(p.fd, &cname))?;
+        with_umask(umask, || make(p.fd, &cname))?;
         self.chown_new(req, p.fd, &cname)?;
         self.do_lookup(parent, name)
     }
@@ -1369,6 +1374,33 @@ impl ThrottleFs {
     }
 }
 
+/// `system.posix_acl_access` and `system.posix_acl_default`.
+const POSIX_ACL_PREFIX: &[u8] = b"system.posix_acl_";
+
+thread_local! {
+    /// This thread has its own umask (unshare(CLONE_FS) done).
+    static OWN_UMASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `make` (a creating syscall) under the caller's umask, on this
+/// thread only, so the source filesystem applies it exactly as for a
+/// local creator: ignored when the parent has a default ACL.
+fn with_umask(umask: u32, make: impl FnOnce() -> libc::c_int) -> Result<libc::c_int> {
+    if !OWN_UMASK.get() {
+        // SAFETY: gives this thread a private copy of cwd, root and umask.
+        check(unsafe { libc::unshare(libc::CLONE_FS) })?;
+        OWN_UMASK.set(true);
+    }
+    // SAFETY: umask cannot fail; it is this thread's own.
+    let old = unsafe { libc::umask(umask & 0o777) };
+    let r = make();
+    // Keep errno of `make` across the restore.
+    let e = io::Error::last_os_error();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    if r < 0 { Err(Errno::from(e)) } else { Ok(r) }
+}
+
 /// setxattr on the object a descriptor holds.
 fn set_raw(fd: RawFd, name: &CString, value: &[u8], flags: i32) -> Result<()> {
     let path = proc_path(fd);
@@ -1432,6 +1464,15 @@ impl Filesystem for ThrottleFs {
         // mmap of a direct-I/O file goes through our read/write too.
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // The kernel checks POSIX ACLs (from system.posix_acl_access) as
+        // the source would. It then leaves the umask to us (DONT_MASK):
+        // the source applies it only when the parent has no default ACL.
+        self.acls_enforced = config
+            .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+            .is_ok();
+        if !self.acls_enforced {
+            log::warn!("the kernel has no FUSE_POSIX_ACL: setting POSIX ACLs is refused");
+        }
         // A caller's asynchronous direct I/O reaches us as concurrent
         // requests instead of one at a time (libfuse asks for this too).
         if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
@@ -1513,11 +1554,11 @@ impl Filesystem for ThrottleFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.make_entry(req, parent, name, |dir, n| {
+        let r = self.make_entry(req, parent, name, umask, |dir, n| {
             // SAFETY: *at call on a directory descriptor we hold.
             unsafe { libc::mknodat(dir, n.as_ptr(), mode, libc::dev_t::from(rdev)) }
         });
@@ -1530,10 +1571,10 @@ impl Filesystem for ThrottleFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.make_entry(req, parent, name, |dir, n| {
+        let r = self.make_entry(req, parent, name, umask, |dir, n| {
             // SAFETY: as above.
             unsafe { libc::mkdirat(dir, n.as_ptr(), mode) }
         });
@@ -1576,7 +1617,7 @@ impl Filesystem for ThrottleFs {
     ) {
         let r = (|| {
             let target = cstr(target.as_os_str())?;
-            self.make_entry(req, parent, link_name, |dir, n| {
+            self.make_entry(req, parent, link_name, 0, |dir, n| {
                 // SAFETY: as above. The target is stored, never followed by us.
                 unsafe { libc::symlinkat(target.as_ptr(), dir, n.as_ptr()) }
             })
@@ -1989,6 +2030,10 @@ impl Filesystem for ThrottleFs {
                 }
                 None => {}
             }
+            // Stored but not enforced would be a silent hole.
+            if !self.acls_enforced && name.as_bytes().starts_with(POSIX_ACL_PREFIX) {
+                return Err(Errno::EOPNOTSUPP);
+            }
             set_raw(node.fd, &cname, value, flags)
         })();
         match r {
@@ -2106,7 +2151,7 @@ impl Filesystem for ThrottleFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
@@ -2118,8 +2163,10 @@ impl Filesystem for ThrottleFs {
                 | libc::O_NOFOLLOW
                 | libc::O_CLOEXEC;
             // SAFETY: *at call on a directory descriptor we hold.
-            let fd = check(unsafe { libc::openat(p.fd, cname.as_ptr(), oflags, mode) })
-                .map_err(|e| self.note_fd_error(e, "create"))?;
+            let fd = with_umask(umask, || unsafe {
+                libc::openat(p.fd, cname.as_ptr(), oflags, mode)
+            })
+            .map_err(|e| self.note_fd_error(e, "create"))?;
             // SAFETY: fresh descriptor.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             self.chown_new(req, p.fd, &cname)?;

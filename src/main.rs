@@ -131,7 +131,8 @@ fn run(cfg: MountConfig) -> Result<()> {
     let signals = termination_signals();
     // SAFETY: setting this thread's signal mask.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
-    // Modes from the kernel already have the caller's umask applied.
+    // The caller's umask is applied per request, on the thread that
+    // creates (src/fs.rs `with_umask`), so the process's own must not add to it.
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0) };
 
