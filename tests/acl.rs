@@ -15,7 +15,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{Mount, as_nobody, chmod, describe, run, run_unchecked};
+use common::{Mount, chmod, describe, run, run_unchecked};
 
 /// A mount with `-o allow_other` whose source holds `ref/` (used directly)
 /// and `dut/` (used through the mount), opened up so nobody reaches both.
@@ -45,17 +45,7 @@ fn pair(m: &Mount, name: &str) -> [PathBuf; 2] {
 /// Runs the shell `script` with `$1` = `target` as nobody (or root);
 /// returns whether it succeeded and its stdout.
 fn sh(nobody: bool, script: &str, target: &Path) -> (bool, String) {
-    let args = [
-        OsStr::new("-c"),
-        OsStr::new(script),
-        OsStr::new("sh"),
-        target.as_os_str(),
-    ];
-    let out = if nobody {
-        as_nobody("sh", &args)
-    } else {
-        run_unchecked("sh", &args)
-    };
+    let out = common::sh_on(nobody, script, target);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

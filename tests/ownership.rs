@@ -18,7 +18,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::{Mount, as_nobody, chmod, describe, run_unchecked};
+use common::{Mount, chmod, describe, run_unchecked};
 
 /// nobody's group: a file in it keeps setgid when nobody writes it, as
 /// nobody is a member (ext4 keeps the bit then unless group-executable).
@@ -63,22 +63,13 @@ fn mount_pair(setup: impl Fn(&Path), args: &[&str]) -> Mount {
 /// Runs the shell `script` with `$1` = `target`, as nobody or (`root`) as
 /// this process, asserting success.
 fn sh_as(root: bool, script: &str, target: &Path) {
-    let args = [
-        OsStr::new("-c"),
-        OsStr::new(script),
-        OsStr::new("sh"),
-        target.as_os_str(),
-    ];
-    let out = if root {
-        run_unchecked("sh", &args)
-    } else {
-        as_nobody("sh", &args)
-    };
+    let out = common::sh_on(!root, script, target);
     assert!(
         out.status.success(),
-        "as {}: {}",
+        "as {}: sh -c {script:?} {}: {}",
         if root { "root" } else { "nobody" },
-        describe("sh", &args, &out)
+        target.display(),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

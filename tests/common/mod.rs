@@ -490,6 +490,22 @@ pub fn as_nobody(cmd: &str, args: &[&OsStr]) -> Output {
 }
 
 /// chmod(2), panicking on failure.
+/// Runs the shell `script` with `$1` = `target`, as nobody (`nobody`) or
+/// as this process; its output, whatever the exit status.
+pub fn sh_on(nobody: bool, script: &str, target: &Path) -> Output {
+    let args = [
+        OsStr::new("-c"),
+        OsStr::new(script),
+        OsStr::new("sh"),
+        target.as_os_str(),
+    ];
+    if nobody {
+        as_nobody("sh", &args)
+    } else {
+        run_unchecked("sh", &args)
+    }
+}
+
 pub fn chmod(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
