@@ -114,10 +114,17 @@ impl AlignedBuf {
     /// A copy of `data` in a buffer aligned to `align`.
     pub fn from_slice(data: &[u8], align: usize) -> io::Result<AlignedBuf> {
         let mut buf = AlignedBuf::new(data.len(), align)?;
-        // SAFETY: the buffer has room for data.len() bytes.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr.as_ptr(), data.len()) };
-        buf.len = data.len();
+        buf.copy_from(data);
         Ok(buf)
+    }
+
+    /// Make the buffer's contents a copy of `data`, which must fit.
+    fn copy_from(&mut self, data: &[u8]) {
+        assert!(data.len() <= self.layout.size());
+        // SAFETY: the allocation has room for data.len() bytes; the
+        // regions do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr(), data.len()) };
+        self.len = data.len();
     }
 
     pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
@@ -205,6 +212,21 @@ impl Handle {
         self.fd.as_raw_fd()
     }
 
+    /// The O_DIRECT descriptor, when the caller asked for O_DIRECT and a
+    /// request of `len` bytes at `offset` meets its alignment.
+    pub(crate) fn direct_for(&self, offset: u64, len: usize) -> Option<&DirectFd> {
+        self.direct.as_deref().filter(|d| d.fits(offset, len))
+    }
+
+    /// The O_DIRECT descriptor for queued write data prepared for it (see
+    /// `write_data`).
+    pub(crate) fn direct_write_fd(&self, data: &WriteData) -> Option<RawFd> {
+        match (data, self.direct.as_ref()) {
+            (WriteData::Aligned(_), Some(d)) => Some(d.fd.as_raw_fd()),
+            _ => None,
+        }
+    }
+
     /// Read up to `size` bytes at `offset` into this thread's scratch
     /// buffer, directly when the caller asked for O_DIRECT and the request
     /// is aligned, and hand the bytes read (or the error) to `with`.
@@ -215,7 +237,7 @@ impl Handle {
         with: impl FnOnce(io::Result<&[u8]>) -> T,
     ) -> T {
         SCRATCH.with_borrow_mut(|scratch| {
-            if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, size)) {
+            if let Some(d) = self.direct_for(offset, size) {
                 let buf = match scratch.aligned(size, d.mem_align_bytes) {
                     Ok(b) => b,
                     Err(e) => return with(Err(e)),
@@ -245,7 +267,7 @@ impl Handle {
     /// Copy a write's data out of the kernel's buffer to wait in the queue,
     /// aligned when it will go to the O_DIRECT descriptor.
     pub fn write_data(&self, offset: u64, data: &[u8]) -> WriteData {
-        if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, data.len()))
+        if let Some(d) = self.direct_for(offset, data.len())
             && let Ok(buf) = AlignedBuf::from_slice(data, d.mem_align_bytes)
         {
             return WriteData::Aligned(buf);
@@ -255,11 +277,9 @@ impl Handle {
 
     /// Write queued data (see `write_data`) at `offset`.
     pub fn write_queued(&self, offset: u64, data: &WriteData) -> io::Result<usize> {
-        match (data, self.direct.as_ref()) {
-            (WriteData::Aligned(buf), Some(d)) => {
-                pwrite_full(d.fd.as_raw_fd(), offset, buf.as_slice())
-            }
-            _ => self.write_at(offset, data.as_slice()),
+        match self.direct_write_fd(data) {
+            Some(fd) => pwrite_full(fd, offset, data.as_slice()),
+            None => self.write_at(offset, data.as_slice()),
         }
     }
 
@@ -267,20 +287,10 @@ impl Handle {
     /// aligned scratch buffer) when the caller asked for O_DIRECT and the
     /// request is aligned.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
-        if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, data.len())) {
+        if let Some(d) = self.direct_for(offset, data.len()) {
             return SCRATCH.with_borrow_mut(|scratch| {
                 let buf = scratch.aligned(data.len(), d.mem_align_bytes)?;
-                let spare = buf.spare(data.len());
-                // SAFETY: MaybeUninit<u8> has the layout of u8; the slices
-                // do not overlap.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        data.as_ptr(),
-                        spare.as_mut_ptr().cast::<u8>(),
-                        data.len(),
-                    )
-                };
-                buf.len = data.len();
+                buf.copy_from(data);
                 pwrite_full(d.fd.as_raw_fd(), offset, buf.as_slice())
             });
         }
@@ -339,15 +349,6 @@ fn pread_into(fd: RawFd, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result
         // SAFETY: the kernel writes at most rest.len() bytes into `rest`.
         unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), at) }
     })
-}
-
-/// Read up to `size` bytes at `offset`, short only at end of file.
-pub fn pread_full(fd: RawFd, offset: u64, size: usize) -> io::Result<Vec<u8>> {
-    let mut buf: Vec<u8> = Vec::with_capacity(size);
-    let n = pread_into(fd, &mut buf.spare_capacity_mut()[..size], offset)?;
-    // SAFETY: pread_into initialised the first `n` bytes.
-    unsafe { buf.set_len(n) };
-    Ok(buf)
 }
 
 /// Write all of `data` at `offset`. An error after a partial write reports
@@ -564,7 +565,7 @@ impl Job {
     }
 }
 
-fn unmoved(dir: Direction, requested: u64, moved: usize) -> Option<(Direction, u64)> {
+pub(crate) fn unmoved(dir: Direction, requested: u64, moved: usize) -> Option<(Direction, u64)> {
     let short = requested.saturating_sub(moved as u64);
     (short > 0).then_some((dir, short))
 }
@@ -616,6 +617,21 @@ impl Flight {
 
     pub fn writes(&self) -> usize {
         self.writes.load(Ordering::SeqCst)
+    }
+
+    /// A job of `file` was performed (or answered without being performed):
+    /// count it out, and tell the scheduler through `done` when it watches
+    /// the file or bytes charged for the job were not moved.
+    pub fn report(
+        &self,
+        file: u64,
+        write: bool,
+        unmoved: Option<(Direction, u64)>,
+        done: &impl Fn(Completion),
+    ) {
+        if self.finish(write) || unmoved.is_some() {
+            done(Completion { file, unmoved });
+        }
     }
 
     /// Ask (or stop asking) to hear when the file's writes or jobs are done;
@@ -842,9 +858,7 @@ impl IoPool {
                         while let Some(Released { file, flight, job }) = next_job(&queue) {
                             let write = job.direction() == Some(Direction::Write);
                             let unmoved = job.run();
-                            if flight.finish(write) || unmoved.is_some() {
-                                done(Completion { file, unmoved });
-                            }
+                            flight.report(file, write, unmoved, &done);
                         }
                     })?,
             );

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 use io_uring::{IoUring, opcode, squeue, types};
 
-use crate::io::{AlignedBuf, Completion, Flight, Handle, Job, JobQueue, Released, WriteData};
+use crate::io::{
+    AlignedBuf, Completion, Flight, Handle, Job, JobQueue, Released, WriteData, unmoved,
+};
 use crate::throttle::Direction;
 
 /// Submission queue entries of each ring; one is the eventfd's read.
@@ -181,7 +183,7 @@ impl Op {
                         reply.data(buf.slice(moved));
                     }
                 }
-                (false, unmoved(Direction::Read, total, moved))
+                (false, unmoved(Direction::Read, total as u64, moved))
             }
             Kind::Write { reply, .. } => {
                 match error.filter(|_| moved == 0) {
@@ -191,7 +193,7 @@ impl Op {
                         reply.written(moved as u32);
                     }
                 }
-                (true, unmoved(Direction::Write, total, moved))
+                (true, unmoved(Direction::Write, total as u64, moved))
             }
             Kind::Fsync { reply, .. } => {
                 match error {
@@ -202,16 +204,9 @@ impl Op {
             }
         };
         drop(handle);
-        if flight.finish(write) || unmoved.is_some() {
-            done(Completion { file, unmoved });
-        }
+        flight.report(file, write, unmoved, done);
         None
     }
-}
-
-fn unmoved(dir: Direction, requested: usize, moved: usize) -> Option<(Direction, u64)> {
-    let short = requested.saturating_sub(moved) as u64;
-    (short > 0).then_some((dir, short))
 }
 
 /// Turn a released job into a ring operation, or perform it here when the
@@ -228,16 +223,15 @@ fn start(r: Released, done: &impl Fn(Completion)) -> Option<Op> {
         } => {
             let size = size as usize;
             let direct = handle
-                .direct
-                .as_ref()
-                .filter(|d| d.fits(offset, size))
+                .direct_for(offset, size)
                 .map(|d| (d.fd.as_raw_fd(), d.mem_align_bytes));
             let (fd, buf) = match direct {
                 Some((fd, align)) => match AlignedBuf::new(size, align) {
                     Ok(b) => (fd, ReadBuf::Aligned(b)),
                     Err(e) => {
                         reply.error(Errno::from(e));
-                        finish_now(file, &flight, false, Some((Direction::Read, size)), done);
+                        let unmoved = unmoved(Direction::Read, size as u64, 0);
+                        flight.report(file, false, unmoved, done);
                         return None;
                     }
                 },
@@ -251,10 +245,9 @@ fn start(r: Released, done: &impl Fn(Completion)) -> Option<Op> {
             data,
             reply,
         } => {
-            let fd = match (&data, handle.direct.as_ref()) {
-                (WriteData::Aligned(_), Some(d)) => d.fd.as_raw_fd(),
-                _ => handle.raw(),
-            };
+            let fd = handle
+                .direct_write_fd(&data)
+                .unwrap_or_else(|| handle.raw());
             (handle, offset, (fd, Kind::Write { data, reply }))
         }
         Job::Fsync {
@@ -268,9 +261,7 @@ fn start(r: Released, done: &impl Fn(Completion)) -> Option<Op> {
         job @ (Job::Flush { .. } | Job::Copy { .. }) => {
             let write = job.direction() == Some(Direction::Write);
             let unmoved = job.run();
-            if flight.finish(write) || unmoved.is_some() {
-                done(Completion { file, unmoved });
-            }
+            flight.report(file, write, unmoved, done);
             return None;
         }
     };
@@ -284,20 +275,6 @@ fn start(r: Released, done: &impl Fn(Completion)) -> Option<Op> {
         done: 0,
         kind,
     })
-}
-
-/// A job that failed before reaching the ring.
-fn finish_now(
-    file: u64,
-    flight: &Flight,
-    write: bool,
-    unmoved: Option<(Direction, usize)>,
-    done: &impl Fn(Completion),
-) {
-    let unmoved = unmoved.map(|(d, n)| (d, n as u64));
-    if flight.finish(write) || unmoved.is_some() {
-        done(Completion { file, unmoved });
-    }
 }
 
 /// One ring worker: take what the queue holds (as much as the ring has room
