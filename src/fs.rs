@@ -685,12 +685,6 @@ impl ThrottleFs {
         }
     }
 
-    /// A read or write of a file without limits: here, or at queue depth
-    /// on a ring worker (see `DirectSender::run`).
-    fn unthrottled(&self, file: u64, flight: &Arc<fio::Flight>, job: Job) {
-        self.unthrottled.run(file, flight, job);
-    }
-
     fn submit(&self, req: &Request, file: u64, job: Job) {
         let unique = req.unique().0;
         // Fails only after the scheduler stopped; the job was dropped,
@@ -1718,23 +1712,19 @@ impl Filesystem for ThrottleFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        if Self::is_throttled(&handle.shared) {
-            let job = Job::Read {
-                handle,
-                offset,
-                size,
-                reply,
-            };
+        let throttled = Self::is_throttled(&handle.shared);
+        let flight = handle.unthrottled.clone();
+        let job = Job::Read {
+            handle,
+            offset,
+            size,
+            reply,
+        };
+        if throttled {
             self.submit(req, ino.0, job);
         } else {
-            let flight = handle.unthrottled.clone();
-            let job = Job::Read {
-                handle,
-                offset,
-                size,
-                reply,
-            };
-            self.unthrottled(ino.0, &flight, job);
+            // Here, or at queue depth on a ring worker.
+            self.unthrottled.run(ino.0, &flight, job);
         }
     }
 
@@ -1759,17 +1749,10 @@ impl Filesystem for ThrottleFs {
         {
             return reply.error(e);
         }
-        if Self::is_throttled(&handle.shared) {
-            // The data must outlive this call to wait in the queue.
-            let job = Job::Write {
-                data: handle.write_data(offset, data),
-                handle,
-                offset,
-                reply,
-            };
-            self.submit(req, ino.0, job);
-        } else if self.unthrottled.has_rings() && handle.unthrottled.jobs() > 0 {
-            // At depth: to a ring worker, with its own copy of the data.
+        let throttled = Self::is_throttled(&handle.shared);
+        if throttled || self.unthrottled.to_ring(&handle.unthrottled) {
+            // The data must outlive this call, to wait in the queue or to
+            // go to a ring worker at queue depth.
             let flight = handle.unthrottled.clone();
             let job = Job::Write {
                 data: handle.write_data(offset, data),
@@ -1777,7 +1760,11 @@ impl Filesystem for ThrottleFs {
                 offset,
                 reply,
             };
-            self.unthrottled(ino.0, &flight, job);
+            if throttled {
+                self.submit(req, ino.0, job);
+            } else {
+                self.unthrottled.run(ino.0, &flight, job);
+            }
         } else {
             let flight = handle.unthrottled.clone();
             flight.start(true);

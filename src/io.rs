@@ -742,9 +742,9 @@ impl DirectSender {
     /// lowest cost at queue depth). Without ring workers always here.
     pub fn run(&self, file: u64, flight: &Arc<Flight>, job: Job) {
         let write = job.direction() == Some(Direction::Write);
-        let busy = flight.jobs() > 0;
+        let to_ring = self.to_ring(flight);
         flight.start(write);
-        if busy && self.rings {
+        if to_ring {
             let mut batch = vec![Released {
                 file,
                 flight: flight.clone(),
@@ -764,9 +764,12 @@ impl DirectSender {
         flight.finish(write);
     }
 
-    /// Whether `run` may hand jobs to ring workers (they need owned data).
-    pub fn has_rings(&self) -> bool {
-        self.rings
+    /// Whether `run` hands a job of the handle whose unthrottled requests
+    /// `flight` counts to a ring worker: there are ring workers, and others
+    /// of the handle are in flight. (A caller that would copy data only for
+    /// the ring asks first.)
+    pub fn to_ring(&self, flight: &Flight) -> bool {
+        self.rings && flight.jobs() > 0
     }
 }
 
