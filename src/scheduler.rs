@@ -111,25 +111,28 @@ impl SchedulerRx {
         self.rx.try_recv().ok()
     }
 
+    /// A message, or why there is none to wait for; `None`: none yet.
+    fn poll(&self) -> Option<Result<Msg, Idle>> {
+        match self.rx.try_recv() {
+            Ok(msg) => Some(Ok(msg)),
+            Err(TryRecvError::Disconnected) => Some(Err(Idle::Disconnected)),
+            Err(TryRecvError::Empty) => None,
+        }
+    }
+
     /// The next message, waiting until `deadline` (or for ever) without
     /// spinning.
     fn recv_until(&self, deadline: Option<Instant>) -> Result<Msg, Idle> {
         let _ = self.wake.thread.set(thread::current());
         loop {
-            match self.rx.try_recv() {
-                Ok(msg) => return Ok(msg),
-                Err(TryRecvError::Disconnected) => return Err(Idle::Disconnected),
-                Err(TryRecvError::Empty) => {}
+            if let Some(r) = self.poll() {
+                return r;
             }
             self.wake.sleeping.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            match self.rx.try_recv() {
-                Ok(msg) => {
-                    self.wake.sleeping.store(false, Ordering::SeqCst);
-                    return Ok(msg);
-                }
-                Err(TryRecvError::Disconnected) => return Err(Idle::Disconnected),
-                Err(TryRecvError::Empty) => {}
+            if let Some(r) = self.poll() {
+                self.wake.sleeping.store(false, Ordering::SeqCst);
+                return r;
             }
             match deadline {
                 Some(d) => {
@@ -488,15 +491,23 @@ impl Group {
             lanes: [false; LANES],
         });
         if m.served < vtime {
-            let old = m.served;
-            m.served = vtime;
-            for (lane, set) in self.ready.iter_mut().enumerate() {
-                if m.lanes[lane] {
-                    set.remove(&(old, member));
-                    set.insert((vtime, member));
-                }
+            self.set_served(member, vtime);
+        }
+    }
+
+    /// Move `member` to service level `served`, keeping its place in the
+    /// ready sets it is in consistent with it.
+    fn set_served(&mut self, member: u64, served: u64) {
+        let Some(m) = self.members.get_mut(&member) else {
+            return;
+        };
+        for (lane, set) in self.ready.iter_mut().enumerate() {
+            if m.lanes[lane] {
+                set.remove(&(m.served, member));
+                set.insert((served, member));
             }
         }
+        m.served = served;
     }
 
     /// `member` leaves the group.
@@ -593,21 +604,10 @@ impl Group {
                 self.ops[lane] += 1;
             }
             let cost = if by_bytes { job.bytes() } else { 1 };
-            let lanes = {
-                let m = self.members.get_mut(&member).expect("a ready member");
-                let old = m.served;
-                self.vtime = self.vtime.max(old);
-                m.served += cost;
-                for (lane, set) in self.ready.iter_mut().enumerate() {
-                    if m.lanes[lane] {
-                        set.remove(&(old, member));
-                    }
-                }
-                std::mem::take(&mut m.lanes)
-            };
-            // Back into its sets at its new level, then sorted again for
-            // its next request.
-            self.set_lanes(member, lanes);
+            let served = self.members.get(&member).expect("a ready member").served;
+            self.vtime = self.vtime.max(served);
+            // To its new level, then sorted again for its next request.
+            self.set_served(member, served + cost);
             let own = self.classify(member, f, at, draining);
             turns.arms.push((member, own));
             turns.released.push((member, job));
@@ -632,6 +632,28 @@ impl Group {
         ]
         .iter()
         .any(|k| l.get(*k).avg != 0)
+    }
+}
+
+/// Arm (or disarm, with `None`) the deadline in `next` for `wake`, whose
+/// current deadline is `armed`: pushed once; heap entries that no longer
+/// match `armed` are stale and skipped when they come up.
+fn arm_wake(
+    deadlines: &mut BinaryHeap<Reverse<(Instant, Wake)>>,
+    armed: &mut Option<Instant>,
+    wake: Wake,
+    next: Option<Duration>,
+    now: Instant,
+) {
+    match next {
+        Some(wait) => {
+            let when = now + wait;
+            if *armed != Some(when) {
+                *armed = Some(when);
+                deadlines.push(Reverse((when, wake)));
+            }
+        }
+        None => *armed = None,
     }
 }
 
@@ -838,10 +860,10 @@ impl Scheduler {
                     }
                     if !f.queue.is_empty() {
                         // A barrier at the head, or a request the refund
-                        // lets through, may now go.
+                        // lets through, may now go (a member's pump takes
+                        // its group's turns too).
                         self.pump(file, now);
-                    }
-                    if let Some(name) = refunded_group {
+                    } else if let Some(name) = refunded_group {
                         // Its mates may go on what was given back.
                         self.pump_group(&name, now);
                     }
@@ -1093,16 +1115,8 @@ impl Scheduler {
         let turns = group.turns(files, at, *draining);
         // One deadline for the whole group when its buckets hold back
         // members that could go otherwise.
-        match turns.next {
-            Some(wait) => {
-                let when = now + wait;
-                if group.armed != Some(when) {
-                    group.armed = Some(when);
-                    deadlines.push(Reverse((when, Wake::Group(name.to_string()))));
-                }
-            }
-            None => group.armed = None,
-        }
+        let wake = Wake::Group(name.to_string());
+        arm_wake(deadlines, &mut group.armed, wake, turns.next, now);
         for (member, next) in turns.arms {
             self.arm(member, next, now);
         }
@@ -1117,18 +1131,14 @@ impl Scheduler {
 
     /// Put `file`'s deadline in the heap (or take it out).
     fn arm(&mut self, file: u64, next: Option<Duration>, now: Instant) {
-        let Some(f) = self.files.get_mut(&file) else {
-            return;
-        };
-        match next {
-            Some(wait) => {
-                let when = now + wait;
-                if f.armed != Some(when) {
-                    f.armed = Some(when);
-                    self.deadlines.push(Reverse((when, Wake::File(file))));
-                }
-            }
-            None => f.armed = None,
+        if let Some(f) = self.files.get_mut(&file) {
+            arm_wake(
+                &mut self.deadlines,
+                &mut f.armed,
+                Wake::File(file),
+                next,
+                now,
+            );
         }
     }
 
@@ -1150,9 +1160,7 @@ impl Scheduler {
                 // A copy passed its source's buckets: it is not in flight
                 // there, and now queues on its destination as a write.
                 Some(next) => {
-                    if let Some(f) = self.files.get(&file) {
-                        f.flight.cancel(false);
-                    }
+                    flight.cancel(false);
                     handoffs.push((next, w));
                 }
                 None => self.outbox.push(Released {
