@@ -875,8 +875,8 @@ impl ThrottleFs {
             .values()
             .filter(|n| n.is_file())
             .filter(|n| {
-                !matches!(n.resolved_gen.load(Ordering::SeqCst), 0)
-                    && n.resolved_gen.load(Ordering::SeqCst) != current
+                let resolved = n.resolved_gen.load(Ordering::SeqCst);
+                resolved != 0 && resolved != current
             })
             .cloned()
             .collect();
@@ -1306,19 +1306,15 @@ impl ThrottleFs {
         // One line per member until the value would pass what an xattr may
         // hold; then only how many were left out.
         let mut unlisted = 0;
-        for member in &report.members {
-            if unlisted > 0 {
-                unlisted += 1;
-                continue;
-            }
+        for (listed, member) in report.members.iter().enumerate() {
             let path = self
                 .inode(INodeNo(*member))
                 .map(|n| self.display_path(n.fd))
                 .unwrap_or_else(|_| format!("inode {member}"));
             let line = format!("member={path}\n");
             if out.len() + line.len() + tail.len() + UNLISTED_LINE_BYTES > XATTR_VALUE_MAX_BYTES {
-                unlisted = 1;
-                continue;
+                unlisted = report.members.len() - listed;
+                break;
             }
             out.push_str(&line);
         }
