@@ -20,17 +20,7 @@ use common::{Mount, chmod, describe, run, run_unchecked};
 /// A mount with `-o allow_other` whose source holds `ref/` (used directly)
 /// and `dut/` (used through the mount), opened up so nobody reaches both.
 fn mount_pair() -> Mount {
-    let mut m = Mount::new();
-    for p in [m.root(), m.src(), m.mnt()] {
-        chmod(p, 0o755);
-    }
-    for d in ["ref", "dut"] {
-        let dir = m.src_path(d);
-        fs::create_dir(&dir).unwrap();
-        chmod(&dir, 0o777);
-    }
-    m.start(&["-o", "allow_other"]);
-    m
+    common::mount_ref_dut(|dir| chmod(dir, 0o777), &[])
 }
 
 /// `name` on the reference side (source) and on the side under test

@@ -18,7 +18,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::{Mount, chmod, describe, run_unchecked};
+use common::{chmod, describe, run_unchecked};
 
 /// nobody's group: a file in it keeps setgid when nobody writes it, as
 /// nobody is a member (ext4 keeps the bit then unless group-executable).
@@ -39,25 +39,6 @@ fn fmt((uid, gid, mode): (u32, u32, u32)) -> String {
 fn chown(p: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::lchown(p, Some(uid), Some(gid))
         .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
-}
-
-/// A mount with `-o allow_other` whose source holds `ref/` (used directly)
-/// and `dut/` (used through the mount), both made by `setup(dir)`. The test
-/// tree is opened up so nobody reaches both.
-fn mount_pair(setup: impl Fn(&Path), args: &[&str]) -> Mount {
-    let mut m = Mount::new();
-    for p in [m.root(), m.src(), m.mnt()] {
-        chmod(p, 0o755);
-    }
-    for d in ["ref", "dut"] {
-        let dir = m.src_path(d);
-        fs::create_dir(&dir).unwrap();
-        setup(&dir);
-    }
-    let mut all = vec!["-o", "allow_other"];
-    all.extend_from_slice(args);
-    m.start(&all);
-    m
 }
 
 /// Runs the shell `script` with `$1` = `target`, as nobody or (`root`) as
@@ -148,7 +129,7 @@ const OPS: [(&str, &str); 5] = [
 /// Each operation, by nobody (or by root, who keeps the bits), leaves the
 /// files' modes as on the source.
 fn assert_modification_kills_privileges_like_the_source(root: bool, args: &[&str]) {
-    let m = mount_pair(
+    let m = common::mount_ref_dut(
         |dir| {
             chmod(dir, 0o777);
             for (op, _) in OPS {
@@ -213,7 +194,7 @@ fn write_truncate_fallocate_by_root_keep_setuid_setgid() {
 
 #[test]
 fn objects_made_in_a_setgid_directory_take_its_group() {
-    let m = mount_pair(
+    let m = common::mount_ref_dut(
         |dir| {
             chown(dir, 0, OTHER_GID);
             chmod(dir, 0o2777);
@@ -248,7 +229,7 @@ fn objects_made_in_a_setgid_directory_take_its_group() {
 
 #[test]
 fn write_by_a_member_through_a_supplementary_group_keeps_setgid() {
-    let m = mount_pair(
+    let m = common::mount_ref_dut(
         |dir| {
             chmod(dir, 0o777);
             let f = dir.join("f");

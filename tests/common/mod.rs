@@ -490,6 +490,25 @@ pub fn as_nobody(cmd: &str, args: &[&OsStr]) -> Output {
 }
 
 /// chmod(2), panicking on failure.
+/// A mount with `-o allow_other` (and `args`) whose source holds `ref/`
+/// (used directly, the reference) and `dut/` (used through the mount), both
+/// made by `setup(dir)`. The test tree is opened up so nobody reaches both.
+pub fn mount_ref_dut(setup: impl Fn(&Path), args: &[&str]) -> Mount {
+    let mut m = Mount::new();
+    for p in [m.root(), m.src(), m.mnt()] {
+        chmod(p, 0o755);
+    }
+    for d in ["ref", "dut"] {
+        let dir = m.src_path(d);
+        fs::create_dir(&dir).unwrap();
+        setup(&dir);
+    }
+    let mut all = vec!["-o", "allow_other"];
+    all.extend_from_slice(args);
+    m.start(&all);
+    m
+}
+
 /// Runs the shell `script` with `$1` = `target`, as nobody (`nobody`) or
 /// as this process; its output, whatever the exit status.
 pub fn sh_on(nobody: bool, script: &str, target: &Path) -> Output {
