@@ -262,20 +262,23 @@ fn reads_interrupted_by_a_caught_signal_complete() {
     );
 }
 
-/// The child process of `parent`, once there is one.
-fn child_of(parent: libc::pid_t, timeout: Duration) -> libc::pid_t {
+/// The child process of `parent` running `name`, once there is one
+/// (strace forks short-lived probes of its own first).
+fn child_of(parent: libc::pid_t, name: &str, timeout: Duration) -> libc::pid_t {
     let start = Instant::now();
     let ppid_line = format!("PPid:\t{parent}");
+    let name_line = format!("Name:\t{name}");
     loop {
         let found = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
             let pid: libc::pid_t = e.file_name().to_str()?.parse().ok()?;
             let status = std::fs::read_to_string(e.path().join("status")).ok()?;
-            status.lines().any(|l| l == ppid_line).then_some(pid)
+            let ours = status.lines().any(|l| l == ppid_line);
+            (ours && status.lines().any(|l| l == name_line)).then_some(pid)
         });
         if let Some(pid) = found {
             return pid;
         }
-        assert!(start.elapsed() < timeout, "{parent} started no child");
+        assert!(start.elapsed() < timeout, "{parent} started no {name}");
         thread::sleep(Duration::from_millis(5));
     }
 }
@@ -299,7 +302,7 @@ fn dd_progress_signals_do_not_fail_its_reads() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("strace (needed by this test) runs");
-    let pid = child_of(strace.id() as libc::pid_t, Duration::from_secs(20));
+    let pid = child_of(strace.id() as libc::pid_t, "dd", Duration::from_secs(20));
     // Once dd has opened its input it has its SIGUSR1 handler (SIGUSR1
     // kills it before); and then it reads.
     let start = Instant::now();
