@@ -689,7 +689,12 @@ impl ThrottleFs {
         let unique = req.unique().0;
         // Fails only after the scheduler stopped; the job was dropped,
         // which answers EIO.
-        let _ = self.scheduler.send(Msg::Submit { file, unique, job });
+        let _ = self.scheduler.send(Msg::Submit {
+            file,
+            unique,
+            pid: req.pid(),
+            job,
+        });
     }
 
     #[allow(clippy::too_many_arguments)] // mirrors the FUSE setattr fields

@@ -153,9 +153,16 @@ impl SchedulerRx {
 /// What the scheduler is told.
 pub enum Msg {
     /// A request for `file` (the FUSE inode number), with its reply inside;
-    /// `unique` is the kernel's id of the request.
-    Submit { file: u64, unique: u64, job: Job },
-    /// The kernel interrupts request `unique` (its caller got a signal).
+    /// `unique` is the kernel's id of the request, `pid` the id of the
+    /// thread that sent it (0 when not in our pid namespace).
+    Submit {
+        file: u64,
+        unique: u64,
+        pid: u32,
+        job: Job,
+    },
+    /// The kernel interrupts request `unique` (its caller got a signal,
+    /// harmless or fatal).
     Interrupt(u64),
     /// The limits in force for `file` changed (or are set the first time):
     /// applied at once, to queued requests too.
@@ -211,6 +218,8 @@ pub struct GroupReport {
 
 struct Waiting {
     unique: u64,
+    /// The thread that sent it, looked at only when it is interrupted.
+    pid: u32,
     job: Job,
     /// When it joined this queue.
     since: Instant,
@@ -239,6 +248,38 @@ enum Arrival {
 /// the oldest ids go first. Interrupts for requests that never come here
 /// (files without limits, requests already answered) are what fills it.
 const EARLY_INTERRUPTS_MAX: usize = 1024;
+
+/// How often the callers of queued requests that were interrupted by a
+/// harmless signal are looked at again: the kernel sends one interrupt per
+/// request, so a caller killed after it is only noticed here (and at its
+/// release), at most this late.
+const INTERRUPTED_RECHECK_MS: u64 = 100;
+
+/// Whether the thread `tid` that sent a request is going away: its /proc
+/// entry is gone, or SIGKILL is pending on it (a signal that kills adds
+/// SIGKILL to every thread of the process). A caller we cannot see (tid 0,
+/// another pid namespace) counts as staying.
+fn caller_dying(tid: u32) -> bool {
+    if tid == 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{tid}/status")) {
+        Ok(status) => sigkill_pending(&status),
+        Err(_) => true,
+    }
+}
+
+/// SIGKILL in the thread's or the process's pending set of a /proc status.
+fn sigkill_pending(status: &str) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .any(|mask| u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & SIGKILL_BIT != 0))
+}
 
 /// Messages handled in one round before released jobs go to the pool and
 /// deadlines are looked at: big enough to batch a queue depth of 128, small
@@ -662,6 +703,8 @@ fn arm_wake(
 enum Wake {
     File(u64),
     Group(String),
+    /// Look again at the callers of interrupted requests.
+    Interrupted,
 }
 
 pub struct Scheduler {
@@ -673,6 +716,10 @@ pub struct Scheduler {
     /// Which file's queue holds each waiting request, by kernel id.
     waiting: HashMap<u64, u64>,
     early_interrupts: BTreeSet<u64>,
+    /// Queued requests interrupted by a harmless signal, by kernel id, with
+    /// their caller's thread id; and the deadline of their next look.
+    interrupted: HashMap<u64, u32>,
+    interrupted_armed: Option<Instant>,
     deadlines: BinaryHeap<Reverse<(Instant, Wake)>>,
     jobs: JobSender,
     /// Jobs released in this round, handed to the pool together.
@@ -693,6 +740,8 @@ impl Scheduler {
             groups: HashMap::new(),
             waiting: HashMap::new(),
             early_interrupts: BTreeSet::new(),
+            interrupted: HashMap::new(),
+            interrupted_armed: None,
             deadlines: BinaryHeap::new(),
             jobs,
             outbox: Vec::new(),
@@ -756,15 +805,25 @@ impl Scheduler {
 
     fn handle(&mut self, msg: Msg, now: Instant) {
         match msg {
-            Msg::Submit { file, unique, job } => {
-                if self.early_interrupts.remove(&unique) {
+            Msg::Submit {
+                file,
+                unique,
+                pid,
+                job,
+            } => {
+                let interrupted = self.early_interrupts.remove(&unique);
+                if interrupted && caller_dying(pid) {
                     job.fail(Errno::EINTR);
                 } else {
                     let w = Waiting {
                         unique,
+                        pid,
                         job,
                         since: now,
                     };
+                    if interrupted {
+                        self.keep_interrupted(unique, pid, now);
+                    }
                     self.enqueue(file, w, now, Arrival::KernelOrder);
                 }
             }
@@ -897,14 +956,75 @@ impl Scheduler {
         }
     }
 
-    /// Cancel a request still waiting: it is answered EINTR and charges
-    /// nothing. One already released completes normally.
+    /// A request still waiting whose caller is going away (a fatal
+    /// signal) is cancelled; after a harmless signal it keeps its place
+    /// and is looked at again every `INTERRUPTED_RECHECK_MS`. One already
+    /// released completes normally.
     fn interrupt(&mut self, unique: u64, now: Instant) {
-        let Some(file) = self.waiting.remove(&unique) else {
+        let Some(&file) = self.waiting.get(&unique) else {
             self.early_interrupts.insert(unique);
             while self.early_interrupts.len() > EARLY_INTERRUPTS_MAX {
                 self.early_interrupts.pop_first();
             }
+            return;
+        };
+        let Some(pid) = self
+            .files
+            .get(&file)
+            .and_then(|f| f.queue.iter().find(|w| w.unique == unique))
+            .map(|w| w.pid)
+        else {
+            return;
+        };
+        if caller_dying(pid) {
+            self.cancel(unique, now);
+        } else {
+            self.keep_interrupted(unique, pid, now);
+        }
+    }
+
+    /// Remember a queued request whose caller got a harmless signal, and
+    /// make sure its caller is looked at again.
+    fn keep_interrupted(&mut self, unique: u64, pid: u32, now: Instant) {
+        self.interrupted.insert(unique, pid);
+        if self.interrupted_armed.is_none() {
+            arm_wake(
+                &mut self.deadlines,
+                &mut self.interrupted_armed,
+                Wake::Interrupted,
+                Some(Duration::from_millis(INTERRUPTED_RECHECK_MS)),
+                now,
+            );
+        }
+    }
+
+    /// Cancel the interrupted requests whose callers are going away now;
+    /// look again later while any is left.
+    fn recheck_interrupted(&mut self, now: Instant) {
+        let dying: Vec<u64> = self
+            .interrupted
+            .iter()
+            .filter(|&(_, &pid)| caller_dying(pid))
+            .map(|(&unique, _)| unique)
+            .collect();
+        for unique in dying {
+            self.cancel(unique, now);
+        }
+        let next =
+            (!self.interrupted.is_empty()).then(|| Duration::from_millis(INTERRUPTED_RECHECK_MS));
+        arm_wake(
+            &mut self.deadlines,
+            &mut self.interrupted_armed,
+            Wake::Interrupted,
+            next,
+            now,
+        );
+    }
+
+    /// Remove a waiting request: it is answered EINTR and charges nothing.
+    fn cancel(&mut self, unique: u64, now: Instant) {
+        self.interrupted.remove(&unique);
+        let Some(file) = self.waiting.remove(&unique) else {
             return;
         };
         let Some(f) = self.files.get_mut(&file) else {
@@ -1043,6 +1163,12 @@ impl Scheduler {
                         self.pump_group(&name, now);
                     }
                 }
+                Wake::Interrupted => {
+                    if self.interrupted_armed == Some(when) {
+                        self.interrupted_armed = None;
+                        self.recheck_interrupted(now);
+                    }
+                }
             }
         }
     }
@@ -1142,6 +1268,17 @@ impl Scheduler {
         }
     }
 
+    /// Give back bytes charged to `file` and its group.
+    fn refund(&mut self, file: u64, dir: Direction, bytes: u64, now: Instant) {
+        let at = self.since_epoch(now);
+        if let Some(f) = self.files.get_mut(&file) {
+            f.state.refund(dir, bytes, at);
+            if let Some(g) = f.group.as_ref().and_then(|g| self.groups.get_mut(g)) {
+                g.state.refund(dir, bytes, at);
+            }
+        }
+    }
+
     /// Dispatch released requests; returns the copies that must now queue
     /// on their destination file.
     fn finish(&mut self, file: u64, released: Vec<Waiting>, now: Instant) -> Vec<(u64, Waiting)> {
@@ -1156,10 +1293,27 @@ impl Scheduler {
         for mut w in released {
             self.waiting.remove(&w.unique);
             shared.record_dequeued(now.saturating_duration_since(w.since));
+            let interrupted = self.interrupted.remove(&w.unique);
+            if interrupted.is_some_and(caller_dying) {
+                // Killed since its harmless interrupt, before the next
+                // look: it gives back what its release charged.
+                let dir = w.job.direction();
+                flight.cancel(dir == Some(Direction::Write));
+                if let Some(dir) = dir {
+                    self.refund(file, dir, w.job.bytes(), now);
+                }
+                log::debug!("request {} of inode {file} cancelled at release", w.unique);
+                w.job.fail(Errno::EINTR);
+                self.recheck.push(file);
+                continue;
+            }
             match w.job.hand_off() {
                 // A copy passed its source's buckets: it is not in flight
                 // there, and now queues on its destination as a write.
                 Some(next) => {
+                    if let Some(pid) = interrupted {
+                        self.keep_interrupted(w.unique, pid, now);
+                    }
                     flight.cancel(false);
                     handoffs.push((next, w));
                 }
@@ -1239,6 +1393,36 @@ mod tests {
         fn bytes(&self) -> u64 {
             self.bytes
         }
+    }
+
+    #[test]
+    fn sigkill_is_seen_in_either_pending_set() {
+        let status = |sig: &str, shd: &str| format!("Name:\tdd\nSigPnd:\t{sig}\nShdPnd:\t{shd}\n");
+        assert!(!sigkill_pending(&status(
+            "0000000000000000",
+            "0000000000000000"
+        )));
+        // SIGUSR1 (bit 10) and SIGALRM (bit 14) are not SIGKILL.
+        assert!(!sigkill_pending(&status(
+            "0000000000002200",
+            "0000000000000200"
+        )));
+        assert!(sigkill_pending(&status(
+            "0000000000000100",
+            "0000000000000000"
+        )));
+        assert!(sigkill_pending(&status(
+            "0000000000000000",
+            "0000000000000300"
+        )));
+    }
+
+    #[test]
+    fn a_gone_caller_is_dying_and_an_unknown_one_is_not() {
+        assert!(!caller_dying(0));
+        assert!(!caller_dying(std::process::id()));
+        // Above the largest pid the kernel hands out (2^22).
+        assert!(caller_dying(1 << 23));
     }
 
     fn read(id: u32, bytes: u64) -> Fake {
