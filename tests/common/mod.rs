@@ -149,8 +149,9 @@ impl Mount {
         }
     }
 
-    /// Spawns the binary with exactly `args` (no source/mountpoint added),
-    /// stdout and stderr going to files in the temp dir.
+    /// Spawns the binary in the foreground (`-f`, so the harness owns the
+    /// daemon process) with `args` (no source/mountpoint added), stdout and
+    /// stderr going to files in the temp dir.
     pub fn spawn<I, S>(&mut self, args: I)
     where
         I: IntoIterator<Item = S>,
@@ -160,6 +161,7 @@ impl Mount {
         let stderr = File::create(&self.stderr_path).expect("create stderr file");
         let stdout = File::create(&self.stdout_path).expect("create stdout file");
         let child = Command::new(binary())
+            .arg("-f")
             .args(args)
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
