@@ -350,9 +350,11 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
-/// Mount points listed in /proc/self/mountinfo.
+/// Mount points listed in this thread's mountinfo (a test may have moved
+/// its thread into a mount namespace of its own, see tests/mount_cmd.rs).
 pub fn mount_points() -> Vec<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    let info = fs::read_to_string("/proc/thread-self/mountinfo")
+        .expect("read /proc/thread-self/mountinfo");
     info.lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(unescape_mountinfo)
