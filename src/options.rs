@@ -1329,4 +1329,63 @@ mod tests {
         assert_eq!(code, 0);
         assert!(version.contains(env!("CARGO_PKG_VERSION")));
     }
+
+    #[test]
+    fn mount8_and_fstab_options_are_accepted() {
+        let cfg = parse(&[
+            "-o",
+            "defaults,rw,nofail,_netdev,x-systemd.automount,x-systemd.idle-timeout=30,noauto,auto",
+            "-o",
+            "user,users,nouser,owner,group,comment=vm disks,relatime,lazytime,nodiratime,bps_rd=1M",
+        ])
+        .unwrap();
+        assert_eq!(cfg.limits.get(BucketKind::BpsRead).avg, MIB);
+        assert_eq!(cfg.fuse_options, vec![fuser::MountOption::RW]);
+        assert!(!cfg.foreground);
+        assert!(parse(&["-f"]).unwrap().foreground);
+        assert!(parse(&["--foreground"]).unwrap().foreground);
+    }
+
+    #[test]
+    fn of_opposite_flags_the_last_wins() {
+        let cfg = parse(&["-o", "rw,nodev,ro,dev,suid,nosuid,ro"]).unwrap();
+        assert_eq!(
+            cfg.fuse_options,
+            vec![
+                fuser::MountOption::Dev,
+                fuser::MountOption::NoSuid,
+                fuser::MountOption::RO
+            ]
+        );
+    }
+
+    #[test]
+    fn groups_in_o_are_one_limit_per_item() {
+        let cfg = parse(&[
+            "-o",
+            "group.tenant.a.bps=20M,group.b.iops_rd=100,group.tenant.a.iops=400",
+        ])
+        .unwrap();
+        let names: Vec<_> = cfg.groups.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["tenant.a", "b"]);
+        let a = &cfg.groups[0].1;
+        assert_eq!(a.get(BucketKind::BpsTotal).avg, 20 * MIB);
+        assert_eq!(a.get(BucketKind::IopsTotal).avg, 400);
+        assert_eq!(cfg.groups[1].1.get(BucketKind::IopsRead).avg, 100);
+        assert_eq!(
+            parse_err(&["-o", "group.g.bps=1M,group.g.bps_rd=1M"]),
+            "group g: bps_rd cannot be used together with bps"
+        );
+        assert_eq!(
+            parse_err(&["-o", "group.g.bps=1M", "--group", "g:iops=1"]),
+            "group g given twice"
+        );
+        assert_eq!(
+            parse_err(&["-o", "group.g.bps=1M,group.g.bps=2M"]),
+            "group g: bps given twice"
+        );
+        assert!(parse_err(&["-o", "group.nolimit"]).contains("expected group.NAME.LIMIT=VALUE"));
+        assert!(parse_err(&["-o", "group.a/b.bps=1"]).contains("a name is"));
+        assert!(parse_err(&["-o", "group.g.speed=1"]).contains("unknown limit speed"));
+    }
 }
