@@ -54,8 +54,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}");
-            if !ready.failed(&msg) {
+            if ready.failed(&msg) {
+                // The waiting parent prints it.
+            } else if ready.detached() {
                 log::error!("{msg}");
+            } else {
                 eprintln!("throttlefs: {msg}");
             }
             ExitCode::FAILURE

@@ -390,3 +390,41 @@ fn ready_is_notified_only_once_the_mount_is_live() {
     assert_eq!(&buf[..n], b"STOPPING=1\n");
     assert!(m.wait_exit(EXIT_TIMEOUT).is_some_and(|s| s.success()));
 }
+
+#[test]
+fn a_mount_failing_after_the_detach_reports_like_the_foreground() {
+    // As nobody, with allow_other: refused by /dev/fuse's mode or by
+    // fusermount3 (no user_allow_other), after the options were accepted,
+    // so in the detached child; its parent must print the same line and
+    // return the same status as -f does.
+    let m = Detached { m: Mount::new() };
+    let bin = m.m.root().join("throttlefs");
+    fs::copy(binary(), &bin).unwrap();
+    common::chmod(m.m.root(), 0o755);
+    common::chmod(&bin, 0o755);
+    common::run("chown", &["nobody".as_ref(), m.m.mnt().as_os_str()]);
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = extra.iter().map(|a| a.as_ref()).collect();
+        args.extend([
+            m.m.src().as_os_str(),
+            m.m.mnt().as_os_str(),
+            "-o".as_ref(),
+            "allow_other,bps_rd=1M".as_ref(),
+        ]);
+        common::as_nobody(bin.to_str().unwrap(), &args)
+    };
+    let foreground = run(&["-f"]);
+    assert!(
+        !foreground.status.success(),
+        "nobody mounted with allow_other"
+    );
+    assert!(daemons_gone(m.m.mnt(), EXIT_TIMEOUT));
+    let detached = run(&[]);
+    assert_eq!(detached.status.code(), foreground.status.code());
+    let stderr = String::from_utf8_lossy(&detached.stderr);
+    assert_eq!(stderr, String::from_utf8_lossy(&foreground.stderr));
+    assert!(stderr.starts_with("throttlefs: mounting on"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(!is_mounted(m.m.mnt()));
+    assert!(daemons_gone(m.m.mnt(), EXIT_TIMEOUT));
+}
