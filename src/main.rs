@@ -14,6 +14,9 @@ use throttlefs::io::IoPool;
 use throttlefs::options::{MountConfig, parse_args};
 use throttlefs::scheduler::{Msg, Scheduler, SchedulerTx};
 
+mod daemon;
+use daemon::Readiness;
+
 /// How long a shutdown waits for released requests to finish on the
 /// underlying files before the daemon exits anyway.
 const SHUTDOWN_IO_GRACE: Duration = Duration::from_secs(30);
@@ -34,17 +37,36 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(code).unwrap_or(2));
         }
     };
-    init_logging(cfg.verbose);
-    match run(cfg) {
+    // Detach first: fork is only safe while we have a single thread.
+    let ready = if cfg.foreground {
+        Readiness::foreground()
+    } else {
+        match daemon::detach() {
+            Ok(ready) => ready,
+            Err(e) => {
+                eprintln!("throttlefs: detaching: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    init_logging(cfg.verbose, ready.detached());
+    match run(cfg, ready.clone()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("throttlefs: {e:#}");
+            let msg = format!("{e:#}");
+            if ready.failed(&msg) {
+                // The waiting parent prints it.
+            } else if ready.detached() {
+                log::error!("{msg}");
+            } else {
+                eprintln!("throttlefs: {msg}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, detached: bool) {
     // fuser warns about its own second unmount attempt after every clean
     // unmount; that one module is kept at error unless -vv.
     let default = match verbose {
@@ -52,6 +74,11 @@ fn init_logging(verbose: u8) {
         1 => "info,fuser::session=error",
         _ => "debug",
     };
+    if detached {
+        let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_string());
+        daemon::init_syslog(&spec);
+        return;
+    }
     let env = env_logger::Env::default().default_filter_or(default);
     env_logger::Builder::from_env(env)
         .format_timestamp_millis()
@@ -119,7 +146,7 @@ fn raise_fd_limit() {
     }
 }
 
-fn run(cfg: MountConfig) -> Result<()> {
+fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
     raise_fd_limit();
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt before any other thread exists.
@@ -194,6 +221,11 @@ fn run(cfg: MountConfig) -> Result<()> {
         .name("signals".into())
         .spawn(move || signal_thread(signals, mountpoint, signal_tx))
         .context("starting the signal thread")?;
+    let probe = cfg.mountpoint.clone();
+    thread::Builder::new()
+        .name("ready".into())
+        .spawn(move || report_when_live(&probe, &ready))
+        .context("starting the readiness thread")?;
 
     let result = session.run();
     log::info!("unmounted; answering what is still queued");
@@ -202,6 +234,26 @@ fn run(cfg: MountConfig) -> Result<()> {
     let _ = scheduler.join();
     pool.join();
     result.context("serving the mount")
+}
+
+/// The mount is live once it answers a request: statfs goes to the
+/// session (after the kernel's INIT handshake), so it returns only when the
+/// session threads serve.
+fn report_when_live(mountpoint: &std::path::Path, ready: &Readiness) {
+    let Ok(path) = CString::new(mountpoint.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: statfs on a NUL-terminated path into a local buffer.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut buf) } == 0 {
+        ready.ready();
+    } else {
+        let err = std::io::Error::last_os_error();
+        ready.failed(&format!(
+            "mount on '{}' is not answering: {err}",
+            mountpoint.display()
+        ));
+    }
 }
 
 /// Waits for SIGINT/SIGTERM/SIGHUP and shuts down without losing a request:
@@ -214,6 +266,7 @@ fn signal_thread(signals: libc::sigset_t, mountpoint: CString, scheduler: Schedu
             continue;
         }
         log::info!("signal {sig}: shutting down");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = scheduler.send(Msg::Drain);
         // SAFETY: unmount of a NUL-terminated path.
         if unsafe { libc::umount2(mountpoint.as_ptr(), 0) } == 0 {

@@ -41,6 +41,54 @@ const IOPS_SIZE_NAME: &str = "iops_size";
 /// Option name of the worker thread count in `-o`.
 const IO_THREADS_NAME: &str = "io_threads";
 
+/// `-o group.NAME.LIMIT=VALUE`: one limit of throttle group NAME (a group
+/// spec has commas, which `-o` splits on, so each limit is its own item).
+const GROUP_OPTION_PREFIX: &str = "group.";
+
+/// Options mount(8), fstab and mount.fuse3 pass along that mean nothing to
+/// a FUSE mount (they are for mount(8) itself, systemd or the admin);
+/// accepted and ignored. Atime variants other than atime/noatime are here
+/// too: access times are the underlying filesystem's.
+const IGNORED_MOUNT_OPTIONS: [&str; 19] = [
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "silent",
+    "loud",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "lazytime",
+    "nolazytime",
+    "diratime",
+];
+
+/// Prefixes of ignored options with a value or a namespace: `x-systemd.*`,
+/// `x-gvfs-*`, `comment=...` (util-linux's userspace options).
+const IGNORED_MOUNT_OPTION_PREFIXES: [&str; 2] = ["x-", "comment="];
+
+/// Ignored on its own: `nodiratime` (see IGNORED_MOUNT_OPTIONS).
+const IGNORED_NODIRATIME: &str = "nodiratime";
+
+/// Flags that cancel each other; the later one wins, as with mount(8)
+/// (fstab's `defaults,ro` or mount.fuse3 adding `dev,suid` after `nodev`).
+const OPPOSITE_FLAGS: [(&str, &str); 6] = [
+    ("ro", "rw"),
+    ("dev", "nodev"),
+    ("suid", "nosuid"),
+    ("exec", "noexec"),
+    ("atime", "noatime"),
+    ("sync", "async"),
+];
+
 /// Everything `main` needs to mount.
 #[derive(Clone, Debug)]
 pub struct MountConfig {
@@ -57,8 +105,11 @@ pub struct MountConfig {
     pub verbose: u8,
     /// Worker threads for file I/O, 1..=MAX_IO_THREAD_COUNT.
     pub io_threads: usize,
-    /// Throttle groups' limits from `--group`, validated.
+    /// Throttle groups' limits from `--group` and `-o group.NAME.LIMIT=`,
+    /// validated.
     pub groups: Vec<(String, Limits)>,
+    /// `-f`: stay attached to the caller instead of detaching once mounted.
+    pub foreground: bool,
 }
 
 /// Longest throttle group name.
@@ -106,9 +157,14 @@ pub fn parse_group(spec: &str) -> Result<(String, Limits), String> {
     name = "throttlefs",
     version,
     about = "Mount SOURCE on MOUNTPOINT through FUSE, throttling each file's I/O \
-             with QEMU's disk-limit semantics. Runs in the foreground."
+             with QEMU's disk-limit semantics. Detaches once the mount is live \
+             (like sshfs or bindfs); -f stays in the foreground."
 )]
 struct Cli {
+    /// stay in the foreground, logging to stderr, instead of detaching once
+    /// the mount is live (and logging to syslog)
+    #[arg(short = 'f', long)]
+    foreground: bool,
     /// limit total (read + write) bytes per second (0 = unlimited)
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
     bps: Vec<String>,
@@ -433,7 +489,12 @@ fn after_help() -> String {
         text.push_str(if i == 7 { ",\n  " } else { ", " });
         text.push_str(name);
     }
-    text.push_str(",\n  fsname=NAME, subtype=NAME, io_threads=N (same as --io-threads).");
+    text.push_str(
+        ",\n  fsname=NAME, subtype=NAME, io_threads=N (same as --io-threads),\n  \
+         group.NAME.LIMIT=VALUE (same as --group NAME:LIMIT=VALUE, one limit per item).\n\
+         Options for mount(8) and systemd (defaults, auto, noauto, user, users, nofail,\n\
+         _netdev, x-*, comment=..., relatime and the other atime variants) are ignored.",
+    );
     text
 }
 
@@ -537,6 +598,8 @@ struct Collected {
     fuse_options: Vec<fuser::MountOption>,
     allow_other: bool,
     io_threads: Option<usize>,
+    /// `-o group.NAME.LIMIT=VALUE` items by group, in order.
+    groups: Vec<(String, Vec<String>)>,
 }
 
 impl Collected {
@@ -569,8 +632,52 @@ impl Collected {
         }
     }
 
-    /// One `-o` item: a limit, io_threads, or a FUSE mount option.
+    /// `group.NAME.LIMIT=VALUE`: collected per group, validated with
+    /// `parse_group` once all are in. Group names may hold dots, limit
+    /// names do not, so the limit is after the last dot.
+    fn group_limit(&mut self, opt: &str) -> Result<(), String> {
+        let rest = &opt[GROUP_OPTION_PREFIX.len()..];
+        let (name_limit, value) = rest.split_once('=').unwrap_or((rest, ""));
+        let Some((name, limit)) = name_limit.rsplit_once('.') else {
+            return Err(format!("'{opt}': expected group.NAME.LIMIT=VALUE"));
+        };
+        if !valid_group_name(name) {
+            return Err(format!("group '{name}': a name is {GROUP_NAME_RULE}"));
+        }
+        let item = format!("{limit}={value}");
+        match self.groups.iter_mut().find(|(n, _)| n == name) {
+            Some((_, items)) => items.push(item),
+            None => self.groups.push((name.to_string(), vec![item])),
+        }
+        Ok(())
+    }
+
+    /// A FUSE flag; drops an earlier copy or opposite so the last wins.
+    fn fuse_flag(&mut self, opt: &str, option: &fuser::MountOption) {
+        let opposite = OPPOSITE_FLAGS
+            .iter()
+            .find_map(|&(a, b)| (a == opt).then_some(b).or((b == opt).then_some(a)));
+        self.fuse_options.retain(|o| {
+            let name = FUSE_FLAGS.iter().find(|(_, f)| f == o).map(|(n, _)| *n);
+            name != Some(opt) && name != opposite
+        });
+        self.fuse_options.push(option.clone());
+    }
+
+    /// One `-o` item: a limit, io_threads, a group limit, a FUSE mount
+    /// option, or one of mount(8)'s that is ignored.
     fn mount_option(&mut self, opt: &str) -> Result<(), String> {
+        if IGNORED_MOUNT_OPTIONS.contains(&opt)
+            || opt == IGNORED_NODIRATIME
+            || IGNORED_MOUNT_OPTION_PREFIXES
+                .iter()
+                .any(|p| opt.starts_with(p))
+        {
+            return Ok(());
+        }
+        if opt.starts_with(GROUP_OPTION_PREFIX) {
+            return self.group_limit(opt);
+        }
         if let Some((key, value)) = opt.split_once('=') {
             if key == IOPS_SIZE_NAME || lookup_limit(key).is_some() {
                 return self.limit(key, value);
@@ -594,8 +701,8 @@ impl Collected {
             self.allow_other = true;
             return Ok(());
         }
-        if let Some((_, option)) = FUSE_FLAGS.iter().find(|(name, _)| *name == opt) {
-            self.fuse_options.push(option.clone());
+        if let Some((name, option)) = FUSE_FLAGS.iter().find(|(name, _)| *name == opt) {
+            self.fuse_flag(name, option);
             return Ok(());
         }
         if opt == IOPS_SIZE_NAME || opt == IO_THREADS_NAME || lookup_limit(opt).is_some() {
@@ -660,8 +767,12 @@ where
     }
     collected.limits.validate().map_err(|e| usage(e.0))?;
     let mut groups: Vec<(String, Limits)> = Vec::new();
-    for spec in &cli.group {
-        let (name, limits) = parse_group(spec).map_err(usage)?;
+    let from_options = collected
+        .groups
+        .iter()
+        .map(|(name, items)| format!("{name}:{}", items.join(",")));
+    for spec in cli.group.iter().cloned().chain(from_options) {
+        let (name, limits) = parse_group(&spec).map_err(usage)?;
         if groups.iter().any(|(n, _)| *n == name) {
             return Err(usage(format!("group {name} given twice")));
         }
@@ -676,6 +787,7 @@ where
         fuse_options: collected.fuse_options,
         allow_other: collected.allow_other,
         verbose: cli.verbose,
+        foreground: cli.foreground,
         io_threads: collected.io_threads.unwrap_or(DEFAULT_IO_THREAD_COUNT),
         groups,
     })
@@ -1216,5 +1328,64 @@ mod tests {
         let (version, code) = parse_args(["throttlefs", "--version"]).unwrap_err();
         assert_eq!(code, 0);
         assert!(version.contains(env!("CARGO_PKG_VERSION")));
+    }
+
+    #[test]
+    fn mount8_and_fstab_options_are_accepted() {
+        let cfg = parse(&[
+            "-o",
+            "defaults,rw,nofail,_netdev,x-systemd.automount,x-systemd.idle-timeout=30,noauto,auto",
+            "-o",
+            "user,users,nouser,owner,group,comment=vm disks,relatime,lazytime,nodiratime,bps_rd=1M",
+        ])
+        .unwrap();
+        assert_eq!(cfg.limits.get(BucketKind::BpsRead).avg, MIB);
+        assert_eq!(cfg.fuse_options, vec![fuser::MountOption::RW]);
+        assert!(!cfg.foreground);
+        assert!(parse(&["-f"]).unwrap().foreground);
+        assert!(parse(&["--foreground"]).unwrap().foreground);
+    }
+
+    #[test]
+    fn of_opposite_flags_the_last_wins() {
+        let cfg = parse(&["-o", "rw,nodev,ro,dev,suid,nosuid,ro"]).unwrap();
+        assert_eq!(
+            cfg.fuse_options,
+            vec![
+                fuser::MountOption::Dev,
+                fuser::MountOption::NoSuid,
+                fuser::MountOption::RO
+            ]
+        );
+    }
+
+    #[test]
+    fn groups_in_o_are_one_limit_per_item() {
+        let cfg = parse(&[
+            "-o",
+            "group.tenant.a.bps=20M,group.b.iops_rd=100,group.tenant.a.iops=400",
+        ])
+        .unwrap();
+        let names: Vec<_> = cfg.groups.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["tenant.a", "b"]);
+        let a = &cfg.groups[0].1;
+        assert_eq!(a.get(BucketKind::BpsTotal).avg, 20 * MIB);
+        assert_eq!(a.get(BucketKind::IopsTotal).avg, 400);
+        assert_eq!(cfg.groups[1].1.get(BucketKind::IopsRead).avg, 100);
+        assert_eq!(
+            parse_err(&["-o", "group.g.bps=1M,group.g.bps_rd=1M"]),
+            "group g: bps_rd cannot be used together with bps"
+        );
+        assert_eq!(
+            parse_err(&["-o", "group.g.bps=1M", "--group", "g:iops=1"]),
+            "group g given twice"
+        );
+        assert_eq!(
+            parse_err(&["-o", "group.g.bps=1M,group.g.bps=2M"]),
+            "group g: bps given twice"
+        );
+        assert!(parse_err(&["-o", "group.nolimit"]).contains("expected group.NAME.LIMIT=VALUE"));
+        assert!(parse_err(&["-o", "group.a/b.bps=1"]).contains("a name is"));
+        assert!(parse_err(&["-o", "group.g.speed=1"]).contains("unknown limit speed"));
     }
 }

@@ -530,6 +530,7 @@ struct Daemon {
 impl Daemon {
     fn start(src: &Path, mnt: &Path, stderr: PathBuf, args: &[&str]) -> Daemon {
         let child = Command::new(binary())
+            .arg("-f")
             .args(args)
             .arg(src)
             .arg(mnt)

@@ -149,8 +149,9 @@ impl Mount {
         }
     }
 
-    /// Spawns the binary with exactly `args` (no source/mountpoint added),
-    /// stdout and stderr going to files in the temp dir.
+    /// Spawns the binary in the foreground (`-f`, so the harness owns the
+    /// daemon process) with `args` (no source/mountpoint added), stdout and
+    /// stderr going to files in the temp dir.
     pub fn spawn<I, S>(&mut self, args: I)
     where
         I: IntoIterator<Item = S>,
@@ -160,6 +161,7 @@ impl Mount {
         let stderr = File::create(&self.stderr_path).expect("create stderr file");
         let stdout = File::create(&self.stdout_path).expect("create stdout file");
         let child = Command::new(binary())
+            .arg("-f")
             .args(args)
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -348,9 +350,11 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
-/// Mount points listed in /proc/self/mountinfo.
+/// Mount points listed in this thread's mountinfo (a test may have moved
+/// its thread into a mount namespace of its own, see tests/mount_cmd.rs).
 pub fn mount_points() -> Vec<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    let info = fs::read_to_string("/proc/thread-self/mountinfo")
+        .expect("read /proc/thread-self/mountinfo");
     info.lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(unescape_mountinfo)
