@@ -1351,16 +1351,23 @@ impl ThrottleFs {
                 (handles > 0 || activity.is_busy()).then(|| (n.clone(), handles, activity))
             })
             .collect();
+        // Held until the text is made, so each descriptor stays open.
+        let mut held = HashMap::new();
         let files = nodes
             .into_iter()
-            .map(|(n, open, activity)| xattr::ActiveFile {
-                path: self.display_path(n.fd),
-                open,
-                activity,
-                effective: n.shared.effective.lock().expect("effective").clone(),
+            .map(|(n, open, activity)| {
+                let file = xattr::ActiveFile {
+                    ino: n.ino,
+                    open,
+                    activity,
+                    effective: n.shared.effective.lock().expect("effective").clone(),
+                };
+                held.insert(n.ino, n);
+                file
             })
             .collect();
-        Some(xattr::render_active(files, XATTR_VALUE_MAX_BYTES).into_bytes())
+        let path_of = |ino: u64| self.display_path(held[&ino].fd);
+        Some(xattr::render_active(files, path_of, XATTR_VALUE_MAX_BYTES).into_bytes())
     }
 
     fn generated_attr_applies(&self, node: &InodeRef, attr: &Attr) -> bool {

@@ -176,8 +176,9 @@ pub fn group_prefix(group: &str) -> String {
 
 /// One file of `user.throttle.active`.
 pub struct ActiveFile {
-    /// From the mount root.
-    pub path: String,
+    /// The file's inode number, handed to `render_active`'s `path_of`
+    /// (only the files listed cost a path lookup), and the tie-break.
+    pub ino: u64,
     /// Open handles.
     pub open: u64,
     pub activity: Activity,
@@ -241,8 +242,13 @@ const UNLISTED_LINE_BYTES: usize = 40;
 /// first (bytes, then requests in the last second, then waiting, then
 /// open handles), of space-separated `name=value` fields with escaped
 /// values, for as many files as fit in `max_bytes`; then
-/// `files_unlisted=K` if some did not.
-pub fn render_active(mut files: Vec<ActiveFile>, max_bytes: usize) -> String {
+/// `files_unlisted=K` if some did not. `path_of` gives a file's path from
+/// the mount root.
+pub fn render_active(
+    mut files: Vec<ActiveFile>,
+    path_of: impl Fn(u64) -> String,
+    max_bytes: usize,
+) -> String {
     let score = |f: &ActiveFile| {
         let a = &f.activity;
         (
@@ -252,10 +258,10 @@ pub fn render_active(mut files: Vec<ActiveFile>, max_bytes: usize) -> String {
             f.open,
         )
     };
-    files.sort_by(|a, b| score(b).cmp(&score(a)).then_with(|| a.path.cmp(&b.path)));
+    files.sort_by(|a, b| score(b).cmp(&score(a)).then_with(|| a.ino.cmp(&b.ino)));
     let mut out = format!("files={}\n", files.len());
     for (listed, f) in files.iter().enumerate() {
-        let mut line = format!("path={} open={}", escape_value(&f.path), f.open);
+        let mut line = format!("path={} open={}", escape_value(&path_of(f.ino)), f.open);
         for (name, value) in f.activity.fields() {
             let _ = write!(line, " {name}={value}");
         }

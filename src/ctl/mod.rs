@@ -113,9 +113,23 @@ fn c_name(name: &str) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// Calls a size-query-then-fill xattr function until the buffer is large
-/// enough (the value may grow between the two calls).
+/// The largest value an xattr may have (Linux XATTR_SIZE_MAX).
+const XATTR_VALUE_MAX_BYTES: usize = 64 * 1024;
+
+/// Calls an xattr function with a buffer of the largest size a value may
+/// have: one call, where asking the size first would make the mount build
+/// a generated value twice. Falls back to asking the size on ERANGE.
 fn fetch(mut call: impl FnMut(*mut libc::c_void, usize) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; XATTR_VALUE_MAX_BYTES];
+    let got = call(buf.as_mut_ptr().cast(), buf.len());
+    if got >= 0 {
+        buf.truncate(got as usize);
+        return Ok(buf);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::ERANGE) {
+        return Err(err);
+    }
     loop {
         let size = call(std::ptr::null_mut(), 0);
         if size < 0 {

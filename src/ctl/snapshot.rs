@@ -239,7 +239,7 @@ mod tests {
         };
         let odd = "/dir with space/a\\b\nc=d\te";
         let files = vec![ActiveFile {
-            path: odd.into(),
+            ino: 7,
             open: 2,
             activity,
             effective: Some(Effective {
@@ -248,7 +248,7 @@ mod tests {
                 group: Some(("g.1".into(), Origin::File)),
             }),
         }];
-        let text = render_active(files, 64 * 1024);
+        let text = render_active(files, |_| odd.to_string(), 64 * 1024);
         let (rows, unlisted) = parse_active("/mnt/", &text);
         assert_eq!(unlisted, 0);
         assert_eq!(rows.len(), 1, "{text}");
@@ -272,7 +272,7 @@ mod tests {
     fn active_is_bounded_busiest_first() {
         let files: Vec<ActiveFile> = (0..2000u64)
             .map(|i| ActiveFile {
-                path: format!("/file-{i:04}"),
+                ino: i,
                 open: 1,
                 activity: Activity {
                     bytes_per_sec: [i, 0],
@@ -281,7 +281,7 @@ mod tests {
                 effective: None,
             })
             .collect();
-        let text = render_active(files, 64 * 1024);
+        let text = render_active(files, |i| format!("/file-{i:04}"), 64 * 1024);
         assert!(text.len() <= 64 * 1024);
         let (rows, unlisted) = parse_active("", &text);
         assert_eq!(rows.len() as u64 + unlisted, 2000);
