@@ -350,6 +350,7 @@ mod tests {
             &b"user.throttle.effective"[..],
             b"user.throttle.stats",
             b"user.throttle.group.t1.stats",
+            b"user.throttle.active",
         ] {
             assert!(!is_listed(name), "{}", String::from_utf8_lossy(name));
         }

@@ -306,6 +306,16 @@ fn stat_json_counts_known_traffic_exactly() {
     );
     // Throttled, so it went through the queue: some wait was counted.
     assert_eq!(jq(&json, ".files[0].wait_ns > 0"), "true");
+    // The root attribute is read-only, unlisted, and only on the root.
+    let err = common::attrs::setxattr(m.mnt(), "user.throttle.active", b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    assert!(
+        !list_attrs(m.mnt())
+            .iter()
+            .any(|n| n == "user.throttle.active")
+    );
+    let err = common::attrs::getxattr(&path, "user.throttle.active").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENODATA));
 }
 
 /// Checks the text exposition format: every sample line is

@@ -201,7 +201,7 @@ pub fn screen(
     let mut out = String::new();
     let header = [
         format!(
-            "throttlefs top  {}  {} files open or active{unlisted}, {} groups  refresh {:.1} ms",
+            "throttlefs top  {}  files open or active: {}{unlisted}  groups: {}  refresh {:.1} ms",
             snap.mount,
             snap.files.len(),
             snap.groups.len(),
