@@ -1330,6 +1330,51 @@ impl ThrottleFs {
         Some(out.into_bytes())
     }
 
+    /// `user.throttle.active` on the root: every file with an open handle,
+    /// a request waiting or I/O in the last second, from what the daemon
+    /// holds (no walk of the source, no syscall per file but the path of
+    /// those listed).
+    fn active_files(&self, node: &InodeRef) -> Option<Vec<u8>> {
+        if node.ino != INodeNo::ROOT.0 {
+            return None;
+        }
+        self.resolve_stale();
+        let mut open: HashMap<u64, u64> = HashMap::new();
+        for f in self.files.read().expect("file lock").values() {
+            *open.entry(f.node.ino).or_default() += 1;
+        }
+        let nodes: Vec<(Arc<InodeRef>, u64, crate::stats::Activity)> = self
+            .inodes
+            .read()
+            .expect("inode lock")
+            .by_ino
+            .values()
+            .filter(|n| n.is_file())
+            .filter_map(|n| {
+                let handles = open.get(&n.ino).copied().unwrap_or(0);
+                let activity = n.shared.activity();
+                (handles > 0 || activity.is_busy()).then(|| (n.clone(), handles, activity))
+            })
+            .collect();
+        // Held until the text is made, so each descriptor stays open.
+        let mut held = HashMap::new();
+        let files = nodes
+            .into_iter()
+            .map(|(n, open, activity)| {
+                let file = xattr::ActiveFile {
+                    ino: n.ino,
+                    open,
+                    activity,
+                    effective: n.shared.effective.lock().expect("effective").clone(),
+                };
+                held.insert(n.ino, n);
+                file
+            })
+            .collect();
+        let path_of = |ino: u64| self.display_path(held[&ino].fd);
+        Some(xattr::render_active(files, path_of, XATTR_VALUE_MAX_BYTES).into_bytes())
+    }
+
     fn generated_attr_applies(&self, node: &InodeRef, attr: &Attr) -> bool {
         match attr {
             Attr::Effective => node.is_file() || node.is_dir(),
@@ -2009,7 +2054,7 @@ impl Filesystem for ThrottleFs {
                     return self.set_group_limit(&node, &cname, &group, &limit, value, flags);
                 }
                 // Read-only, documented.
-                Some(Attr::Effective | Attr::Stats | Attr::GroupStats(_)) => {
+                Some(Attr::Effective | Attr::Stats | Attr::Active | Attr::GroupStats(_)) => {
                     return Err(Errno::EPERM);
                 }
                 Some(Attr::Unknown) => {
@@ -2041,6 +2086,12 @@ impl Filesystem for ThrottleFs {
         let attr = xattr::classify(name.as_bytes());
         if let Some(Attr::GroupStats(group)) = &attr {
             return match self.group_stats(&node, group) {
+                Some(data) => Self::xattr_reply(reply, size, Ok(data)),
+                None => reply.error(Errno::NO_XATTR),
+            };
+        }
+        if let Some(Attr::Active) = &attr {
+            return match self.active_files(&node) {
                 Some(data) => Self::xattr_reply(reply, size, Ok(data)),
                 None => reply.error(Errno::NO_XATTR),
             };
@@ -2100,7 +2151,7 @@ impl Filesystem for ThrottleFs {
                 Some(Attr::GroupLimit { group, limit }) => {
                     return self.remove_group_limit(&node, &cname, &group, &limit);
                 }
-                Some(Attr::Effective | Attr::Stats | Attr::GroupStats(_)) => {
+                Some(Attr::Effective | Attr::Stats | Attr::Active | Attr::GroupStats(_)) => {
                     return Err(Errno::EPERM);
                 }
                 Some(Attr::Group) => {

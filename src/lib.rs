@@ -1,6 +1,7 @@
 //! throttlefs: a FUSE passthrough filesystem that throttles each file's I/O
 //! with QEMU's disk-limit semantics.
 
+pub mod ctl;
 pub mod fs;
 pub mod io;
 pub mod options;

@@ -26,7 +26,11 @@ const SHUTDOWN_IO_GRACE: Duration = Duration::from_secs(30);
 const FUSE_THREADS_MAX: usize = 16;
 
 fn main() -> ExitCode {
-    let cfg = match parse_args(std::env::args_os()) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| throttlefs::ctl::is_command(a)) {
+        return throttlefs::ctl::main(args);
+    }
+    let cfg = match parse_args(args) {
         Ok(cfg) => cfg,
         Err((text, 0)) => {
             println!("{text}");

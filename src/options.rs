@@ -499,7 +499,7 @@ fn after_help() -> String {
 }
 
 /// Render a clap error: help/version in full, anything else as one line.
-fn clap_error(err: clap::Error) -> (String, i32) {
+pub fn clap_error(err: clap::Error) -> (String, i32) {
     let text = err.render().to_string();
     if matches!(
         err.kind(),
@@ -714,7 +714,7 @@ impl Collected {
 
 /// Values and paths are quoted into messages as given; escape control
 /// characters (a newline in a value) so an error stays one line.
-fn one_line(msg: &str) -> String {
+pub fn one_line(msg: &str) -> String {
     msg.chars()
         .flat_map(|c| -> Vec<char> {
             if c.is_control() {

@@ -100,6 +100,47 @@ fn lane(dir: Direction) -> usize {
     }
 }
 
+/// One file's counters (index 0 reads, 1 writes) and what moved in the
+/// last second: the numbers behind `user.throttle.stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    pub bytes: [u64; 2],
+    pub ops: [u64; 2],
+    pub wait_ns: u64,
+    pub waiting: u64,
+    pub bytes_per_sec: [u64; 2],
+    pub ops_per_sec: [u64; 2],
+}
+
+impl Activity {
+    /// The fields by their stable `user.throttle.stats` names, in that
+    /// attribute's order.
+    pub fn fields(&self) -> [(&'static str, u64); 10] {
+        [
+            ("read_bytes", self.bytes[0]),
+            ("read_ops", self.ops[0]),
+            ("write_bytes", self.bytes[1]),
+            ("write_ops", self.ops[1]),
+            ("wait_ns", self.wait_ns),
+            ("waiting", self.waiting),
+            ("read_bytes_per_sec", self.bytes_per_sec[0]),
+            ("read_ops_per_sec", self.ops_per_sec[0]),
+            ("write_bytes_per_sec", self.bytes_per_sec[1]),
+            ("write_ops_per_sec", self.ops_per_sec[1]),
+        ]
+    }
+
+    /// Whether anything moved in the last second or waits now.
+    pub fn is_busy(&self) -> bool {
+        self.waiting > 0
+            || self
+                .bytes_per_sec
+                .iter()
+                .chain(&self.ops_per_sec)
+                .any(|&n| n > 0)
+    }
+}
+
 /// Shared state of one file, behind an `Arc` held by its inode, its open
 /// handles and the scheduler.
 pub struct FileShared {
@@ -195,31 +236,41 @@ impl FileShared {
         self.render_stats_at(Instant::now())
     }
 
-    fn render_stats_at(&self, now: Instant) -> String {
+    /// The counters and last-second rates, as numbers.
+    pub fn activity(&self) -> Activity {
+        self.activity_at(Instant::now())
+    }
+
+    fn activity_at(&self, now: Instant) -> Activity {
         let (slot, into) = self.slot(now);
-        let (rate_bytes, rate_ops) = {
-            let mut w = self.window.lock().expect("rate window");
-            w.advance(slot);
-            let sum = |a: &[u64; RING_SLOTS]| w.last_second(a, into);
-            (
-                [sum(&w.bytes[0]), sum(&w.bytes[1])],
-                [sum(&w.ops[0]), sum(&w.ops[1])],
-            )
-        };
+        let mut w = self.window.lock().expect("rate window");
+        w.advance(slot);
+        let sum = |a: &[u64; RING_SLOTS]| w.last_second(a, into);
+        Activity {
+            bytes: [
+                self.bytes[0].load(Ordering::Relaxed),
+                self.bytes[1].load(Ordering::Relaxed),
+            ],
+            ops: [
+                self.ops[0].load(Ordering::Relaxed),
+                self.ops[1].load(Ordering::Relaxed),
+            ],
+            wait_ns: self.wait_ns_total.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
+            bytes_per_sec: [sum(&w.bytes[0]), sum(&w.bytes[1])],
+            ops_per_sec: [sum(&w.ops[0]), sum(&w.ops[1])],
+        }
+    }
+
+    fn render_stats_at(&self, now: Instant) -> String {
+        let a = self.activity_at(now);
         let mut out = String::new();
         let mut line = |name: &str, value: u64| {
             let _ = writeln!(out, "{name}={value}");
         };
-        line("read_bytes", self.bytes[0].load(Ordering::Relaxed));
-        line("read_ops", self.ops[0].load(Ordering::Relaxed));
-        line("write_bytes", self.bytes[1].load(Ordering::Relaxed));
-        line("write_ops", self.ops[1].load(Ordering::Relaxed));
-        line("wait_ns", self.wait_ns_total.load(Ordering::Relaxed));
-        line("waiting", self.waiting.load(Ordering::Relaxed));
-        line("read_bytes_per_sec", rate_bytes[0]);
-        line("read_ops_per_sec", rate_ops[0]);
-        line("write_bytes_per_sec", rate_bytes[1]);
-        line("write_ops_per_sec", rate_ops[1]);
+        for (name, value) in a.fields() {
+            line(name, value);
+        }
         let late = self.lateness.lock().expect("lateness");
         let late = late.as_deref();
         line("deadline_releases", late.map_or(0, |l| l.count));

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use crate::options::{
     GROUP_NAME_RULE, apply_limit, format_limit, limit_is_set, limit_names, valid_group_name,
 };
-use crate::stats::Effective;
+use crate::stats::{Activity, Effective};
 use crate::throttle::Limits;
 
 pub const PREFIX: &str = "user.throttle.";
@@ -17,6 +17,8 @@ pub const PREFIX: &str = "user.throttle.";
 pub const EFFECTIVE: &str = "user.throttle.effective";
 /// Read-only: what the throttle is doing for the file.
 pub const STATS: &str = "user.throttle.stats";
+/// Read-only, on the mount root: the files open or active, one a line.
+pub const ACTIVE: &str = "user.throttle.active";
 
 /// What an attribute name in our namespace is.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub enum Attr {
     Limit(String),
     Effective,
     Stats,
+    /// `user.throttle.active` on the mount root (read-only).
+    Active,
     /// `user.throttle.group`: the throttle group a file (or the files below
     /// a directory) belongs to.
     Group,
@@ -43,7 +47,10 @@ impl Attr {
     /// Read-only and made up on each read: readable by name but never
     /// listed, so that copy tools do not try to write them back.
     pub fn is_generated(&self) -> bool {
-        matches!(self, Attr::Effective | Attr::Stats | Attr::GroupStats(_))
+        matches!(
+            self,
+            Attr::Effective | Attr::Stats | Attr::Active | Attr::GroupStats(_)
+        )
     }
 }
 
@@ -81,6 +88,7 @@ pub fn classify(name: &[u8]) -> Option<Attr> {
     Some(match rest {
         "effective" => Attr::Effective,
         "stats" => Attr::Stats,
+        "active" => Attr::Active,
         "group" => Attr::Group,
         _ if limit_names().iter().any(|n| n == rest) => Attr::Limit(rest.to_string()),
         _ => Attr::Unknown,
@@ -166,6 +174,127 @@ pub fn group_prefix(group: &str) -> String {
     format!("{PREFIX}group.{group}.")
 }
 
+/// One file of `user.throttle.active`.
+pub struct ActiveFile {
+    /// The file's inode number, handed to `render_active`'s `path_of`
+    /// (only the files listed cost a path lookup), and the tie-break.
+    pub ino: u64,
+    /// Open handles.
+    pub open: u64,
+    pub activity: Activity,
+    /// The limits in force, if they were ever resolved.
+    pub effective: Option<Effective>,
+}
+
+/// Escapes a value of `user.throttle.active` so that it holds no space,
+/// newline or other control character: `\\`, `\s`, `\n`, `\xHH`.
+pub fn escape_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            ' ' => out.push_str("\\s"),
+            '\n' => out.push_str("\\n"),
+            // Control characters are all below U+0100.
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The inverse of `escape_value`; an unknown escape is kept as written.
+pub fn unescape_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('\\') => out.push('\\'),
+            Some('s') => out.push(' '),
+            Some('n') => out.push('\n'),
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                match u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+                    Some(c) => out.push(c),
+                    None => out.push_str(&format!("\\x{hex}")),
+                }
+            }
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// Room kept for the `files_unlisted=` line.
+const UNLISTED_LINE_BYTES: usize = 40;
+
+/// `user.throttle.active`: `files=N`, then one line per file, busiest
+/// first (bytes, then requests in the last second, then waiting, then
+/// open handles), of space-separated `name=value` fields with escaped
+/// values, for as many files as fit in `max_bytes`; then
+/// `files_unlisted=K` if some did not. `path_of` gives a file's path from
+/// the mount root.
+pub fn render_active(
+    mut files: Vec<ActiveFile>,
+    path_of: impl Fn(u64) -> String,
+    max_bytes: usize,
+) -> String {
+    let score = |f: &ActiveFile| {
+        let a = &f.activity;
+        (
+            a.bytes_per_sec[0].saturating_add(a.bytes_per_sec[1]),
+            a.ops_per_sec[0].saturating_add(a.ops_per_sec[1]),
+            a.waiting,
+            f.open,
+        )
+    };
+    files.sort_by(|a, b| score(b).cmp(&score(a)).then_with(|| a.ino.cmp(&b.ino)));
+    let mut out = format!("files={}\n", files.len());
+    for (listed, f) in files.iter().enumerate() {
+        let mut line = format!("path={} open={}", escape_value(&path_of(f.ino)), f.open);
+        for (name, value) in f.activity.fields() {
+            let _ = write!(line, " {name}={value}");
+        }
+        match &f.effective {
+            Some(e) => {
+                let _ = write!(line, " source={}", escape_value(&e.origin.describe()));
+                let limits: Vec<String> = set_limits(&e.limits)
+                    .into_iter()
+                    .map(|(n, v)| format!("{n}:{v}"))
+                    .collect();
+                if !limits.is_empty() {
+                    let _ = write!(line, " limits={}", limits.join(","));
+                }
+                if let Some((group, origin)) = &e.group {
+                    let _ = write!(
+                        line,
+                        " group={group} group_source={}",
+                        escape_value(&origin.describe())
+                    );
+                }
+            }
+            None => line.push_str(" source=unknown"),
+        }
+        line.push('\n');
+        if out.len() + line.len() + UNLISTED_LINE_BYTES > max_bytes {
+            let _ = writeln!(out, "files_unlisted={}", files.len() - listed);
+            break;
+        }
+        out.push_str(&line);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +350,7 @@ mod tests {
             &b"user.throttle.effective"[..],
             b"user.throttle.stats",
             b"user.throttle.group.t1.stats",
+            b"user.throttle.active",
         ] {
             assert!(!is_listed(name), "{}", String::from_utf8_lossy(name));
         }

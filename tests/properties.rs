@@ -283,6 +283,7 @@ proptest! {
             None | Some(Attr::Unknown) => None,
             Some(Attr::Effective) => Some(format!("{PREFIX}effective")),
             Some(Attr::Stats) => Some(format!("{PREFIX}stats")),
+            Some(Attr::Active) => Some(format!("{PREFIX}active")),
             Some(Attr::Group) => Some(format!("{PREFIX}group")),
             Some(Attr::Limit(limit)) => {
                 prop_assert!(limit_names().contains(limit));

@@ -1,0 +1,234 @@
+//! `throttlefs stat --prometheus`: the Prometheus text exposition format
+//! (version 0.0.4), as node_exporter's textfile collector reads it. Each
+//! metric family is written once, with HELP and TYPE, all its samples
+//! together.
+
+use std::fmt::Write as _;
+
+use super::snapshot::FileRow;
+use super::stat::Report;
+use crate::stats::Activity;
+
+/// A label value: backslash, double quote and newline escaped.
+pub fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let items: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", label_value(v)))
+        .collect();
+    format!("{{{}}}", items.join(","))
+}
+
+/// One metric family being written.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &str, kind: &str, help: &str) -> Self {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Family { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        let _ = writeln!(self.out, "{name}{labels} {value}");
+    }
+}
+
+type FileValue = fn(&Activity) -> u64;
+
+const FILE_COUNTERS: [(&str, &str, FileValue); 4] = [
+    (
+        "throttlefs_read_bytes_total",
+        "Bytes read from the file through the mount since it was mounted.",
+        |a| a.bytes[0],
+    ),
+    (
+        "throttlefs_write_bytes_total",
+        "Bytes written to the file through the mount since it was mounted.",
+        |a| a.bytes[1],
+    ),
+    (
+        "throttlefs_read_ops_total",
+        "Read requests completed since the mount.",
+        |a| a.ops[0],
+    ),
+    (
+        "throttlefs_write_ops_total",
+        "Write requests completed since the mount.",
+        |a| a.ops[1],
+    ),
+];
+
+const GROUP_COUNTERS: [(&str, &str, FileValue); 4] = [
+    (
+        "throttlefs_group_read_bytes_total",
+        "Bytes read through the throttle group since it was made.",
+        |a| a.bytes[0],
+    ),
+    (
+        "throttlefs_group_write_bytes_total",
+        "Bytes written through the throttle group since it was made.",
+        |a| a.bytes[1],
+    ),
+    (
+        "throttlefs_group_read_ops_total",
+        "Read requests released through the throttle group since it was made.",
+        |a| a.ops[0],
+    ),
+    (
+        "throttlefs_group_write_ops_total",
+        "Write requests released through the throttle group since it was made.",
+        |a| a.ops[1],
+    ),
+];
+
+pub fn render(report: &Report) -> String {
+    // A file named and also listed under its mount is one series.
+    let mut seen = std::collections::HashSet::new();
+    let files: Vec<&FileRow> = report
+        .mounts
+        .iter()
+        .flat_map(|m| &m.files)
+        .chain(&report.files)
+        .filter(|f| seen.insert(f.path.as_str()))
+        .collect();
+    let file_labels: Vec<String> = files.iter().map(|f| labels(&[("file", &f.path)])).collect();
+    let mut out = String::new();
+    for (name, help, value) in FILE_COUNTERS {
+        let mut fam = Family::new(&mut out, name, "counter", help);
+        for (f, l) in files.iter().zip(&file_labels) {
+            fam.sample(name, l, value(&f.activity));
+        }
+    }
+    let name = "throttlefs_wait_seconds_total";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "counter",
+        "Time requests spent waiting in the throttle queue, summed over requests.",
+    );
+    for (f, l) in files.iter().zip(&file_labels) {
+        fam.sample(name, l, f.activity.wait_ns as f64 / 1e9);
+    }
+    let name = "throttlefs_waiting_requests";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "Requests waiting in the throttle queue now.",
+    );
+    for (f, l) in files.iter().zip(&file_labels) {
+        fam.sample(name, l, f.activity.waiting);
+    }
+    let name = "throttlefs_open_handles";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "Open handles of the file on the mount.",
+    );
+    for (f, l) in files.iter().zip(&file_labels) {
+        if let Some(open) = f.open {
+            fam.sample(name, l, open);
+        }
+    }
+    let name = "throttlefs_limit";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "A limit in force for the file, by QEMU name: bytes/s, operations/s, bytes for iops_size, seconds for *_max_length.",
+    );
+    for f in &files {
+        for (limit, value) in &f.limits {
+            let l = labels(&[("file", &f.path), ("limit", limit), ("source", &f.source)]);
+            fam.sample(name, &l, value);
+        }
+    }
+    let name = "throttlefs_files_unlisted";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "Files open or active on the mount that did not fit in user.throttle.active.",
+    );
+    for m in &report.mounts {
+        fam.sample(name, &labels(&[("mount", &m.mount)]), m.files_unlisted);
+    }
+
+    let groups: Vec<(String, &super::snapshot::GroupRow)> = report
+        .mounts
+        .iter()
+        .flat_map(|m| {
+            m.groups
+                .iter()
+                .map(|g| (labels(&[("mount", &m.mount), ("group", &g.name)]), g))
+        })
+        .collect();
+    for (name, help, value) in GROUP_COUNTERS {
+        let mut fam = Family::new(&mut out, name, "counter", help);
+        for (l, g) in &groups {
+            fam.sample(name, l, value(&g.activity));
+        }
+    }
+    let name = "throttlefs_group_waiting_requests";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "Requests of the group's members waiting now.",
+    );
+    for (l, g) in &groups {
+        fam.sample(name, l, g.activity.waiting);
+    }
+    let name = "throttlefs_group_members";
+    let mut fam = Family::new(&mut out, name, "gauge", "Files in the throttle group.");
+    for (l, g) in &groups {
+        fam.sample(name, l, g.members);
+    }
+    let name = "throttlefs_group_limit";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "A limit in force for the throttle group, in the unit of throttlefs_limit.",
+    );
+    for m in &report.mounts {
+        for g in &m.groups {
+            for (limit, value) in &g.limits {
+                let l = labels(&[
+                    ("mount", &m.mount),
+                    ("group", &g.name),
+                    ("limit", limit),
+                    ("source", &g.source),
+                ]);
+                fam.sample(name, &l, value);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,292 @@
+//! One reading of what a mount or a file is doing, parsed from the
+//! generated attributes: `user.throttle.active` and
+//! `user.throttle.group.NAME.stats` on a mount root (one read each, however
+//! many files), `user.throttle.stats` and `user.throttle.effective` on a
+//! file.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use super::{Failure, get_text, io_failure};
+use crate::stats::Activity;
+use crate::xattr::{self, unescape_value};
+
+/// One file: where it is, what it did, what limits it is under.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileRow {
+    /// Absolute: the mount point joined with the path the mount reports,
+    /// or the path given, made absolute.
+    pub path: String,
+    /// Open handles; `None` when the file was asked for directly.
+    pub open: Option<u64>,
+    pub activity: Activity,
+    /// `file`, `directory:/path` or `mount` (`unknown` if never resolved).
+    pub source: String,
+    /// (name, canonical value) of each limit in force.
+    pub limits: Vec<(String, String)>,
+    pub group: Option<String>,
+    pub group_source: Option<String>,
+}
+
+/// One throttle group of a mount.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupRow {
+    pub name: String,
+    /// `root`, `mount` or `none`.
+    pub source: String,
+    pub limits: Vec<(String, String)>,
+    pub members: u64,
+    /// Totals released through the group (wait_ns and the rates are not
+    /// kept per group: the rates are the sum of its listed members').
+    pub activity: Activity,
+}
+
+/// A mount root's reading.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MountSnapshot {
+    pub mount: String,
+    pub files: Vec<FileRow>,
+    /// Files open or active that did not fit in `user.throttle.active`.
+    pub files_unlisted: u64,
+    pub groups: Vec<GroupRow>,
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn join(mount: &str, rel: &str) -> String {
+    format!("{}{}", mount.trim_end_matches('/'), rel)
+}
+
+/// Sets `a`'s field called `name` (a `user.throttle.stats` name).
+fn set_field(a: &mut Activity, name: &str, value: u64) {
+    match name {
+        "read_bytes" => a.bytes[0] = value,
+        "read_ops" => a.ops[0] = value,
+        "write_bytes" => a.bytes[1] = value,
+        "write_ops" => a.ops[1] = value,
+        "wait_ns" => a.wait_ns = value,
+        "waiting" => a.waiting = value,
+        "read_bytes_per_sec" => a.bytes_per_sec[0] = value,
+        "read_ops_per_sec" => a.ops_per_sec[0] = value,
+        "write_bytes_per_sec" => a.bytes_per_sec[1] = value,
+        "write_ops_per_sec" => a.ops_per_sec[1] = value,
+        _ => {}
+    }
+}
+
+fn is_limit(name: &str) -> bool {
+    crate::options::limit_names().iter().any(|n| n == name)
+}
+
+/// Parses `user.throttle.active` of the mount at `mount`.
+pub fn parse_active(mount: &str, text: &str) -> (Vec<FileRow>, u64) {
+    let mut files = Vec::new();
+    let mut unlisted = 0;
+    for line in text.lines() {
+        if let Some(n) = line.strip_prefix("files_unlisted=") {
+            unlisted = n.parse().unwrap_or(0);
+            continue;
+        }
+        if !line.starts_with("path=") {
+            continue;
+        }
+        let mut row = FileRow {
+            open: Some(0),
+            ..FileRow::default()
+        };
+        for field in line.split(' ') {
+            let Some((name, value)) = field.split_once('=') else {
+                continue;
+            };
+            let value = unescape_value(value);
+            match name {
+                "path" => row.path = join(mount, &value),
+                "open" => row.open = value.parse().ok(),
+                "source" => row.source = value,
+                "group" => row.group = Some(value),
+                "group_source" => row.group_source = Some(value),
+                "limits" => {
+                    row.limits = value
+                        .split(',')
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect();
+                }
+                _ => set_field(&mut row.activity, name, value.parse().unwrap_or(0)),
+            }
+        }
+        files.push(row);
+    }
+    (files, unlisted)
+}
+
+/// Parses `user.throttle.effective` into `row`.
+fn parse_effective(row: &mut FileRow, text: &str) {
+    for line in text.lines() {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        match name {
+            "source" => row.source = value.to_string(),
+            "group" => row.group = Some(value.to_string()),
+            "group_source" => row.group_source = Some(value.to_string()),
+            _ if is_limit(name) => row.limits.push((name.to_string(), value.to_string())),
+            _ => {}
+        }
+    }
+}
+
+/// Parses `user.throttle.group.NAME.stats`.
+pub fn parse_group(name: &str, text: &str) -> GroupRow {
+    let mut row = GroupRow {
+        name: name.to_string(),
+        ..GroupRow::default()
+    };
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        match key {
+            "source" => row.source = value.to_string(),
+            "members" => row.members = value.parse().unwrap_or(0),
+            _ if is_limit(key) => row.limits.push((key.to_string(), value.to_string())),
+            _ => set_field(&mut row.activity, key, value.parse().unwrap_or(0)),
+        }
+    }
+    row
+}
+
+/// One file asked for by path: two reads (stats and effective).
+pub fn of_file(path: &Path) -> Result<FileRow, Failure> {
+    let stats = get_text(path, xattr::STATS).map_err(|e| io_failure(path, "stats", &e))?;
+    let effective =
+        get_text(path, xattr::EFFECTIVE).map_err(|e| io_failure(path, "effective", &e))?;
+    let mut row = FileRow {
+        path: absolute(path).display().to_string(),
+        ..FileRow::default()
+    };
+    for line in stats.lines() {
+        if let Some((name, value)) = line.split_once('=') {
+            set_field(&mut row.activity, name, value.parse().unwrap_or(0));
+        }
+    }
+    parse_effective(&mut row, &effective);
+    Ok(row)
+}
+
+/// A mount root: one read of `user.throttle.active`, then one of each
+/// group's stats for the groups of the files listed.
+pub fn of_mount(root: &Path) -> Result<MountSnapshot, Failure> {
+    let text = get_text(root, xattr::ACTIVE).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENODATA) => Failure::failed(format!(
+            "{}: not the root of a throttlefs mount",
+            root.display()
+        )),
+        _ => io_failure(root, "active", &e),
+    })?;
+    let mount = absolute(root).display().to_string();
+    let (files, files_unlisted) = parse_active(&mount, &text);
+    let names: BTreeSet<&String> = files.iter().filter_map(|f| f.group.as_ref()).collect();
+    let mut groups = Vec::new();
+    for name in names {
+        let attr = format!("{}stats", xattr::group_prefix(name));
+        let text = get_text(root, &attr).map_err(|e| io_failure(root, &attr, &e))?;
+        let mut row = parse_group(name, &text);
+        for f in files.iter().filter(|f| f.group.as_ref() == Some(name)) {
+            for i in 0..2 {
+                row.activity.bytes_per_sec[i] += f.activity.bytes_per_sec[i];
+                row.activity.ops_per_sec[i] += f.activity.ops_per_sec[i];
+            }
+            row.activity.wait_ns += f.activity.wait_ns;
+        }
+        groups.push(row);
+    }
+    Ok(MountSnapshot {
+        mount,
+        files,
+        files_unlisted,
+        groups,
+    })
+}
+
+/// Whether `path` is a directory that answers `user.throttle.active`: a
+/// mount root.
+pub fn is_mount_root(path: &Path) -> bool {
+    path.is_dir() && super::get_attr(path, xattr::ACTIVE).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{Effective, Origin};
+    use crate::throttle::Limits;
+    use crate::xattr::{ActiveFile, render_active};
+
+    #[test]
+    fn active_round_trips_through_render_and_parse() {
+        let mut limits = Limits::default();
+        crate::options::apply_limit(&mut limits, "bps_wr", "10M").unwrap();
+        crate::options::apply_limit(&mut limits, "bps_wr_max", "20M").unwrap();
+        let activity = Activity {
+            bytes: [1, 2],
+            ops: [3, 4],
+            wait_ns: 5,
+            waiting: 6,
+            bytes_per_sec: [7, 8],
+            ops_per_sec: [9, 10],
+        };
+        let odd = "/dir with space/a\\b\nc=d\te";
+        let files = vec![ActiveFile {
+            ino: 7,
+            open: 2,
+            activity,
+            effective: Some(Effective {
+                limits,
+                origin: Origin::Directory("/dir with space".into()),
+                group: Some(("g.1".into(), Origin::File)),
+            }),
+        }];
+        let text = render_active(files, |_| odd.to_string(), 64 * 1024);
+        let (rows, unlisted) = parse_active("/mnt/", &text);
+        assert_eq!(unlisted, 0);
+        assert_eq!(rows.len(), 1, "{text}");
+        let r = &rows[0];
+        assert_eq!(r.path, format!("/mnt{odd}"));
+        assert_eq!(r.open, Some(2));
+        assert_eq!(r.activity, activity);
+        assert_eq!(r.source, "directory:/dir with space");
+        assert_eq!(
+            r.limits,
+            vec![
+                ("bps_wr".to_string(), "10485760".to_string()),
+                ("bps_wr_max".to_string(), "20971520".to_string())
+            ]
+        );
+        assert_eq!(r.group.as_deref(), Some("g.1"));
+        assert_eq!(r.group_source.as_deref(), Some("file"));
+    }
+
+    #[test]
+    fn active_is_bounded_busiest_first() {
+        let files: Vec<ActiveFile> = (0..2000u64)
+            .map(|i| ActiveFile {
+                ino: i,
+                open: 1,
+                activity: Activity {
+                    bytes_per_sec: [i, 0],
+                    ..Activity::default()
+                },
+                effective: None,
+            })
+            .collect();
+        let text = render_active(files, |i| format!("/file-{i:04}"), 64 * 1024);
+        assert!(text.len() <= 64 * 1024);
+        let (rows, unlisted) = parse_active("", &text);
+        assert_eq!(rows.len() as u64 + unlisted, 2000);
+        assert!(unlisted > 0);
+        assert_eq!(rows[0].path, "/file-1999");
+        assert!(text.starts_with("files=2000\n"));
+    }
+}
