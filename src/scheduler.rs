@@ -1602,6 +1602,24 @@ mod tests {
     }
 
     #[test]
+    fn a_forgotten_member_ahead_of_the_group_resumes_where_it_was() {
+        let mut g = group_of(Limits::default(), &[1, 2]);
+        g.vtime = 100;
+        g.set_served(1, 150);
+        g.set_served(2, 100);
+        g.depart(1);
+        g.depart(2);
+        assert!(!g.members.contains_key(&1));
+        g.rejoin(1);
+        g.rejoin(2);
+        // Being forgotten earns no turns; one that was not ahead resumes at
+        // the virtual time as any idle member does.
+        assert_eq!(g.members[&1].served, 150);
+        assert_eq!(g.members[&2].served, 100);
+        assert!(g.departed.is_empty());
+    }
+
+    #[test]
     fn bps_group_shares_bytes_equally_whatever_the_request_sizes() {
         const MIB: u64 = 1024 * KIB;
         let mut files = HashMap::new();

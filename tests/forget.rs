@@ -194,3 +194,64 @@ fn stats_survive_a_forget() {
         "read_ops after a forget"
     );
 }
+
+/// A tmpfs mounted inside the source for one test, unmounted on drop (after
+/// the throttlefs mount, which is declared after it).
+struct Submount(std::path::PathBuf);
+
+impl Drop for Submount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Made-up numbers: objects on another filesystem than the source root's.
+const SYNTHETIC_INO_BIT: u64 = 1 << 63;
+
+#[test]
+fn objects_of_a_filesystem_mounted_inside_the_source_get_stable_made_up_numbers() {
+    let mut m = Mount::new();
+    let sub = m.src_path("sub");
+    fs::create_dir(&sub).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&sub)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs");
+    let _sub = Submount(sub.clone());
+    make_file(&sub, "a.img", 4096, 5);
+    fs::create_dir(sub.join("d")).unwrap();
+    m.daemon_env
+        .push(("RUST_LOG".to_string(), FORGET_LOG.to_string()));
+    m.start(&[]);
+
+    let names = ["sub", "sub/a.img", "sub/d"];
+    let before: Vec<u64> = names.iter().map(|n| ino(&m.path(n))).collect();
+    for (name, n) in names.iter().zip(&before) {
+        assert!(n & SYNTHETIC_INO_BIT != 0, "{name}: {n:#x} is not made up");
+    }
+    let mut distinct = before.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), names.len(), "{before:?}");
+    // readdir agrees with lookup, also for the mount point itself (whose
+    // d_ino in the source is the directory under it).
+    for dir in ["", "sub"] {
+        for e in fs::read_dir(m.path(dir)).unwrap() {
+            let e = e.unwrap();
+            assert_eq!(
+                std::os::unix::fs::DirEntryExt::ino(&e),
+                ino(&e.path()),
+                "readdir ino of {}",
+                e.path().display()
+            );
+        }
+    }
+    forget_all(&m, names.len());
+    let after: Vec<u64> = names.iter().map(|n| ino(&m.path(n))).collect();
+    assert_eq!(before, after, "st_ino across drop_caches");
+}
