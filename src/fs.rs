@@ -616,11 +616,14 @@ impl ThrottleFs {
             // is not reused meanwhile; an unlinked one's go when idle.
             // (Only a file that was opened has any.)
             let has_state = node.is_file() && node.resolved_gen.load(Ordering::SeqCst) != 0;
+            let mut dup_error = None;
             let keep = if has_state && stat_fd(node.fd).is_ok_and(|st| st.st_nlink > 0) {
                 // SAFETY: dup of a descriptor we hold.
                 let fd = unsafe { libc::fcntl(node.fd, libc::F_DUPFD_CLOEXEC, 0) };
                 if fd < 0 {
-                    self.note_fd_error(last_errno(), "forget");
+                    // Reported after the lock is released: the report
+                    // takes it.
+                    dup_error = Some(last_errno());
                     None
                 } else {
                     // SAFETY: fresh descriptor.
@@ -640,6 +643,10 @@ impl ThrottleFs {
             // Sent under the lock: a new lookup of the same number, and
             // the limits it sends, come after it.
             let _ = self.scheduler.send(Msg::Forget { file: ino, keep });
+            drop(table);
+            if let Some(e) = dup_error {
+                self.note_fd_error(e, "forget");
+            }
         }
     }
 
