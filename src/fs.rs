@@ -103,10 +103,28 @@ fn proc_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL")
 }
 
+/// Inode numbers (the FUSE node id, which is also `st_ino`) with this bit
+/// set are made up: for objects on another device than the source root
+/// (mounts inside the source), and for the few on its device whose own
+/// number cannot be used (1, the FUSE root's id; 0; or this bit set).
+const SYNTHETIC_INO_BIT: u64 = 1 << 63;
+
+/// `InodeTable::lingering` is pruned of dead entries when it grows to this.
+const LINGERING_PRUNE_MIN: usize = 64;
+
 struct InodeTable {
     by_ino: HashMap<u64, Arc<InodeRef>>,
     by_key: HashMap<(u64, u64), u64>,
-    next_ino: u64,
+    /// Made-up numbers, kept for the life of the mount so an object keeps
+    /// its number whatever the kernel forgets.
+    synthetic: HashMap<(u64, u64), u64>,
+    next_synthetic: u64,
+    /// Counters of forgotten files whose throttle state the scheduler still
+    /// holds (until their buckets are empty): a new lookup of the same file
+    /// takes them up again.
+    lingering: HashMap<u64, Weak<FileShared>>,
+    /// `lingering` is pruned when it grows to this size.
+    lingering_mark: usize,
 }
 
 /// One object of the source tree, held by an `O_PATH` descriptor.
@@ -137,7 +155,14 @@ struct InodeRef {
 }
 
 impl InodeRef {
-    fn new(ino: u64, fd: OwnedFd, key: (u64, u64), kind: libc::mode_t, parent: u64) -> Self {
+    fn new(
+        ino: u64,
+        fd: OwnedFd,
+        key: (u64, u64),
+        kind: libc::mode_t,
+        parent: u64,
+        shared: Arc<FileShared>,
+    ) -> Self {
         InodeRef {
             ino,
             fd: fd.as_raw_fd(),
@@ -146,7 +171,7 @@ impl InodeRef {
             lookups: AtomicU64::new(1),
             kind,
             parent: AtomicU64::new(parent),
-            shared: Arc::default(),
+            shared,
             resolved_gen: AtomicU64::new(0),
             resolving: Mutex::new(()),
             direct_fds: Mutex::new(HashMap::new()),
@@ -268,6 +293,15 @@ fn stat_fd(fd: RawFd) -> Result<libc::stat> {
     Ok(st)
 }
 
+/// `name` in directory `dir`, not following a symlink; `None` if gone.
+fn stat_at(dir: RawFd, name: &OsStr) -> Option<libc::stat> {
+    let name = cstr(name).ok()?;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer, *at call on a descriptor we hold.
+    let r = unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+    (r == 0).then_some(st)
+}
+
 fn system_time(secs: i64, nsecs: i64) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
@@ -365,14 +399,24 @@ impl ThrottleFs {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let st = stat_fd(fd.as_raw_fd()).map_err(|e| io::Error::from_raw_os_error(e.code()))?;
         let key = (st.st_dev, st.st_ino);
-        let root = InodeRef::new(INodeNo::ROOT.0, fd, key, libc::S_IFDIR, INodeNo::ROOT.0);
+        let root = InodeRef::new(
+            INodeNo::ROOT.0,
+            fd,
+            key,
+            libc::S_IFDIR,
+            INodeNo::ROOT.0,
+            Arc::default(),
+        );
         // The root is never forgotten.
         root.lookups.store(u64::MAX / 2, Ordering::Relaxed);
         let root = Arc::new(root);
         let mut table = InodeTable {
             by_ino: HashMap::new(),
             by_key: HashMap::new(),
-            next_ino: INodeNo::ROOT.0 + 1,
+            synthetic: HashMap::new(),
+            next_synthetic: SYNTHETIC_INO_BIT | 1,
+            lingering: HashMap::new(),
+            lingering_mark: LINGERING_PRUNE_MIN,
         };
         table.by_ino.insert(INodeNo::ROOT.0, root);
         table.by_key.insert(key, INodeNo::ROOT.0);
@@ -490,20 +534,70 @@ impl ThrottleFs {
             existing.parent.store(parent.ino, Ordering::Relaxed);
             return Ok(to_attr(ino, &st));
         }
-        let ino = table.next_ino;
-        table.next_ino += 1;
+        let ino = self.number(&mut table, key)?;
+        let shared = table
+            .lingering
+            .remove(&ino)
+            .and_then(|w| w.upgrade())
+            .unwrap_or_default();
         let node = Arc::new(InodeRef::new(
             ino,
             fd,
             key,
             st.st_mode & libc::S_IFMT,
             parent.ino,
+            shared,
         ));
         table.by_ino.insert(ino, node);
         table.by_key.insert(key, ino);
         Ok(to_attr(ino, &st))
     }
 
+    /// The inode number of the object `key`, the same for the life of the
+    /// mount: the source's own number on the source root's device where it
+    /// is usable (see SYNTHETIC_INO_BIT), else a made-up one.
+    fn number(&self, table: &mut InodeTable, key: (u64, u64)) -> Result<u64> {
+        if let Some(n) = self.own_number(key) {
+            return Ok(n);
+        }
+        if let Some(&n) = table.synthetic.get(&key) {
+            return Ok(n);
+        }
+        let n = table.next_synthetic;
+        // 2^63 made-up numbers: running out is not a practical concern,
+        // but a wrap would hand out a number twice.
+        table.next_synthetic = n.checked_add(1).ok_or(Errno::EOVERFLOW)?;
+        table.synthetic.insert(key, n);
+        Ok(n)
+    }
+
+    /// The number of `key` if it needs no made-up one.
+    fn own_number(&self, key: (u64, u64)) -> Option<u64> {
+        let (dev, ino) = key;
+        if key == self.root_key {
+            Some(INodeNo::ROOT.0)
+        } else if dev == self.root_key.0 && ino > INodeNo::ROOT.0 && ino & SYNTHETIC_INO_BIT == 0 {
+            Some(ino)
+        } else {
+            None
+        }
+    }
+
+    /// `number`, for readdir, without the write lock when it is not needed.
+    fn number_of(&self, key: (u64, u64)) -> Result<u64> {
+        if let Some(n) = self.own_number(key) {
+            return Ok(n);
+        }
+        if let Some(&n) = self.inodes.read().expect("inode lock").synthetic.get(&key) {
+            return Ok(n);
+        }
+        self.number(&mut self.inodes.write().expect("inode lock"), key)
+    }
+
+    /// The kernel dropped `nlookup` of its lookups of `ino`. Counted per
+    /// number: a FORGET that the kernel sent before a new lookup of the
+    /// same object (same number) but that reaches us after it leaves that
+    /// lookup counted.
     fn forget_one(&self, ino: u64, nlookup: u64) {
         if ino == INodeNo::ROOT.0 {
             return;
@@ -517,8 +611,42 @@ impl ThrottleFs {
         if left == 0 {
             table.by_ino.remove(&ino);
             table.by_key.remove(&node.key);
+            // A file still linked keeps its throttle state and counters
+            // until its buckets are empty, holding the file so its number
+            // is not reused meanwhile; an unlinked one's go when idle.
+            // (Only a file that was opened has any.)
+            let has_state = node.is_file() && node.resolved_gen.load(Ordering::SeqCst) != 0;
+            let mut dup_error = None;
+            let keep = if has_state && stat_fd(node.fd).is_ok_and(|st| st.st_nlink > 0) {
+                // SAFETY: dup of a descriptor we hold.
+                let fd = unsafe { libc::fcntl(node.fd, libc::F_DUPFD_CLOEXEC, 0) };
+                if fd < 0 {
+                    // Reported after the lock is released: the report
+                    // takes it.
+                    dup_error = Some(last_errno());
+                    None
+                } else {
+                    // SAFETY: fresh descriptor.
+                    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+                }
+            } else {
+                None
+            };
+            if keep.is_some() {
+                table.lingering.insert(ino, Arc::downgrade(&node.shared));
+                if table.lingering.len() >= table.lingering_mark {
+                    table.lingering.retain(|_, w| w.strong_count() > 0);
+                    table.lingering_mark = LINGERING_PRUNE_MIN.max(2 * table.lingering.len());
+                }
+            }
+            log::debug!("inode {ino} forgotten (state kept: {})", keep.is_some());
+            // Sent under the lock: a new lookup of the same number, and
+            // the limits it sends, come after it.
+            let _ = self.scheduler.send(Msg::Forget { file: ino, keep });
             drop(table);
-            let _ = self.scheduler.send(Msg::Forget(ino));
+            if let Some(e) = dup_error {
+                self.note_fd_error(e, "forget");
+            }
         }
     }
 
@@ -1924,6 +2052,12 @@ impl Filesystem for ThrottleFs {
             return reply.error(Errno::EBADF);
         };
         let mut s = stream.lock().expect("dir stream");
+        // SAFETY: `dir` is a live stream.
+        let dir_fd = unsafe { libc::dirfd(s.dir) };
+        let dir_dev = match stat_fd(dir_fd) {
+            Ok(st) => st.st_dev,
+            Err(e) => return reply.error(e),
+        };
         if offset != s.position {
             // SAFETY: `dir` is a live stream; offsets are telldir values.
             unsafe {
@@ -1948,7 +2082,7 @@ impl Filesystem for ThrottleFs {
                 break;
             }
             // SAFETY: a non-null entry is valid until the next readdir.
-            let (ino, kind, name, next) = unsafe {
+            let (ino, d_type, kind, name, next) = unsafe {
                 let e = &*ent;
                 let name = std::ffi::CStr::from_ptr(e.d_name.as_ptr());
                 let kind = match e.d_type {
@@ -1962,10 +2096,25 @@ impl Filesystem for ThrottleFs {
                 };
                 (
                     e.d_ino,
+                    e.d_type,
                     kind,
                     OsStr::from_bytes(name.to_bytes()).to_owned(),
                     libc::telldir(s.dir) as u64,
                 )
+            };
+            // The number lookup gives: from the entry's (dev, ino), which
+            // for a directory (maybe a mount point, whose d_ino is that of
+            // the directory under it) is asked of the object itself.
+            let key = match d_type {
+                libc::DT_DIR | libc::DT_UNKNOWN => {
+                    stat_at(dir_fd, &name).map(|st| (st.st_dev, st.st_ino))
+                }
+                _ => None,
+            }
+            .unwrap_or((dir_dev, ino));
+            let ino = match self.number_of(key) {
+                Ok(n) => n,
+                Err(e) => return reply.error(e),
             };
             if reply.add(INodeNo(ino), next, kind, &name) {
                 // Full: the next call resumes at this entry.

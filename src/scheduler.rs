@@ -8,6 +8,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::thread::{self, JoinHandle, Thread};
@@ -182,8 +183,12 @@ pub enum Msg {
     },
     /// The I/O pool finished a job of this file.
     Done(Completion),
-    /// The kernel forgot the inode: its state may go once it is idle.
-    Forget(u64),
+    /// The kernel forgot the inode. With `keep` (a descriptor of the
+    /// underlying file, so its number cannot be reused meanwhile) the state
+    /// stays until the file is idle and its buckets are empty, for a new
+    /// lookup of the same file to find; without (the file was unlinked),
+    /// it goes once the file is idle.
+    Forget { file: u64, keep: Option<OwnedFd> },
     /// Shutting down: release every queued request now, and every new one
     /// at once, so no caller waits on a throttle that is going away.
     Drain,
@@ -299,6 +304,12 @@ struct FileQueue<J> {
     /// not match it are stale and skipped.
     armed: Option<Instant>,
     forgotten: bool,
+    /// Of a forgotten file kept until its buckets are empty: the
+    /// underlying file, held so its number is not reused meanwhile.
+    anchor: Option<OwnedFd>,
+    /// The deadline at which a forgotten file is looked at again (as
+    /// `armed`).
+    collect_at: Option<Instant>,
     /// Counters and the bypass flag, shared with the FUSE threads.
     shared: Arc<FileShared>,
     /// The throttle group the file belongs to.
@@ -313,6 +324,8 @@ impl<J: Queued> FileQueue<J> {
             flight: Arc::default(),
             armed: None,
             forgotten: false,
+            anchor: None,
+            collect_at: None,
             shared: Arc::default(),
             group: None,
         }
@@ -507,7 +520,17 @@ struct Group {
     /// Members taken from a ready set by `turns` so far: the work of the
     /// turns, which tests check does not grow with the group's size.
     visits: u64,
+    /// Service levels of members whose state was dropped while ahead of
+    /// the virtual time: one coming back resumes there, not at the
+    /// virtual time, so being forgotten earns no turns. Entries the
+    /// virtual time has passed mean nothing and are pruned.
+    departed: HashMap<u64, u64>,
+    /// `departed` is pruned when it grows to this size.
+    departed_mark: usize,
 }
+
+/// `Group::departed` is not pruned below this size.
+const DEPARTED_PRUNE_MIN: usize = 64;
 
 impl Group {
     fn new(limits: Limits, at: Duration) -> Group {
@@ -520,6 +543,8 @@ impl Group {
             ops: [0; 2],
             armed: None,
             visits: 0,
+            departed: HashMap::new(),
+            departed_mark: DEPARTED_PRUNE_MIN,
         }
     }
 
@@ -527,8 +552,9 @@ impl Group {
     /// lower than the virtual time.
     fn rejoin(&mut self, member: u64) {
         let vtime = self.vtime;
-        let m = self.members.entry(member).or_insert(Member {
-            served: vtime,
+        let departed = &mut self.departed;
+        let m = self.members.entry(member).or_insert_with(|| Member {
+            served: departed.remove(&member).unwrap_or(vtime).max(vtime),
             lanes: [false; LANES],
         });
         if m.served < vtime {
@@ -549,6 +575,22 @@ impl Group {
             }
         }
         m.served = served;
+    }
+
+    /// The state of `member`, a forgotten file, is dropped: it leaves, and
+    /// its service level is remembered if it was ahead.
+    fn depart(&mut self, member: u64) {
+        if let Some(m) = self.members.get(&member)
+            && m.served > self.vtime
+        {
+            self.departed.insert(member, m.served);
+            if self.departed.len() >= self.departed_mark {
+                let vtime = self.vtime;
+                self.departed.retain(|_, served| *served > vtime);
+                self.departed_mark = DEPARTED_PRUNE_MIN.max(2 * self.departed.len());
+            }
+        }
+        self.leave(member);
     }
 
     /// `member` leaves the group.
@@ -705,6 +747,8 @@ enum Wake {
     Group(String),
     /// Look again at the callers of interrupted requests.
     Interrupted,
+    /// A forgotten file's buckets are empty: its state may go.
+    Collect(u64),
 }
 
 pub struct Scheduler {
@@ -930,9 +974,10 @@ impl Scheduler {
                 self.settle(file);
                 self.collect(file);
             }
-            Msg::Forget(file) => {
+            Msg::Forget { file, keep } => {
                 if let Some(f) = self.files.get_mut(&file) {
                     f.forgotten = true;
+                    f.anchor = keep;
                 }
                 self.settle(file);
                 self.collect(file);
@@ -1118,16 +1163,38 @@ impl Scheduler {
         }
     }
 
-    /// Drop the state of a forgotten file once nothing of it is pending.
+    /// Drop the state of a forgotten file once nothing of it is pending
+    /// and, unless it was unlinked, its buckets are empty: a file looked up
+    /// again before then (same number) finds its levels and counters, so
+    /// closing it cannot earn a fresh burst. Not empty yet: looked at again
+    /// when they will be.
     fn collect(&mut self, file: u64) {
-        if self
-            .files
-            .get(&file)
-            .is_some_and(|f| f.forgotten && f.is_idle())
-            && let Some(f) = self.files.remove(&file)
+        let now = Instant::now();
+        let at = self.since_epoch(now);
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
+        if !f.forgotten || !f.is_idle() {
+            return;
+        }
+        if f.anchor.is_some() {
+            let wait = f.state.until_empty(at);
+            if !wait.is_zero() {
+                let wake = Wake::Collect(file);
+                arm_wake(
+                    &mut self.deadlines,
+                    &mut f.collect_at,
+                    wake,
+                    Some(wait),
+                    now,
+                );
+                return;
+            }
+        }
+        if let Some(f) = self.files.remove(&file)
             && let Some(g) = f.group.and_then(|g| self.groups.get_mut(&g))
         {
-            g.leave(file);
+            g.depart(file);
         }
     }
 
@@ -1153,6 +1220,14 @@ impl Scheduler {
                         f.shared
                             .record_release_lateness(now.saturating_duration_since(when));
                         self.pump(file, now);
+                    }
+                }
+                Wake::Collect(file) => {
+                    if let Some(f) = self.files.get_mut(&file)
+                        && f.collect_at == Some(when)
+                    {
+                        f.collect_at = None;
+                        self.collect(file);
                     }
                 }
                 Wake::Group(name) => {
@@ -1708,6 +1783,24 @@ mod tests {
             g.rejoin(*m);
         }
         g
+    }
+
+    #[test]
+    fn a_forgotten_member_ahead_of_the_group_resumes_where_it_was() {
+        let mut g = group_of(Limits::default(), &[1, 2]);
+        g.vtime = 100;
+        g.set_served(1, 150);
+        g.set_served(2, 100);
+        g.depart(1);
+        g.depart(2);
+        assert!(!g.members.contains_key(&1));
+        g.rejoin(1);
+        g.rejoin(2);
+        // Being forgotten earns no turns; one that was not ahead resumes at
+        // the virtual time as any idle member does.
+        assert_eq!(g.members[&1].served, 150);
+        assert_eq!(g.members[&2].served, 100);
+        assert!(g.departed.is_empty());
     }
 
     #[test]

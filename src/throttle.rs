@@ -367,6 +367,24 @@ impl ThrottleState {
         duration_from_nanos(longest)
     }
 
+    /// How long from `now` until every bucket is empty: from then on this
+    /// state admits exactly what a new one would, so it may be dropped.
+    pub fn until_empty(&mut self, now: Duration) -> Duration {
+        self.leak(now);
+        let mut longest: u128 = 0;
+        for kind in BucketKind::ALL {
+            let spec = self.limits.get(kind);
+            let level = self.levels[kind as usize];
+            if spec.avg != 0 {
+                longest = longest.max(wait_for(level.main, 0, spec.avg).unwrap_or(0));
+            }
+            if spec.max != 0 {
+                longest = longest.max(wait_for(level.burst, 0, spec.max).unwrap_or(0));
+            }
+        }
+        duration_from_nanos(longest)
+    }
+
     /// Give back bytes charged for a request that moved fewer (a read at
     /// end of file, a failed request): bps buckets only, since the request
     /// still was an operation.
@@ -625,6 +643,19 @@ mod tests {
         // Setting it back starts from an empty bucket.
         s.set_limits(limits(BucketKind::BpsRead, MIB), Duration::ZERO);
         assert_eq!(s.wait(Direction::Read, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn until_empty_is_when_every_bucket_has_leaked_to_zero() {
+        let mut l = limits(BucketKind::BpsRead, 1_000);
+        l.get_mut(BucketKind::IopsRead).avg = 10;
+        let mut s = ThrottleState::new(l, ms(0));
+        assert_eq!(s.until_empty(ms(0)), Duration::ZERO);
+        s.account(Direction::Read, 500, ms(0));
+        // 500 bytes at 1000 B/s: 500 ms; one operation at 10/s: 100 ms.
+        assert_eq!(s.until_empty(ms(0)), ms(500));
+        assert_eq!(s.until_empty(ms(400)), ms(100));
+        assert_eq!(s.until_empty(ms(500)), Duration::ZERO);
     }
 
     #[test]
