@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueHint};
 
 use crate::throttle::{BucketKind, Limits};
 
@@ -200,8 +200,10 @@ struct Cli {
     #[arg(long, value_name = "NAME:LIMIT=VALUE[,...]", action = ArgAction::Append)]
     group: Vec<String>,
     /// directory whose contents are served
+    #[arg(value_hint = ValueHint::DirPath)]
     source: PathBuf,
     /// empty directory to mount on (not inside SOURCE)
+    #[arg(value_hint = ValueHint::DirPath)]
     mountpoint: PathBuf,
 }
 
@@ -610,6 +612,12 @@ fn after_help() -> String {
     text
 }
 
+/// The mount command's clap definition with its help text (also the base
+/// of the shell completions).
+pub fn mount_command() -> clap::Command {
+    Cli::command().after_help(after_help())
+}
+
 /// Render a clap error: help/version in full, anything else as one line.
 pub fn clap_error(err: clap::Error) -> (String, i32) {
     let text = err.render().to_string();
@@ -857,8 +865,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let matches = Cli::command()
-        .after_help(after_help())
+    let matches = mount_command()
         .try_get_matches_from(args)
         .map_err(clap_error)?;
     let cli = Cli::from_arg_matches(&matches).map_err(clap_error)?;

@@ -78,6 +78,13 @@ struct UnsetCli {
     names: Vec<String>,
 }
 
+/// The clap definitions of `set`, `get` and `unset`, for the shell
+/// completions.
+pub(crate) fn commands() -> [clap::Command; 3] {
+    use clap::CommandFactory;
+    [SetCli::command(), GetCli::command(), UnsetCli::command()]
+}
+
 /// One attribute change: a limit set to a canonical value, or removed.
 #[derive(Clone, Debug)]
 struct Change {
