@@ -2191,6 +2191,7 @@ impl Filesystem for ThrottleFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let name = &*xattr::canonical_name(name); // libvirt/QEMU limit names
         let r = (|| {
             let node = self.inode(ino)?;
             let cname = cstr(name)?;
@@ -2225,6 +2226,7 @@ impl Filesystem for ThrottleFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = &*xattr::canonical_name(name); // libvirt/QEMU limit names
         let node = match self.inode(ino) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
@@ -2292,6 +2294,7 @@ impl Filesystem for ThrottleFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = &*xattr::canonical_name(name); // libvirt/QEMU limit names
         let r = (|| {
             let node = self.inode(ino)?;
             let cname = cstr(name)?;

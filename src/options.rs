@@ -5,7 +5,7 @@
 //! messages (no clap types) because `apply_limit` and the value parsers are
 //! reused for per-file xattr values.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueHint};
 
 use crate::throttle::{BucketKind, Limits};
 
@@ -136,13 +136,17 @@ pub fn parse_group(spec: &str) -> Result<(String, Limits), String> {
         return Err(format!("group '{name}': a name is {GROUP_NAME_RULE}"));
     }
     let mut limits = Limits::default();
-    let mut seen = HashSet::new();
+    let mut seen: HashMap<String, &str> = HashMap::new();
     for item in list.split(',').filter(|i| !i.is_empty()) {
         let (key, value) = item
             .split_once('=')
             .ok_or_else(|| format!("group {name}: '{item}' is not LIMIT=VALUE"))?;
-        if !seen.insert(key) {
-            return Err(format!("group {name}: {key} given twice"));
+        let canonical = canonical_limit_name(key).unwrap_or_else(|| key.to_string());
+        if let Some(first) = seen.insert(canonical.clone(), key) {
+            return Err(format!(
+                "group {name}: {}",
+                given_twice(&canonical, first, key)
+            ));
         }
         apply_limit(&mut limits, key, value).map_err(|e| format!("group {name}: {e}"))?;
     }
@@ -196,8 +200,10 @@ struct Cli {
     #[arg(long, value_name = "NAME:LIMIT=VALUE[,...]", action = ArgAction::Append)]
     group: Vec<String>,
     /// directory whose contents are served
+    #[arg(value_hint = ValueHint::DirPath)]
     source: PathBuf,
     /// empty directory to mount on (not inside SOURCE)
+    #[arg(value_hint = ValueHint::DirPath)]
     mountpoint: PathBuf,
 }
 
@@ -213,6 +219,105 @@ pub fn limit_names() -> Vec<String> {
     }
     names.push(IOPS_SIZE_NAME.to_string());
     names
+}
+
+/// Other spellings of the limits, so that settings can be pasted from
+/// libvirt or QEMU: (ours, libvirt `<iotune>`, QEMU `throttling.*` without
+/// the prefix). Burst names follow each spelling's own pattern:
+/// `total_bytes_sec_max_length` in libvirt, `bps-total-max-length` in QEMU.
+/// `iops_size` has no bursts.
+pub const LIMIT_ALIASES: [(&str, &str, &str); 7] = [
+    ("bps", "total_bytes_sec", "bps-total"),
+    ("bps_rd", "read_bytes_sec", "bps-read"),
+    ("bps_wr", "write_bytes_sec", "bps-write"),
+    ("iops", "total_iops_sec", "iops-total"),
+    ("iops_rd", "read_iops_sec", "iops-read"),
+    ("iops_wr", "write_iops_sec", "iops-write"),
+    (IOPS_SIZE_NAME, "size_iops_sec", "iops-size"),
+];
+
+/// QEMU's prefix of its throttling options (`-drive ...,throttling.bps-total=`),
+/// accepted before QEMU's names.
+const QEMU_THROTTLING_PREFIX: &str = "throttling.";
+
+/// Burst suffixes: (ours and libvirt's, QEMU's).
+const BURST_SUFFIXES: [(&str, &str); 2] = [("_max_length", "-max-length"), ("_max", "-max")];
+
+/// Every alias and the limit it stands for, in the order of `LIMIT_ALIASES`,
+/// each base before its burst names (for documentation and tests).
+pub fn limit_aliases() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (ours, libvirt, qemu) in LIMIT_ALIASES {
+        out.push((libvirt.to_string(), ours.to_string()));
+        out.push((qemu.to_string(), ours.to_string()));
+        if ours == IOPS_SIZE_NAME {
+            continue;
+        }
+        for (suffix, qemu_suffix) in BURST_SUFFIXES.iter().rev() {
+            out.push((format!("{libvirt}{suffix}"), format!("{ours}{suffix}")));
+            out.push((format!("{qemu}{qemu_suffix}"), format!("{ours}{suffix}")));
+        }
+    }
+    out
+}
+
+/// The canonical name of a limit given by its name or an alias (see
+/// `LIMIT_ALIASES`); None for anything else.
+pub fn canonical_limit_name(name: &str) -> Option<String> {
+    if name == IOPS_SIZE_NAME || lookup_limit(name).is_some() {
+        return Some(name.to_string());
+    }
+    let (qemu_name, prefixed) = match name.strip_prefix(QEMU_THROTTLING_PREFIX) {
+        Some(rest) => (rest, true),
+        None => (name, false),
+    };
+    for (ours, libvirt, qemu) in LIMIT_ALIASES {
+        let bursts = if ours == IOPS_SIZE_NAME {
+            &[][..]
+        } else {
+            &BURST_SUFFIXES[..]
+        };
+        let plain = std::iter::once(("", ""));
+        for (suffix, qemu_suffix) in plain.chain(bursts.iter().copied()) {
+            let libvirt_match = !prefixed
+                && name
+                    .strip_prefix(libvirt)
+                    .is_some_and(|rest| rest == suffix);
+            let qemu_match = qemu_name
+                .strip_prefix(qemu)
+                .is_some_and(|rest| rest == qemu_suffix);
+            if libvirt_match || qemu_match {
+                return Some(format!("{ours}{suffix}"));
+            }
+        }
+    }
+    None
+}
+
+/// The error for a limit named twice, `first` and `second` as given
+/// (the same limit under two of its names says so).
+pub fn given_twice(canonical: &str, first: &str, second: &str) -> String {
+    if first == second {
+        format!("{second} given twice")
+    } else {
+        format!("{canonical} given twice (as {first} and {second})")
+    }
+}
+
+/// Splits `NAME.LIMIT` (a group's limit in `-o group.NAME.LIMIT=` or
+/// `user.throttle.group.NAME.LIMIT`). Limit names have no dots, so the
+/// group is all before the last one (group names may have dots), except
+/// that a QEMU name keeps its `throttling.` prefix.
+pub fn split_group_limit(s: &str) -> Option<(&str, &str)> {
+    let (group, limit) = s.rsplit_once('.')?;
+    let prefix = QEMU_THROTTLING_PREFIX.trim_end_matches('.');
+    if let Some(short) = group.strip_suffix(prefix).and_then(|g| g.strip_suffix('.'))
+        && limit.contains('-')
+        && canonical_limit_name(limit).is_some()
+    {
+        return Some((short, &s[short.len() + 1..]));
+    }
+    Some((group, limit))
 }
 
 /// Which field of a `LimitSpec` a limit name sets.
@@ -238,13 +343,15 @@ fn lookup_limit(name: &str) -> Option<(BucketKind, LimitField)> {
 /// Set one limit by its QEMU name. Does not validate the whole set (call
 /// `Limits::validate` once everything is applied) and does not detect
 /// repeats, so callers may overwrite.
+/// Aliases (`LIMIT_ALIASES`) are accepted; messages name the limit as given.
 pub fn apply_limit(limits: &mut Limits, name: &str, value: &str) -> Result<(), String> {
     let named = |msg: String| format!("{name}: {msg}");
-    if name == IOPS_SIZE_NAME {
+    let canonical = canonical_limit_name(name).ok_or_else(|| format!("unknown limit {name}"))?;
+    if canonical == IOPS_SIZE_NAME {
         limits.iops_size = parse_size(value).map_err(named)?;
         return Ok(());
     }
-    let (kind, field) = lookup_limit(name).ok_or_else(|| format!("unknown limit {name}"))?;
+    let (kind, field) = lookup_limit(&canonical).ok_or_else(|| format!("unknown limit {name}"))?;
     let parse_rate = |v: &str| {
         if kind.counts_bytes() {
             parse_size(v)
@@ -265,6 +372,7 @@ pub fn apply_limit(limits: &mut Limits, name: &str, value: &str) -> Result<(), S
 /// durations in seconds (a decimal fraction only when needed). `None` for
 /// an unknown name or a burst length left at its default.
 pub fn format_limit(limits: &Limits, name: &str) -> Option<String> {
+    let name = &canonical_limit_name(name)?;
     if name == IOPS_SIZE_NAME {
         return Some(limits.iops_size.to_string());
     }
@@ -280,10 +388,13 @@ pub fn format_limit(limits: &Limits, name: &str) -> Option<String> {
 /// Whether `limits` sets the limit `name` (a non-zero rate or size, a
 /// burst length given explicitly); false for an unknown name.
 pub fn limit_is_set(limits: &Limits, name: &str) -> bool {
+    let Some(name) = canonical_limit_name(name) else {
+        return false;
+    };
     if name == IOPS_SIZE_NAME {
         return limits.iops_size != 0;
     }
-    let Some((kind, field)) = lookup_limit(name) else {
+    let Some((kind, field)) = lookup_limit(&name) else {
         return false;
     };
     let spec = limits.get(kind);
@@ -479,6 +590,9 @@ fn after_help() -> String {
          500ms, 1m, or a plain number of seconds. Burst rules follow QEMU: a total limit (bps, iops) cannot be\n\
          combined with its read/write split, *_max needs its average and must not be\n\
          lower, *_max_length needs *_max.\n\
+         \nlibvirt <iotune> names (total_bytes_sec, read_iops_sec_max, size_iops_sec, ...)\n\
+         and QEMU's (bps-total, iops-read-max-length, throttling.iops-size, ...) are\n\
+         accepted too, in -o, attributes and throttlefs set/unset (see throttlefs(1)).\n\
          \nPer-file limits, live: setfattr -n user.throttle.NAME -v VALUE FILE-OR-DIR.\n\
          Throttle groups: --group NAME:bps=20M,... and user.throttle.group=NAME on a\n\
          file or directory (see throttlefs(1)).\n\
@@ -496,6 +610,12 @@ fn after_help() -> String {
          _netdev, x-*, comment=..., relatime and the other atime variants) are ignored.",
     );
     text
+}
+
+/// The mount command's clap definition with its help text (also the base
+/// of the shell completions).
+pub fn mount_command() -> clap::Command {
+    Cli::command().after_help(after_help())
 }
 
 /// Render a clap error: help/version in full, anything else as one line.
@@ -594,7 +714,8 @@ fn check_paths(source: &Path, mountpoint: &Path) -> Result<(PathBuf, PathBuf), S
 #[derive(Default)]
 struct Collected {
     limits: Limits,
-    seen: HashSet<String>,
+    /// Options given so far: canonical name to the name as given.
+    seen: HashMap<String, String>,
     fuse_options: Vec<fuser::MountOption>,
     allow_other: bool,
     io_threads: Option<usize>,
@@ -605,15 +726,24 @@ struct Collected {
 impl Collected {
     /// Record that `name` was given; a second time is an error.
     fn once(&mut self, name: &str) -> Result<(), String> {
-        if self.seen.insert(name.to_string()) {
-            Ok(())
-        } else {
-            Err(format!("{name} given twice"))
+        self.once_as(name, name)
+    }
+
+    /// As `once`, for an option that `typed` names under its canonical name.
+    fn once_as(&mut self, canonical: &str, typed: &str) -> Result<(), String> {
+        match self.seen.get(canonical) {
+            None => {
+                self.seen.insert(canonical.to_string(), typed.to_string());
+                Ok(())
+            }
+            Some(first) => Err(given_twice(canonical, first, typed)),
         }
     }
 
     fn limit(&mut self, name: &str, value: &str) -> Result<(), String> {
-        self.once(name)?;
+        let canonical =
+            canonical_limit_name(name).ok_or_else(|| format!("unknown limit {name}"))?;
+        self.once_as(&canonical, name)?;
         apply_limit(&mut self.limits, name, value)
     }
 
@@ -638,7 +768,7 @@ impl Collected {
     fn group_limit(&mut self, opt: &str) -> Result<(), String> {
         let rest = &opt[GROUP_OPTION_PREFIX.len()..];
         let (name_limit, value) = rest.split_once('=').unwrap_or((rest, ""));
-        let Some((name, limit)) = name_limit.rsplit_once('.') else {
+        let Some((name, limit)) = split_group_limit(name_limit) else {
             return Err(format!("'{opt}': expected group.NAME.LIMIT=VALUE"));
         };
         if !valid_group_name(name) {
@@ -679,7 +809,7 @@ impl Collected {
             return self.group_limit(opt);
         }
         if let Some((key, value)) = opt.split_once('=') {
-            if key == IOPS_SIZE_NAME || lookup_limit(key).is_some() {
+            if canonical_limit_name(key).is_some() {
                 return self.limit(key, value);
             }
             if key == IO_THREADS_NAME {
@@ -705,7 +835,7 @@ impl Collected {
             self.fuse_flag(name, option);
             return Ok(());
         }
-        if opt == IOPS_SIZE_NAME || opt == IO_THREADS_NAME || lookup_limit(opt).is_some() {
+        if opt == IO_THREADS_NAME || canonical_limit_name(opt).is_some() {
             return Err(format!("{opt}: missing value (use -o {opt}=VALUE)"));
         }
         Err(format!("unknown mount option '{opt}'"))
@@ -735,8 +865,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let matches = Cli::command()
-        .after_help(after_help())
+    let matches = mount_command()
         .try_get_matches_from(args)
         .map_err(clap_error)?;
     let cli = Cli::from_arg_matches(&matches).map_err(clap_error)?;
@@ -1051,6 +1180,116 @@ mod tests {
             Err("unknown limit foo".into())
         );
         assert_eq!(limits, Limits::default());
+    }
+
+    #[test]
+    fn libvirt_and_qemu_names_are_aliases() {
+        let aliases = limit_aliases();
+        // 6 rates x (name, _max, _max_length) x 2 spellings, + 2 for iops_size.
+        assert_eq!(aliases.len(), 6 * 3 * 2 + 2);
+        for (alias, canonical) in &aliases {
+            assert!(limit_names().contains(canonical), "{canonical}");
+            assert_eq!(canonical_limit_name(alias).as_ref(), Some(canonical));
+            if alias.contains('-') {
+                let prefixed = format!("throttling.{alias}");
+                assert_eq!(canonical_limit_name(&prefixed).as_ref(), Some(canonical));
+            }
+        }
+        for name in limit_names() {
+            assert_eq!(canonical_limit_name(&name), Some(name.clone()));
+        }
+        for unknown in [
+            "size_iops_sec_max",
+            "iops-size-max",
+            "throttling.bps",
+            "throttling.total_bytes_sec",
+            "total_bytes_sec_maximum",
+            "bps-total_max",
+            "total-bytes-sec",
+            "group_name",
+        ] {
+            assert_eq!(canonical_limit_name(unknown), None, "{unknown}");
+        }
+        let cfg = parse(&[
+            "-o",
+            "read_bytes_sec=10M,read_bytes_sec_max=20M,read_bytes_sec_max_length=30s",
+            "-o",
+            "throttling.iops-write=100,iops-write-max=200,size_iops_sec=64K",
+        ])
+        .unwrap();
+        let l = cfg.limits;
+        assert_eq!(l.get(BucketKind::BpsRead).avg, 10 * MIB);
+        assert_eq!(l.get(BucketKind::BpsRead).max, 20 * MIB);
+        assert_eq!(
+            l.get(BucketKind::BpsRead).max_length,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(l.get(BucketKind::IopsWrite).avg, 100);
+        assert_eq!(l.get(BucketKind::IopsWrite).max, 200);
+        assert_eq!(l.iops_size, 64 * KIB);
+        // Messages name the limit as given; rules apply across spellings.
+        assert_eq!(
+            parse_err(&["-o", "total_bytes_sec=x"]),
+            "total_bytes_sec: invalid size 'x'"
+        );
+        assert_eq!(
+            parse_err(&["-o", "total_bytes_sec=1M,read_bytes_sec=1M"]),
+            "bps_rd cannot be used together with bps"
+        );
+        assert_eq!(
+            parse_err(&["-o", "total_bytes_sec"]),
+            "total_bytes_sec: missing value (use -o total_bytes_sec=VALUE)"
+        );
+    }
+
+    #[test]
+    fn a_limit_under_two_names_is_given_twice() {
+        assert_eq!(
+            parse_err(&["--bps", "1M", "-o", "total_bytes_sec=2M"]),
+            "bps given twice (as bps and total_bytes_sec)"
+        );
+        assert_eq!(
+            parse_err(&["-o", "bps-total=1M,throttling.bps-total=2M"]),
+            "bps given twice (as bps-total and throttling.bps-total)"
+        );
+        assert_eq!(
+            parse_err(&["-o", "total_iops_sec=1", "-o", "total_iops_sec=2"]),
+            "total_iops_sec given twice"
+        );
+        assert_eq!(
+            parse_err(&["-o", "group.g.iops=1,group.g.total_iops_sec=2"]),
+            "group g: iops given twice (as iops and total_iops_sec)"
+        );
+        assert_eq!(
+            parse_err(&["--group", "g:bps-read=1M,read_bytes_sec=2M"]),
+            "group g: bps_rd given twice (as bps-read and read_bytes_sec)"
+        );
+    }
+
+    #[test]
+    fn group_limits_take_aliases() {
+        let cfg = parse(&[
+            "-o",
+            "group.t.a.total_bytes_sec=20M,group.t.a.throttling.iops-total=400",
+            "--group",
+            "b:read_iops_sec=100",
+        ])
+        .unwrap();
+        let names: Vec<_> = cfg.groups.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["b", "t.a"]);
+        assert_eq!(cfg.groups[0].1.get(BucketKind::IopsRead).avg, 100);
+        let a = &cfg.groups[1].1;
+        assert_eq!(a.get(BucketKind::BpsTotal).avg, 20 * MIB);
+        assert_eq!(a.get(BucketKind::IopsTotal).avg, 400);
+        // A group named like the prefix still works with our names.
+        assert_eq!(
+            split_group_limit("x.throttling.bps"),
+            Some(("x.throttling", "bps"))
+        );
+        assert_eq!(
+            split_group_limit("x.throttling.bps-total"),
+            Some(("x", "throttling.bps-total"))
+        );
     }
 
     #[test]

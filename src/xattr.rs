@@ -3,11 +3,15 @@
 //! stored on the underlying object, and the text of the read-only
 //! attributes. Pure: the filesystem does the syscalls.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
 
 use crate::options::{
-    GROUP_NAME_RULE, apply_limit, format_limit, limit_is_set, limit_names, valid_group_name,
+    GROUP_NAME_RULE, apply_limit, canonical_limit_name, format_limit, limit_is_set, limit_names,
+    split_group_limit, valid_group_name,
 };
 use crate::stats::{Activity, Effective};
 use crate::throttle::Limits;
@@ -58,6 +62,33 @@ impl Attr {
 /// attributes (stored copies of those names are shadowed by them).
 pub fn is_listed(name: &[u8]) -> bool {
     !classify(name).is_some_and(|attr| attr.is_generated())
+}
+
+/// The name of a limit attribute given under an alias of the limit
+/// (`user.throttle.total_bytes_sec`, `user.throttle.group.G.bps-total`;
+/// see `options::LIMIT_ALIASES`) rewritten to its canonical name, so that
+/// it is stored, read and removed as that one; any other name as it is.
+pub fn canonical_name(name: &OsStr) -> Cow<'_, OsStr> {
+    let Some(rest) = name
+        .as_bytes()
+        .strip_prefix(PREFIX.as_bytes())
+        .and_then(|r| std::str::from_utf8(r).ok())
+    else {
+        return Cow::Borrowed(name);
+    };
+    let (head, limit) = match rest.strip_prefix("group.") {
+        Some(group_attr) => match split_group_limit(group_attr) {
+            Some((group, limit)) => (format!("group.{group}."), limit),
+            None => return Cow::Borrowed(name),
+        },
+        None => (String::new(), rest),
+    };
+    match canonical_limit_name(limit) {
+        Some(canonical) if canonical != limit => {
+            Cow::Owned(OsString::from(format!("{PREFIX}{head}{canonical}")))
+        }
+        _ => Cow::Borrowed(name),
+    }
 }
 
 /// `None` for names outside `user.throttle.`, which pass through untouched.
@@ -342,6 +373,54 @@ mod tests {
         assert!(group_name(b"").is_err());
         assert!(group_name(b"a/b").is_err());
         assert_eq!(classify(b"user.throttle.\xff"), Some(Attr::Unknown));
+    }
+
+    #[test]
+    fn aliases_are_renamed_to_the_canonical_name() {
+        let renamed = |name: &str| canonical_name(OsStr::new(name)).into_owned();
+        for (alias, canonical) in [
+            ("user.throttle.total_bytes_sec", "user.throttle.bps"),
+            (
+                "user.throttle.read_iops_sec_max",
+                "user.throttle.iops_rd_max",
+            ),
+            (
+                "user.throttle.write_bytes_sec_max_length",
+                "user.throttle.bps_wr_max_length",
+            ),
+            ("user.throttle.size_iops_sec", "user.throttle.iops_size"),
+            ("user.throttle.bps-total-max", "user.throttle.bps_max"),
+            (
+                "user.throttle.throttling.iops-size",
+                "user.throttle.iops_size",
+            ),
+            (
+                "user.throttle.group.t.a.total_iops_sec",
+                "user.throttle.group.t.a.iops",
+            ),
+            (
+                "user.throttle.group.t1.throttling.bps-read-max-length",
+                "user.throttle.group.t1.bps_rd_max_length",
+            ),
+            // Unchanged: canonical, ours but not a limit, or not ours.
+            ("user.throttle.bps", "user.throttle.bps"),
+            ("user.throttle.group", "user.throttle.group"),
+            (
+                "user.throttle.group.t1.stats",
+                "user.throttle.group.t1.stats",
+            ),
+            (
+                "user.throttle.size_iops_sec_max",
+                "user.throttle.size_iops_sec_max",
+            ),
+            (
+                "user.throttle.throttling.bps",
+                "user.throttle.throttling.bps",
+            ),
+            ("user.total_bytes_sec", "user.total_bytes_sec"),
+        ] {
+            assert_eq!(renamed(alias), OsStr::new(canonical), "{alias}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! permission checks on those apply to them as to `getfattr`/`setfattr`:
 //! there is no second control channel.
 
+pub mod completions;
 pub mod prometheus;
 pub mod set;
 pub mod snapshot;
@@ -24,7 +25,7 @@ use crate::options::clap_error;
 
 /// The first arguments that select a command instead of a mount. A source
 /// directory literally named like one is reached as `./stat`.
-pub const COMMANDS: [&str; 5] = ["stat", "top", "set", "get", "unset"];
+pub const COMMANDS: [&str; 6] = ["stat", "top", "set", "get", "unset", "completions"];
 
 /// Exit status for bad usage or a refused value, as for the mount.
 pub const USAGE_EXIT_CODE: u8 = 2;
@@ -71,6 +72,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         "top" => top::main(argv),
         "set" => set::set_main(argv),
         "get" => set::get_main(argv),
+        "completions" => completions::main(argv),
         _ => set::unset_main(argv),
     };
     match result {

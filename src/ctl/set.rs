@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::{ArgAction, Parser};
 
 use super::{Failure, get_attr, get_text, io_failure, list_attrs, parse, remove_attr, set_attr};
-use crate::options::limit_names;
+use crate::options::{canonical_limit_name, given_twice, limit_names};
 use crate::throttle::BucketKind;
 use crate::xattr::{self, Attr, OwnSet};
 
@@ -25,7 +25,9 @@ const GROUP_NAME: &str = "group";
     about = "Set limits or the throttle group of a file or directory on a throttlefs mount \
              (its user.throttle.* attributes); live, persisted, validated as a whole",
     after_help = "Other limits (bursts, iops_size): -o NAME=VALUE, as for the mount. \
-                  A value of 0 sets the limit to unlimited and keeps the set the file's own."
+                  A value of 0 sets the limit to unlimited and keeps the set the file's own. \
+                  libvirt <iotune> and QEMU throttling names are accepted too \
+                  (-o total_bytes_sec=10M, -o bps-write-max=50M)."
 )]
 struct SetCli {
     /// limit total (read + write) bytes per second (0 = unlimited)
@@ -74,6 +76,13 @@ struct UnsetCli {
     /// limit names (bps_wr, iops_max, ...) or `group`
     #[arg(required = true, value_name = "NAME")]
     names: Vec<String>,
+}
+
+/// The clap definitions of `set`, `get` and `unset`, for the shell
+/// completions.
+pub(crate) fn commands() -> [clap::Command; 3] {
+    use clap::CommandFactory;
+    [SetCli::command(), GetCli::command(), UnsetCli::command()]
 }
 
 /// One attribute change: a limit set to a canonical value, or removed.
@@ -151,13 +160,18 @@ fn perform(path: &Path, order: &[Change]) -> Result<(), Failure> {
 
 pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
     let cli: SetCli = parse(args)?;
-    // Every value is checked before anything is read or written.
-    let mut given: BTreeMap<String, String> = BTreeMap::new();
+    // Every value is checked before anything is read or written. Limits
+    // are keyed by canonical name (aliases are accepted), with the name
+    // as first given for the "given twice" message.
+    let mut given: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut add = |name: &str, value: &str| -> Result<(), Failure> {
-        let canonical = xattr::canonical(name, value.as_bytes()).map_err(Failure::usage)?;
-        if given.insert(name.to_string(), canonical).is_some() {
-            return Err(Failure::usage(format!("{name} given twice")));
+        let limit = canonical_limit_name(name)
+            .ok_or_else(|| Failure::usage(format!("unknown limit {name}")))?;
+        let text = xattr::canonical(name, value.as_bytes()).map_err(Failure::usage)?;
+        if let Some((first, _)) = given.get(&limit) {
+            return Err(Failure::usage(given_twice(&limit, first, name)));
         }
+        given.insert(limit, (name.to_string(), text));
         Ok(())
     };
     let flags = [
@@ -181,7 +195,7 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
     {
         match opt.split_once('=') {
             Some((name, value)) => add(name, value)?,
-            None if limit_names().iter().any(|n| n == opt) => {
+            None if canonical_limit_name(opt).is_some() => {
                 return Err(Failure::usage(format!(
                     "{opt}: missing value (use -o {opt}=VALUE)"
                 )));
@@ -201,7 +215,7 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
     let current = own_set(&cli.path)?;
     let changes = given
         .into_iter()
-        .map(|(limit, value)| Change {
+        .map(|(limit, (_, value))| Change {
             limit,
             value: Some(value),
         })
@@ -217,23 +231,25 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
 
 pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
     let cli: UnsetCli = parse(args)?;
-    let names = limit_names();
     let mut group = false;
-    let mut limits: Vec<&String> = Vec::new();
+    // (canonical, as given); aliases are accepted.
+    let mut limits: Vec<(String, &String)> = Vec::new();
     for name in &cli.names {
         if name == GROUP_NAME {
             group = true;
-        } else if !names.contains(name) {
-            return Err(Failure::usage(format!("unknown limit {name}")));
-        } else if limits.contains(&name) {
-            return Err(Failure::usage(format!("{name} given twice")));
-        } else {
-            limits.push(name);
+            continue;
         }
+        let Some(limit) = canonical_limit_name(name) else {
+            return Err(Failure::usage(format!("unknown limit {name}")));
+        };
+        if let Some((_, first)) = limits.iter().find(|(l, _)| *l == limit) {
+            return Err(Failure::usage(given_twice(&limit, first, name)));
+        }
+        limits.push((limit, name));
     }
     let current = own_set(&cli.path)?;
-    for name in &limits {
-        if !current.values.contains_key(*name) {
+    for (limit, name) in &limits {
+        if !current.values.contains_key(limit) {
             return Err(Failure::usage(format!(
                 "{name}: not set on {}",
                 cli.path.display()
@@ -248,10 +264,7 @@ pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
     }
     let changes = limits
         .into_iter()
-        .map(|limit| Change {
-            limit: limit.clone(),
-            value: None,
-        })
+        .map(|(limit, _)| Change { limit, value: None })
         .collect();
     let order = plan(&current, changes)?;
     perform(&cli.path, &order)?;

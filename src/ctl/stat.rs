@@ -28,6 +28,11 @@ struct StatCli {
     paths: Vec<PathBuf>,
 }
 
+/// The clap definition, for the shell completions.
+pub(crate) fn command() -> clap::Command {
+    <StatCli as clap::CommandFactory>::command()
+}
+
 /// Everything one `stat` read.
 #[derive(Debug, Default)]
 pub struct Report {

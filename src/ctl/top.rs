@@ -43,6 +43,11 @@ struct TopCli {
     mountpoint: PathBuf,
 }
 
+/// The clap definition, for the shell completions.
+pub(crate) fn command() -> clap::Command {
+    <TopCli as clap::CommandFactory>::command()
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 static RESIZED: AtomicBool = AtomicBool::new(false);
 

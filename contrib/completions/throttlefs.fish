@@ -1,0 +1,62 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_throttlefs_global_optspecs
+    string join \n f/foreground bps= bps-rd= bps-wr= iops= iops-rd= iops-wr= o= v io-threads= group= h/help V/version
+end
+
+function __fish_throttlefs_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_throttlefs_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_throttlefs_using_subcommand
+    set -l cmd (__fish_throttlefs_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l bps -d 'limit total (read + write) bytes per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l bps-rd -d 'limit read bytes per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l bps-wr -d 'limit write bytes per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l iops -d 'limit total operations per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l iops-rd -d 'limit read operations per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l iops-wr -d 'limit write operations per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -s o -d 'limit (NAME=VALUE, see below) or FUSE mount option; repeatable' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l io-threads -d 'I/O worker threads (1 to 1024, default 8; with io_uring, at most one per core)' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l group -d 'limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -s f -l foreground -d 'stay in the foreground, logging to stderr, instead of detaching once the mount is live (and logging to syslog)'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -s v -d 'more log output; repeat for even more'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -s V -l version -d 'Print version'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "stat" -d 'One snapshot of what the throttle does: for a mount point, its files that are open or active and their groups; for a file, that file'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "top" -d 'Live view of a throttlefs mount: its open or active files and groups, with rates over the last second. Keys: a r w i t p sort, q quits.'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "set" -d 'Set limits or the throttle group of a file or directory on a throttlefs mount (its user.throttle.* attributes); live, persisted, validated as a whole'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "get" -d 'Show a file\'s or directory\'s own limits and group, and those in force'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "unset" -d 'Remove limits (or the group membership, as `group`) from a file or directory; with none of its own left, it inherits again'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "completions" -d 'Print the shell completion script for SHELL on standard output'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand stat" -l json -d 'JSON instead of a table'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand stat" -l prometheus -d 'Prometheus text exposition format (for node_exporter\'s textfile collector)'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand stat" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand top" -s d -l delay -d 'time between refreshes (humantime, or seconds)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand top" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l bps -d 'limit total (read + write) bytes per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l bps-rd -d 'limit read bytes per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l bps-wr -d 'limit write bytes per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l iops -d 'limit total operations per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l iops-rd -d 'limit read operations per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l iops-wr -d 'limit write operations per second (0 = unlimited)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -s o -d 'any limit by its name (bps_max, iops_size, ...); repeatable' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l group -d 'join throttle group NAME (files below a directory inherit it)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand get" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand unset" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand completions" -s h -l help -d 'Print help'

@@ -1,0 +1,224 @@
+//! The shipped documentation against the program: man/throttlefs.1 names
+//! every option, limit, alias and command that the help texts name, and
+//! groff reads it without a warning; contrib/completions/ holds what
+//! `throttlefs completions SHELL` prints.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use throttlefs::ctl::COMMANDS;
+use throttlefs::options::limit_aliases;
+
+/// The committed completion scripts, by shell.
+const COMPLETIONS: [(&str, &str); 3] = [
+    ("bash", "contrib/completions/throttlefs.bash"),
+    ("zsh", "contrib/completions/_throttlefs"),
+    ("fish", "contrib/completions/throttlefs.fish"),
+];
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .args(["-k", "5", "60", program])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"))
+}
+
+fn stdout_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The man page as text: font escapes dropped, `\-` as `-`.
+fn man_text() -> String {
+    let source = fs::read_to_string(repo_path("man/throttlefs.1")).unwrap();
+    let mut text = source.replace("\\-", "-").replace("\\e", "\\");
+    for font in ["\\fB", "\\fI", "\\fR", "\\fP"] {
+        text = text.replace(font, "");
+    }
+    text
+}
+
+/// Whether `word` occurs in `text` not as part of a longer name.
+fn names(text: &str, word: &str) -> bool {
+    let part = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    text.match_indices(word).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + word.len()..].chars().next();
+        !before.is_some_and(part) && !after.is_some_and(part)
+    })
+}
+
+/// The options a clap help text names: every `--long`, and the `-x` that
+/// start a line of its option list.
+fn help_options(help: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    for (at, _) in help.match_indices("--") {
+        let name: String = help[at + 2..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        if !name.is_empty() {
+            found.insert(format!("--{name}"));
+        }
+    }
+    for line in help.lines() {
+        let line = line.trim_start();
+        let mut chars = line.chars();
+        if let (Some('-'), Some(c)) = (chars.next(), chars.next())
+            && c.is_ascii_alphanumeric()
+        {
+            found.insert(format!("-{c}"));
+        }
+    }
+    found
+}
+
+/// The limit names the mount's help lists (`  NAME=VALUE  meaning`).
+fn help_limits(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Limits, also settable"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.trim_start().split_once('=').map(|(n, _)| n.to_string()))
+        .collect()
+}
+
+#[test]
+fn man_page_names_every_option_limit_alias_and_command() {
+    let man = man_text();
+    let bin = common::binary();
+    let mount_help = stdout_ok(bin, &["--help"]);
+    let mut helps = vec![("throttlefs".to_string(), mount_help.clone())];
+    for command in COMMANDS {
+        helps.push((
+            format!("throttlefs {command}"),
+            stdout_ok(bin, &[command, "--help"]),
+        ));
+    }
+    let mut missing = Vec::new();
+    for (what, help) in &helps {
+        for option in help_options(help) {
+            if !names(&man, &option) {
+                missing.push(format!("{option} (from {what} --help)"));
+            }
+        }
+    }
+    let limits = help_limits(&mount_help);
+    assert_eq!(limits.len(), 19, "limits in --help: {limits:?}");
+    for limit in limits {
+        if !names(&man, &limit) {
+            missing.push(format!("limit {limit}"));
+        }
+    }
+    for (alias, canonical) in limit_aliases() {
+        if !names(&man, &alias) {
+            missing.push(format!("alias {alias} (of {canonical})"));
+        }
+    }
+    for command in COMMANDS {
+        if !man.contains(&format!("throttlefs {command}")) {
+            missing.push(format!("command {command} in SYNOPSIS"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "man/throttlefs.1 does not name: {missing:#?}"
+    );
+}
+
+#[test]
+fn groff_reads_the_man_page_without_warnings() {
+    let page = repo_path("man/throttlefs.1");
+    let out = run("groff", &["-ww", "-z", "-man", page.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "groff failed ({:?}; .ci/run installs groff-base): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.is_empty(), "groff -ww -z -man warns:\n{said}");
+}
+
+#[test]
+fn committed_completions_are_what_the_command_prints() {
+    for (shell, file) in COMPLETIONS {
+        let printed = stdout_ok(common::binary(), &["completions", shell]);
+        let committed = fs::read_to_string(repo_path(file)).unwrap();
+        assert!(
+            printed == committed,
+            "{file} is out of date; regenerate it with: \
+             cargo run -q -- completions {shell} > {file}"
+        );
+        // Every command and the mount's options are in each script.
+        for word in COMMANDS
+            .iter()
+            .chain(&["bps-rd", "io-threads", "foreground"])
+        {
+            assert!(printed.contains(word), "{shell} script lacks {word}");
+        }
+    }
+    // Parsed by bash itself (zsh and fish are not installed in CI).
+    let bash = repo_path(COMPLETIONS[0].1);
+    let out = run("bash", &["-n", bash.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bash_completion_offers_commands_and_each_commands_flags() {
+    let script = repo_path(COMPLETIONS[0].1);
+    // COMP_WORDS as bash sets it, then the function the script registers.
+    let complete = |words: &[&str]| -> String {
+        let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+        let cword = words.len() - 1;
+        let prog = format!(
+            "source '{}'; COMP_WORDS=({}); COMP_CWORD={cword}; \
+             _throttlefs throttlefs '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            quoted.join(" "),
+            words[cword],
+            words[cword - 1],
+        );
+        stdout_ok("bash", &["-c", &prog])
+    };
+    let offered = |words: &[&str]| -> BTreeSet<String> {
+        complete(words).lines().map(str::to_string).collect()
+    };
+    assert_eq!(
+        offered(&["throttlefs", "s"]),
+        BTreeSet::from(["set".to_string(), "stat".to_string()])
+    );
+    assert!(offered(&["throttlefs", "--bps-"]).contains("--bps-wr"));
+    assert!(offered(&["throttlefs", "--io"]).contains("--io-threads"));
+    assert!(offered(&["throttlefs", "stat", "--"]).contains("--prometheus"));
+    assert!(offered(&["throttlefs", "top", "--"]).contains("--delay"));
+    assert!(offered(&["throttlefs", "set", "/x", "--g"]).contains("--group"));
+    assert_eq!(
+        offered(&["throttlefs", "completions", "f"]),
+        BTreeSet::from(["fish".to_string()])
+    );
+}
