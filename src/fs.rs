@@ -6,6 +6,9 @@
 //!
 //! Reads and writes of files with limits go to the scheduler with their
 //! reply; files without limits are served inline on the FUSE thread.
+//!
+//! The inode store is in `inode.rs`; where a file's limits come from, and
+//! the attributes that set them, in `limits.rs`.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
