@@ -1,7 +1,7 @@
 //! throttlefs: mount a directory of disk images with per-file I/O limits.
 //!
 //! One binary, two programs: the tools that talk to a mount (`throttlefs
-//! stat|top|set|get|unset ...`, src/ctl) and the mount itself
+//! stat|top|set|get|unset|completions ...`, src/ctl) and the mount itself
 //! (src/mount.rs). This file only chooses between them.
 
 use std::process::ExitCode;
