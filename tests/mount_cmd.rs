@@ -182,6 +182,21 @@ fn umount_and_wait(m: &Mount) {
     );
 }
 
+/// The filesystem type mountinfo gives for `mnt` (the field after " - "),
+/// as `findmnt -t` and `umount -t` match it.
+fn fstype_of(mnt: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/thread-self/mountinfo").ok()?;
+    let want = mnt.as_os_str().as_bytes();
+    info.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let point = fields.get(4)?.replace("\\040", " ");
+        (point.as_bytes() == want).then(|| {
+            let dash = fields.iter().position(|f| *f == "-")?;
+            fields.get(dash + 1).map(|t| t.to_string())
+        })?
+    })
+}
+
 #[test]
 fn mount_t_returns_once_live_and_the_limit_from_o_holds() {
     let m = Detached { m: Mount::new() };
@@ -199,6 +214,11 @@ fn mount_t_returns_once_live_and_the_limit_from_o_holds() {
         common::describe("mount", &[""], &out)
     );
     assert!(mounted, "mount returned 0 before the mount was live");
+    assert_eq!(
+        fstype_of(m.m.mnt()).as_deref(),
+        Some("fuse.throttlefs"),
+        "mounted with the type an fstab line names"
+    );
     assert_eq!(
         daemons_on(m.m.mnt()).len(),
         1,
@@ -344,6 +364,7 @@ fn without_f_it_detaches_once_live_and_keeps_serving() {
         common::describe(binary(), &[""], &out)
     );
     assert!(mounted, "returned before the mount was live");
+    assert_eq!(fstype_of(m.m.mnt()).as_deref(), Some("fuse.throttlefs"));
     assert!(out.stderr.is_empty() && out.stdout.is_empty());
     let daemons = daemons_on(m.m.mnt());
     assert_eq!(daemons.len(), 1, "one detached daemon");

@@ -477,11 +477,22 @@ fn fuse_mount_sys(
         source = name;
     }
 
+    // throttlefs patch: the filesystem type is "fuse.SUBTYPE" when a subtype
+    // is given, as libfuse and fusermount3 mount it, so /proc/mounts and
+    // findmnt -t agree with an fstab line of that type.
+    #[cfg(target_os = "linux")]
+    let fstype = match options
+        .iter()
+        .find(|x| matches!(**x, MountOption::Subtype(_)))
+    {
+        Some(MountOption::Subtype(subtype)) => format!("fuse.{subtype}"),
+        _ => "fuse".to_string(),
+    };
     #[cfg(target_os = "linux")]
     let result = nix::mount::mount(
         Some(source),
         mountpoint,
-        Some("fuse"),
+        Some(fstype.as_str()),
         flags,
         Some(mount_options.as_str()),
     );
