@@ -121,6 +121,14 @@ impl Drop for UmountOnDrop {
     }
 }
 
+/// throttlefs patch: reads failing with ECONNABORTED in a row before the
+/// session ends with that error. An unmount's abort fails at most one read
+/// per request still queued in the kernel, its whole background queue
+/// included (thousands of RELEASEs after a client with thousands of open
+/// files exits); a lasting abort (fusectl) fails every read at once, so
+/// this bounds how long that spins (well under a second).
+const ABORTED_READS_IN_A_ROW_MAX: u32 = 100_000;
+
 /// The session data structure
 #[derive(Debug)]
 pub struct Session<FS: Filesystem> {
@@ -526,23 +534,29 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
-        // throttlefs patch: the last read returned ECONNABORTED.
-        let mut aborted = false;
+        // throttlefs patch: reads in a row that returned ECONNABORTED.
+        let mut aborted_reads: u32 = 0;
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             let received = self.ch.receive_retrying(buf);
-            let was_aborted = std::mem::replace(
-                &mut aborted,
-                received == Err(nix::errno::Errno::ECONNABORTED),
-            );
+            if received == Err(nix::errno::Errno::ECONNABORTED) {
+                aborted_reads += 1;
+            } else {
+                aborted_reads = 0;
+            }
             match received {
-                // throttlefs patch: a read that took a request just as an
-                // unmount aborted the connection fails with ECONNABORTED,
-                // and the next one with ENODEV. Read once more to tell that
-                // from a lasting abort; see PATCHES.md.
-                Err(nix::errno::Errno::ECONNABORTED) if !was_aborted => {
-                    debug!("read from the FUSE device aborted; reading once more");
+                // throttlefs patch: while an unmount aborts the connection,
+                // every read that takes one of the requests still queued
+                // fails with ECONNABORTED (the kernel moves all of its
+                // background queue, e.g. thousands of RELEASEs, in first),
+                // and then reads fail with ENODEV. Keep reading to tell that
+                // from a lasting abort, which returns ECONNABORTED at once,
+                // every time; see PATCHES.md.
+                Err(nix::errno::Errno::ECONNABORTED)
+                    if aborted_reads <= ABORTED_READS_IN_A_ROW_MAX =>
+                {
+                    debug!("read from the FUSE device aborted; reading again");
                     continue;
                 }
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
