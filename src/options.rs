@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueHint};
+use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser, ValueHint};
 
 use crate::throttle::{BucketKind, Limits};
 
@@ -156,6 +156,45 @@ pub fn parse_group(spec: &str) -> Result<(String, Limits), String> {
     Ok((name.to_string(), limits))
 }
 
+/// The six limit flags, shared by the mount command and `throttlefs set`
+/// so that both have the same names, help and parsing. Values are kept as
+/// given and checked by the caller (the mount's rules for both).
+#[derive(Args, Debug)]
+pub struct LimitFlags {
+    /// limit total (read + write) bytes per second (0 = unlimited)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
+    pub bps: Vec<String>,
+    /// limit read bytes per second (0 = unlimited)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
+    pub bps_rd: Vec<String>,
+    /// limit write bytes per second (0 = unlimited)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
+    pub bps_wr: Vec<String>,
+    /// limit total operations per second (0 = unlimited)
+    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
+    pub iops: Vec<String>,
+    /// limit read operations per second (0 = unlimited)
+    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
+    pub iops_rd: Vec<String>,
+    /// limit write operations per second (0 = unlimited)
+    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
+    pub iops_wr: Vec<String>,
+}
+
+impl LimitFlags {
+    /// Each flag's bucket and its values, in the order of `--help`.
+    pub fn by_kind(&self) -> [(BucketKind, &Vec<String>); 6] {
+        [
+            (BucketKind::BpsTotal, &self.bps),
+            (BucketKind::BpsRead, &self.bps_rd),
+            (BucketKind::BpsWrite, &self.bps_wr),
+            (BucketKind::IopsTotal, &self.iops),
+            (BucketKind::IopsRead, &self.iops_rd),
+            (BucketKind::IopsWrite, &self.iops_wr),
+        ]
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "throttlefs",
@@ -169,24 +208,8 @@ struct Cli {
     /// the mount is live (and logging to syslog)
     #[arg(short = 'f', long)]
     foreground: bool,
-    /// limit total (read + write) bytes per second (0 = unlimited)
-    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
-    bps: Vec<String>,
-    /// limit read bytes per second (0 = unlimited)
-    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
-    bps_rd: Vec<String>,
-    /// limit write bytes per second (0 = unlimited)
-    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
-    bps_wr: Vec<String>,
-    /// limit total operations per second (0 = unlimited)
-    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
-    iops: Vec<String>,
-    /// limit read operations per second (0 = unlimited)
-    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
-    iops_rd: Vec<String>,
-    /// limit write operations per second (0 = unlimited)
-    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
-    iops_wr: Vec<String>,
+    #[command(flatten)]
+    limits: LimitFlags,
     /// limit (NAME=VALUE, see below) or FUSE mount option; repeatable
     #[arg(short = 'o', value_name = "OPT[,OPT...]", action = ArgAction::Append)]
     options: Vec<String>,
@@ -872,15 +895,7 @@ where
     let usage = |msg: String| (one_line(&msg), USAGE_EXIT_CODE);
 
     let mut collected = Collected::default();
-    let flags = [
-        (BucketKind::BpsTotal, &cli.bps),
-        (BucketKind::BpsRead, &cli.bps_rd),
-        (BucketKind::BpsWrite, &cli.bps_wr),
-        (BucketKind::IopsTotal, &cli.iops),
-        (BucketKind::IopsRead, &cli.iops_rd),
-        (BucketKind::IopsWrite, &cli.iops_wr),
-    ];
-    for (kind, values) in flags {
+    for (kind, values) in cli.limits.by_kind() {
         for value in values {
             collected.limit(kind.name(), value).map_err(usage)?;
         }

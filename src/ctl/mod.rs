@@ -120,24 +120,12 @@ const XATTR_VALUE_MAX_BYTES: usize = 64 * 1024;
 
 /// Calls an xattr function with a buffer of the largest size a value may
 /// have: one call, where asking the size first would make the mount build
-/// a generated value twice. Falls back to asking the size on ERANGE.
+/// a generated value twice. Falls back to asking the size on ERANGE (a
+/// value that grew past the first buffer), as often as it keeps growing.
 fn fetch(mut call: impl FnMut(*mut libc::c_void, usize) -> libc::ssize_t) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; XATTR_VALUE_MAX_BYTES];
-    let got = call(buf.as_mut_ptr().cast(), buf.len());
-    if got >= 0 {
-        buf.truncate(got as usize);
-        return Ok(buf);
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::ERANGE) {
-        return Err(err);
-    }
+    let mut len = XATTR_VALUE_MAX_BYTES;
     loop {
-        let size = call(std::ptr::null_mut(), 0);
-        if size < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; size as usize + 1];
+        let mut buf = vec![0u8; len];
         let got = call(buf.as_mut_ptr().cast(), buf.len());
         if got >= 0 {
             buf.truncate(got as usize);
@@ -147,6 +135,11 @@ fn fetch(mut call: impl FnMut(*mut libc::c_void, usize) -> libc::ssize_t) -> io:
         if err.raw_os_error() != Some(libc::ERANGE) {
             return Err(err);
         }
+        let size = call(std::ptr::null_mut(), 0);
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        len = size as usize + 1;
     }
 }
 

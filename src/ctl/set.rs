@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::{ArgAction, Parser};
 
 use super::{Failure, get_attr, get_text, io_failure, list_attrs, parse, remove_attr, set_attr};
-use crate::options::{canonical_limit_name, given_twice, limit_names};
-use crate::throttle::BucketKind;
+use crate::options::{LimitFlags, canonical_limit_name, given_twice, limit_names};
 use crate::xattr::{self, Attr, OwnSet};
 
 /// The attribute holding a file's or directory's group.
@@ -30,24 +29,8 @@ const GROUP_NAME: &str = "group";
                   (-o total_bytes_sec=10M, -o bps-write-max=50M)."
 )]
 struct SetCli {
-    /// limit total (read + write) bytes per second (0 = unlimited)
-    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
-    bps: Vec<String>,
-    /// limit read bytes per second (0 = unlimited)
-    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
-    bps_rd: Vec<String>,
-    /// limit write bytes per second (0 = unlimited)
-    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, action = ArgAction::Append)]
-    bps_wr: Vec<String>,
-    /// limit total operations per second (0 = unlimited)
-    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
-    iops: Vec<String>,
-    /// limit read operations per second (0 = unlimited)
-    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
-    iops_rd: Vec<String>,
-    /// limit write operations per second (0 = unlimited)
-    #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
-    iops_wr: Vec<String>,
+    #[command(flatten)]
+    limits: LimitFlags,
     /// any limit by its name (bps_max, iops_size, ...); repeatable
     #[arg(short = 'o', value_name = "LIMIT=VALUE[,...]", action = ArgAction::Append)]
     options: Vec<String>,
@@ -174,15 +157,7 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
         given.insert(limit, (name.to_string(), text));
         Ok(())
     };
-    let flags = [
-        (BucketKind::BpsTotal, &cli.bps),
-        (BucketKind::BpsRead, &cli.bps_rd),
-        (BucketKind::BpsWrite, &cli.bps_wr),
-        (BucketKind::IopsTotal, &cli.iops),
-        (BucketKind::IopsRead, &cli.iops_rd),
-        (BucketKind::IopsWrite, &cli.iops_wr),
-    ];
-    for (kind, values) in flags {
+    for (kind, values) in cli.limits.by_kind() {
         for value in values {
             add(kind.name(), value)?;
         }
