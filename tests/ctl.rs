@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use common::aio::AlignedBuf;
 use common::attrs::{list_attrs, sys_get_attr};
-use common::{KIB, MIB, Mount, binary, make_file, open_direct};
+use common::{
+    KIB, MIB, Mount, assert_elapsed_between, binary, loose_upper, make_file, open_direct,
+};
 
 /// Requests of the known traffic, and their size (O_DIRECT: one request each).
 const WRITE_REQUESTS: u64 = 5;
@@ -227,6 +229,152 @@ fn refusals_exit_2_with_one_line_and_change_nothing() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("not on a throttlefs mount"), "{err}");
+}
+
+/// Runs `throttlefs ARGS`, which must be refused: exit 2, one line on
+/// stderr holding `needle`; returns that line.
+fn refused(args: &[&str], needle: &str) -> String {
+    let out = ctl(args);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    assert!(err.contains(needle), "{args:?}: {err}");
+    err
+}
+
+#[test]
+fn group_limits_set_get_unset_and_refusals() {
+    let m = Mount::with_setup(
+        |src| drop(make_file(src, "a.img", 4096, 1)),
+        &["--group", "g1:bps=100M,bps_max=200M"],
+    );
+    let (mnt, root) = (s(m.mnt()), m.src());
+    let got = ctl_ok(&["get", "--group-limits", "g1", mnt]);
+    assert_eq!(
+        got,
+        "own limits:      none\n\
+         limits in force: bps=104857600 bps_max=209715200 (from mount: --group at mount time)\n\
+         members:         0\n"
+    );
+    // A burst with its new average: written in an order the mount accepts.
+    ctl_ok(&[
+        "set",
+        mnt,
+        "--group-limits",
+        "g1",
+        "--bps-rd",
+        "2M",
+        "-o",
+        "bps_rd_max=4M",
+    ]);
+    let expected = BTreeMap::from([
+        ("user.throttle.group.g1.bps_rd".into(), "2097152".into()),
+        ("user.throttle.group.g1.bps_rd_max".into(), "4194304".into()),
+    ]);
+    assert_eq!(stored(root), expected);
+    let got = ctl_ok(&["get", mnt, "--group-limits", "g1"]);
+    assert!(
+        got.contains(
+            "limits in force: bps_rd=2097152 bps_rd_max=4194304 \
+             (from root: user.throttle.group.g1.* on the mount point)\n"
+        ),
+        "{got}"
+    );
+    assert!(
+        got.starts_with("own limits:      bps_rd=2097152 bps_rd_max=4194304\n"),
+        "{got}"
+    );
+
+    // Refused values: exit 2, the mount's message for `--group`, nothing
+    // changed.
+    for (args, needle, mount_flags) in [
+        (
+            &["--bps", "10X"][..],
+            "bps",
+            Some(&["--group", "g1:bps=10X"][..]),
+        ),
+        (
+            &["-o", "iops_max=5"],
+            "iops_max",
+            Some(&["--group", "g1:iops_max=5"]),
+        ),
+        (&["-o", "bps_rd_max=1M"], "bps_rd_max", None),
+        (
+            &["--iops", "5", "--group", "g2"],
+            "cannot be used with",
+            None,
+        ),
+        (&[], "nothing to set", None),
+    ] {
+        let mut argv = vec!["set", mnt, "--group-limits", "g1"];
+        argv.extend(args);
+        let err = refused(&argv, needle);
+        if let Some(flags) = mount_flags {
+            assert_eq!(err, mount_message(flags), "set {args:?}");
+        }
+        assert_eq!(stored(root), expected, "set {args:?} changed something");
+    }
+    let err = refused(
+        &["set", mnt, "--group-limits", "bad name", "--bps", "1M"],
+        "bad name",
+    );
+    assert_eq!(err, mount_message(&["--group", "bad name:bps=1M"]));
+    // Group limits live on the root only.
+    refused(
+        &[
+            "set",
+            s(&m.path("a.img")),
+            "--group-limits",
+            "g1",
+            "--bps",
+            "1M",
+        ],
+        "mount point",
+    );
+    refused(
+        &["unset", mnt, "--group-limits", "g1", "bps_rd"],
+        "bps_rd_max",
+    );
+    refused(&["unset", mnt, "--group-limits", "g1", "iops"], "not set");
+    assert_eq!(stored(root), expected);
+    assert_eq!(stored(&m.src_path("a.img")), BTreeMap::new());
+
+    // With no set of its own on the root, the mount option's is in force
+    // again.
+    ctl_ok(&["unset", mnt, "--group-limits", "g1", "bps_rd", "bps_rd_max"]);
+    assert_eq!(stored(root), BTreeMap::new());
+    let got = ctl_ok(&["get", "--group-limits", "g1", mnt]);
+    assert!(got.contains("(from mount: --group at mount time)"), "{got}");
+}
+
+#[test]
+fn group_limit_set_by_ctl_holds_for_a_member() {
+    let data_len = 3 * MIB;
+    let m = Mount::with_setup(
+        |src| drop(make_file(src, "a.img", data_len, 3)),
+        &["--group", "g1:bps=100M"],
+    );
+    let (mnt, file) = (s(m.mnt()), m.path("a.img"));
+    ctl_ok(&["set", mnt, "--group-limits", "g1", "--bps-rd", "2M"]);
+    ctl_ok(&["set", s(&file), "--group", "g1"]);
+    let (req, avg) = (128 * KIB, 2 * MIB);
+    let f = open_direct(&file, false);
+    let mut buf = AlignedBuf::zeroed(req as usize);
+    let start = std::time::Instant::now();
+    for off in (0..data_len).step_by(req as usize) {
+        assert_eq!(f.read_at(&mut buf, off).unwrap() as u64, req);
+    }
+    let elapsed = start.elapsed();
+    // The first request and a tenth of a second's burst go at once.
+    let lower = (data_len - req) as f64 / avg as f64 - 0.1;
+    assert_elapsed_between(
+        "3 MiB read in group g1 (bps_rd=2M set with throttlefs set --group-limits)",
+        elapsed,
+        lower,
+        loose_upper(lower),
+    );
+    let got = ctl_ok(&["get", "--group-limits", "g1", mnt]);
+    assert!(got.ends_with("members:         1\n"), "{got}");
 }
 
 /// Writes WRITE_REQUESTS requests and reads READ_REQUESTS through `path`

@@ -1,6 +1,7 @@
 //! `throttlefs set`, `get` and `unset`: the `user.throttle.<limit>` and
-//! `user.throttle.group` attributes of a file or directory, for users
-//! without the `attr` tools. Values are checked with the mount command's
+//! `user.throttle.group` attributes of a file or directory, and with
+//! `--group-limits NAME` a group's `user.throttle.group.NAME.<limit>` on
+//! the mount root, for users without the `attr` tools. Values are checked with the mount command's
 //! parser and rules (src/options.rs, src/xattr.rs), and the whole resulting
 //! set is checked before anything is changed.
 
@@ -10,8 +11,11 @@ use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, Parser};
 
+use super::snapshot::{is_mount_root, parse_group};
 use super::{Failure, get_attr, get_text, io_failure, list_attrs, parse, remove_attr, set_attr};
-use crate::options::{LimitFlags, canonical_limit_name, given_twice, limit_names};
+use crate::options::{
+    GROUP_NAME_RULE, LimitFlags, canonical_limit_name, given_twice, limit_names, valid_group_name,
+};
 use crate::xattr::{self, Attr, OwnSet};
 
 /// The attribute holding a file's or directory's group.
@@ -37,13 +41,22 @@ struct SetCli {
     /// join throttle group NAME (files below a directory inherit it)
     #[arg(long, value_name = "NAME")]
     group: Option<String>,
+    /// set the limits of throttle group NAME instead (PATH: the mount point)
+    #[arg(long, value_name = "NAME", conflicts_with = "group")]
+    group_limits: Option<String>,
     /// a file or directory on a throttlefs mount
     path: PathBuf,
 }
 
 #[derive(Parser, Debug)]
-#[command(about = "Show a file's or directory's own limits and group, and those in force")]
+#[command(
+    about = "Show a file's or directory's own limits and group, and those in force; \
+             or a group's limits and where they come from"
+)]
 struct GetCli {
+    /// show the limits of throttle group NAME instead (PATH: the mount point)
+    #[arg(long, value_name = "NAME")]
+    group_limits: Option<String>,
     /// a file or directory on a throttlefs mount
     path: PathBuf,
 }
@@ -54,6 +67,9 @@ struct GetCli {
              with none of its own left, it inherits again"
 )]
 struct UnsetCli {
+    /// remove limits of throttle group NAME instead (PATH: the mount point)
+    #[arg(long, value_name = "NAME")]
+    group_limits: Option<String>,
     /// a file or directory on a throttlefs mount
     path: PathBuf,
     /// limit names (bps_wr, iops_max, ...) or `group`
@@ -68,6 +84,44 @@ pub(crate) fn commands() -> [clap::Command; 3] {
     [SetCli::command(), GetCli::command(), UnsetCli::command()]
 }
 
+/// Whose limits a command reads or changes: a file's or directory's own
+/// (`user.throttle.<limit>`), or a group's, stored on the mount root
+/// (`user.throttle.group.NAME.<limit>`).
+enum Target {
+    Object,
+    Group(String),
+}
+
+impl Target {
+    /// From `--group-limits NAME`, the name checked as the mount checks
+    /// `--group NAME:...`.
+    fn new(group_limits: Option<&String>) -> Result<Target, Failure> {
+        match group_limits {
+            None => Ok(Target::Object),
+            Some(g) if valid_group_name(g) => Ok(Target::Group(g.clone())),
+            Some(g) => Err(Failure::usage(format!(
+                "group '{g}': a name is {GROUP_NAME_RULE}"
+            ))),
+        }
+    }
+
+    fn attr(&self, limit: &str) -> String {
+        match self {
+            Target::Object => format!("{}{limit}", xattr::PREFIX),
+            Target::Group(g) => format!("{}{limit}", xattr::group_prefix(g)),
+        }
+    }
+
+    /// A refused value, in the words the mount uses for the same value
+    /// (`group NAME: ...` for `--group NAME:LIMIT=VALUE`).
+    fn usage(&self, msg: impl Into<String>) -> Failure {
+        match self {
+            Target::Object => Failure::usage(msg),
+            Target::Group(g) => Failure::usage(format!("group {g}: {}", msg.into())),
+        }
+    }
+}
+
 /// One attribute change: a limit set to a canonical value, or removed.
 #[derive(Clone, Debug)]
 struct Change {
@@ -75,17 +129,27 @@ struct Change {
     value: Option<String>,
 }
 
-/// The own set of `path` (its stored limits, as the mount reads them).
-/// Also checks that `path` is on a throttlefs mount.
-fn own_set(path: &Path) -> Result<OwnSet, Failure> {
+/// The own set of `path` or of the target group (its stored limits, as
+/// the mount reads them). Also checks that `path` is on a throttlefs
+/// mount, and its root for a group.
+fn own_set(path: &Path, target: &Target) -> Result<OwnSet, Failure> {
     get_attr(path, xattr::EFFECTIVE).map_err(|e| io_failure(path, "effective", &e))?;
+    if matches!(target, Target::Group(_)) && !is_mount_root(path) {
+        return Err(Failure::usage(format!(
+            "{}: group limits are kept on the mount point; give it instead",
+            path.display()
+        )));
+    }
     let names = list_attrs(path).map_err(|e| io_failure(path, "listing attributes", &e))?;
     let mut set = OwnSet::default();
     for name in names {
-        if let Some(Attr::Limit(limit)) = xattr::classify(name.as_bytes()) {
-            let value = get_text(path, &name).map_err(|e| io_failure(path, &name, &e))?;
-            set.values.insert(limit, value);
-        }
+        let limit = match (xattr::classify(name.as_bytes()), target) {
+            (Some(Attr::Limit(limit)), Target::Object) => limit,
+            (Some(Attr::GroupLimit { group, limit }), Target::Group(g)) if group == *g => limit,
+            _ => continue,
+        };
+        let value = get_text(path, &name).map_err(|e| io_failure(path, &name, &e))?;
+        set.values.insert(limit, value);
     }
     Ok(set)
 }
@@ -103,15 +167,15 @@ fn apply(set: &OwnSet, change: &Change) -> OwnSet {
 /// checks the whole set at each attribute): e.g. a burst after its average
 /// when both are new, before it when the average is lowered below the old
 /// burst. The final set is checked first, with the mount's message.
-fn plan(current: &OwnSet, changes: Vec<Change>) -> Result<Vec<Change>, Failure> {
+fn plan(current: &OwnSet, changes: Vec<Change>, target: &Target) -> Result<Vec<Change>, Failure> {
     let final_set = changes.iter().fold(current.clone(), |s, c| apply(&s, c));
-    final_set.limits().map_err(Failure::usage)?;
+    final_set.limits().map_err(|e| target.usage(e))?;
     let mut left = changes;
     let mut order = Vec::new();
     let mut set = current.clone();
     while !left.is_empty() {
         let Some(i) = left.iter().position(|c| apply(&set, c).limits().is_ok()) else {
-            return Err(Failure::usage(
+            return Err(target.usage(
                 "these changes cannot be made one attribute at a time; set them in two steps",
             ));
         };
@@ -122,9 +186,9 @@ fn plan(current: &OwnSet, changes: Vec<Change>) -> Result<Vec<Change>, Failure> 
     Ok(order)
 }
 
-fn perform(path: &Path, order: &[Change]) -> Result<(), Failure> {
+fn perform(path: &Path, order: &[Change], target: &Target) -> Result<(), Failure> {
     for (done, c) in order.iter().enumerate() {
-        let name = format!("{}{}", xattr::PREFIX, c.limit);
+        let name = target.attr(&c.limit);
         let r = match &c.value {
             Some(v) => set_attr(path, &name, v.as_bytes()),
             None => remove_attr(path, &name),
@@ -143,16 +207,17 @@ fn perform(path: &Path, order: &[Change]) -> Result<(), Failure> {
 
 pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
     let cli: SetCli = parse(args)?;
+    let target = Target::new(cli.group_limits.as_ref())?;
     // Every value is checked before anything is read or written. Limits
     // are keyed by canonical name (aliases are accepted), with the name
     // as first given for the "given twice" message.
     let mut given: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut add = |name: &str, value: &str| -> Result<(), Failure> {
         let limit = canonical_limit_name(name)
-            .ok_or_else(|| Failure::usage(format!("unknown limit {name}")))?;
-        let text = xattr::canonical(name, value.as_bytes()).map_err(Failure::usage)?;
+            .ok_or_else(|| target.usage(format!("unknown limit {name}")))?;
+        let text = xattr::canonical(name, value.as_bytes()).map_err(|e| target.usage(e))?;
         if let Some((first, _)) = given.get(&limit) {
-            return Err(Failure::usage(given_twice(&limit, first, name)));
+            return Err(target.usage(given_twice(&limit, first, name)));
         }
         given.insert(limit, (name.to_string(), text));
         Ok(())
@@ -171,11 +236,9 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
         match opt.split_once('=') {
             Some((name, value)) => add(name, value)?,
             None if canonical_limit_name(opt).is_some() => {
-                return Err(Failure::usage(format!(
-                    "{opt}: missing value (use -o {opt}=VALUE)"
-                )));
+                return Err(target.usage(format!("{opt}: missing value (use -o {opt}=VALUE)")));
             }
-            None => return Err(Failure::usage(format!("unknown limit {opt}"))),
+            None => return Err(target.usage(format!("unknown limit {opt}"))),
         }
     }
     let group = match &cli.group {
@@ -183,11 +246,14 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
         None => None,
     };
     if given.is_empty() && group.is_none() {
-        return Err(Failure::usage(
-            "nothing to set: give a limit (--bps-wr 10M, -o bps_max=20M) or --group NAME",
-        ));
+        return Err(Failure::usage(match target {
+            Target::Object => {
+                "nothing to set: give a limit (--bps-wr 10M, -o bps_max=20M) or --group NAME"
+            }
+            Target::Group(_) => "nothing to set: give a limit (--bps 200M, -o bps_max=400M)",
+        }));
     }
-    let current = own_set(&cli.path)?;
+    let current = own_set(&cli.path, &target)?;
     let changes = given
         .into_iter()
         .map(|(limit, (_, value))| Change {
@@ -195,8 +261,8 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
             value: Some(value),
         })
         .collect();
-    let order = plan(&current, changes)?;
-    perform(&cli.path, &order)?;
+    let order = plan(&current, changes, &target)?;
+    perform(&cli.path, &order, &target)?;
     if let Some(group) = group {
         set_attr(&cli.path, GROUP_ATTR, group.as_bytes())
             .map_err(|e| io_failure(&cli.path, GROUP_ATTR, &e))?;
@@ -206,11 +272,12 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
 
 pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
     let cli: UnsetCli = parse(args)?;
+    let target = Target::new(cli.group_limits.as_ref())?;
     let mut group = false;
     // (canonical, as given); aliases are accepted.
     let mut limits: Vec<(String, &String)> = Vec::new();
     for name in &cli.names {
-        if name == GROUP_NAME {
+        if name == GROUP_NAME && matches!(target, Target::Object) {
             group = true;
             continue;
         }
@@ -222,13 +289,13 @@ pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
         }
         limits.push((limit, name));
     }
-    let current = own_set(&cli.path)?;
+    let current = own_set(&cli.path, &target)?;
     for (limit, name) in &limits {
         if !current.values.contains_key(limit) {
-            return Err(Failure::usage(format!(
-                "{name}: not set on {}",
-                cli.path.display()
-            )));
+            return Err(Failure::usage(match &target {
+                Target::Object => format!("{name}: not set on {}", cli.path.display()),
+                Target::Group(g) => format!("{name}: not set for group {g} on the mount root"),
+            }));
         }
     }
     if group && get_attr(&cli.path, GROUP_ATTR).is_err() {
@@ -241,8 +308,8 @@ pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
         .into_iter()
         .map(|(limit, _)| Change { limit, value: None })
         .collect();
-    let order = plan(&current, changes)?;
-    perform(&cli.path, &order)?;
+    let order = plan(&current, changes, &target)?;
+    perform(&cli.path, &order, &target)?;
     if group {
         remove_attr(&cli.path, GROUP_ATTR).map_err(|e| io_failure(&cli.path, GROUP_ATTR, &e))?;
     }
@@ -260,19 +327,54 @@ fn join_limits(limits: &[(String, String)]) -> String {
         .join(" ")
 }
 
-pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
-    let cli: GetCli = parse(args)?;
-    let path = &cli.path;
-    let own = own_set(path)?;
-    let own_limits: Vec<(String, String)> = limit_names()
+/// A stored set's limits in the order of `limit_names`, each as the mount
+/// reads it back.
+fn listed(own: &OwnSet) -> Vec<(String, String)> {
+    limit_names()
         .into_iter()
         .filter_map(|n| {
             let v = own.values.get(&n)?;
-            // Stored text is shown as the mount reads it back.
             let v = xattr::canonical(&n, v.as_bytes()).unwrap_or_else(|_| v.clone());
             Some((n, v))
         })
-        .collect();
+        .collect()
+}
+
+/// `get --group-limits NAME MOUNTPOINT`: the group's set on the root, and
+/// the limits in force from its `stats` with where they come from.
+fn get_group(path: &Path, target: &Target, group: &str) -> Result<(), Failure> {
+    let own = own_set(path, target)?;
+    let attr = format!("{}stats", xattr::group_prefix(group));
+    let stats = get_text(path, &attr).map_err(|e| io_failure(path, &attr, &e))?;
+    let row = parse_group(group, &stats);
+    let origin = match row.source.as_str() {
+        "root" => format!("root: {}* on the mount point", xattr::group_prefix(group)),
+        "mount" => "mount: --group at mount time".to_string(),
+        // `none`: no limits set either way.
+        _ => "none".to_string(),
+    };
+    println!("own limits:      {}", join_limits(&listed(&own)));
+    if row.limits.is_empty() {
+        println!("limits in force: none");
+    } else {
+        println!(
+            "limits in force: {} (from {origin})",
+            join_limits(&row.limits)
+        );
+    }
+    println!("members:         {}", row.members);
+    Ok(())
+}
+
+pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
+    let cli: GetCli = parse(args)?;
+    let path = &cli.path;
+    let target = Target::new(cli.group_limits.as_ref())?;
+    if let Target::Group(g) = &target {
+        return get_group(path, &target, g);
+    }
+    let own = own_set(path, &target)?;
+    let own_limits = listed(&own);
     let own_group = get_text(path, GROUP_ATTR).ok();
     let effective =
         get_text(path, xattr::EFFECTIVE).map_err(|e| io_failure(path, "effective", &e))?;
