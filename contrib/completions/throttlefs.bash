@@ -105,12 +105,16 @@ _throttlefs() {
             return 0
             ;;
         throttlefs__subcmd__get)
-            opts="-h --help"
+            opts="-h --group-limits --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --group-limits)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -119,7 +123,7 @@ _throttlefs() {
             return 0
             ;;
         throttlefs__subcmd__set)
-            opts="-o -h --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --group --help"
+            opts="-o -h --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --group --group-limits --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -154,6 +158,10 @@ _throttlefs() {
                     return 0
                     ;;
                 --group)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --group-limits)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -201,12 +209,16 @@ _throttlefs() {
             return 0
             ;;
         throttlefs__subcmd__unset)
-            opts="-h --help"
+            opts="-h --group-limits --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --group-limits)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
