@@ -40,6 +40,11 @@ use inode::{InodeRef, InodeTable, LINGERING_PRUNE_MIN, SYNTHETIC_INO_BIT};
 
 /// The largest value the kernel passes for an xattr (XATTR_SIZE_MAX).
 const XATTR_VALUE_MAX_BYTES: usize = 64 * 1024;
+/// The share of `user.throttle.active` its `groups=` line may take (about
+/// 250 groups of the longest names), and room kept for its
+/// ` groups_unlisted=N` field.
+const GROUPS_LINE_MAX_BYTES: usize = 16 * 1024;
+const GROUPS_UNLISTED_FIELD_BYTES: usize = 40;
 
 /// Attributes and entries may be cached by the kernel this long: the source
 /// is ours while mounted, so only changes made behind the mount's back are
@@ -753,7 +758,28 @@ impl ThrottleFs {
             })
             .collect();
         let path_of = |ino: u64| self.display_path(held[&ino].fd);
-        Some(xattr::render_active(files, path_of, XATTR_VALUE_MAX_BYTES).into_bytes())
+        // One more line, `groups=A,B,...`: every group named by `--group` or
+        // by the root's attributes, so that `stat` and `top` show idle groups
+        // too. At most GROUPS_LINE_MAX_BYTES of the value; the rest counted.
+        let known = self.known_groups();
+        let mut line = String::new();
+        let mut listed = 0;
+        for g in &known {
+            if line.len() + g.len() + GROUPS_UNLISTED_FIELD_BYTES > GROUPS_LINE_MAX_BYTES {
+                break;
+            }
+            line.push_str(if listed == 0 { "groups=" } else { "," });
+            line.push_str(g);
+            listed += 1;
+        }
+        if listed < known.len() {
+            line.push_str(&format!(" groups_unlisted={}", known.len() - listed));
+        }
+        if !line.is_empty() {
+            line.push('\n');
+        }
+        let max = XATTR_VALUE_MAX_BYTES - line.len();
+        Some((xattr::render_active(files, path_of, max) + &line).into_bytes())
     }
 
     fn xattr_reply(reply: ReplyXattr, size: u32, r: io::Result<Vec<u8>>) {

@@ -377,6 +377,56 @@ fn group_limit_set_by_ctl_holds_for_a_member() {
     assert!(got.ends_with("members:         1\n"), "{got}");
 }
 
+#[test]
+fn stat_lists_every_group_the_mount_knows_even_idle() {
+    // More groups with names of the longest kind than the `groups=` line of
+    // `user.throttle.active` holds.
+    const MANY_GROUPS: usize = 300;
+    let long_name = |i: usize| format!("{i:03}{}", "x".repeat(61));
+    // Given at mount time: the source's root holds too few attributes.
+    let specs: Vec<String> = (0..MANY_GROUPS)
+        .map(|i| format!("{}:iops=10", long_name(i)))
+        .collect();
+    let mut args = vec!["--group", "g1:bps=1M"];
+    for spec in &specs {
+        args.extend(["--group", spec.as_str()]);
+    }
+    let many = Mount::start_with(&args);
+    let active = common::attrs::getxattr(many.mnt(), "user.throttle.active").unwrap();
+    let active = String::from_utf8(active).unwrap();
+    assert!(active.len() <= 64 * 1024);
+    let line = active.lines().find(|l| l.starts_with("groups=")).unwrap();
+    let (list, unlisted) = line.split_once(" groups_unlisted=").expect(line);
+    let listed: Vec<&str> = list["groups=".len()..].split(',').collect();
+    // Sorted by name: the digits come before the mount's g1.
+    assert_eq!(listed[0], long_name(0));
+    assert_eq!(
+        listed.len() + unlisted.parse::<usize>().unwrap(),
+        MANY_GROUPS + 1
+    );
+    drop(many);
+
+    let m = Mount::with_setup(
+        |src| drop(make_file(src, "a.img", 4096, 1)),
+        &["--group", "g1:bps=1M"],
+    );
+    let mnt = s(m.mnt());
+    ctl_ok(&["set", mnt, "--group-limits", "g2", "--iops", "10"]);
+    // A member's group named by its attribute only, while it is idle, is
+    // not known to the mount.
+    ctl_ok(&["set", s(&m.path("a.img")), "--group", "g3"]);
+    let json = ctl_ok(&["stat", "--json", mnt]);
+    assert_eq!(jq(&json, ".files | length"), "0", "{json}");
+    assert_eq!(
+        jq(
+            &json,
+            ".groups | map([.name,.source,.members,.read_bytes_per_sec] | map(tostring) | join(\":\")) | join(\" \")"
+        ),
+        "g1:mount:0:0 g2:root:0:0"
+    );
+    assert_eq!(jq(&json, ".mounts[0].groups_unlisted"), "0");
+}
+
 /// Writes WRITE_REQUESTS requests and reads READ_REQUESTS through `path`
 /// with O_DIRECT (one FUSE request each) and returns the file, still open.
 fn known_traffic(path: &Path) -> File {

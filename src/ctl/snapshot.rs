@@ -37,7 +37,8 @@ pub struct GroupRow {
     pub limits: Vec<(String, String)>,
     pub members: u64,
     /// Totals released through the group (wait_ns and the rates are not
-    /// kept per group: the rates are the sum of its listed members').
+    /// kept per group: the rates are the sum of its listed members', 0 for
+    /// a group none of whose members is listed).
     pub activity: Activity,
 }
 
@@ -49,6 +50,8 @@ pub struct MountSnapshot {
     /// Files open or active that did not fit in `user.throttle.active`.
     pub files_unlisted: u64,
     pub groups: Vec<GroupRow>,
+    /// Groups the mount knows that did not fit in its `groups=` line.
+    pub groups_unlisted: u64,
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -122,6 +125,29 @@ pub fn parse_active(mount: &str, text: &str) -> (Vec<FileRow>, u64) {
     (files, unlisted)
 }
 
+/// The `groups=A,B,... [groups_unlisted=K]` line of `user.throttle.active`:
+/// the groups the mount knows (from `--group` and the root's attributes).
+pub fn parse_known_groups(text: &str) -> (Vec<String>, u64) {
+    let Some(line) = text.lines().find(|l| l.starts_with("groups=")) else {
+        return (Vec::new(), 0);
+    };
+    let (mut groups, mut unlisted) = (Vec::new(), 0);
+    for field in line.split(' ') {
+        match field.split_once('=') {
+            Some(("groups", list)) => {
+                groups = list
+                    .split(',')
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
+            Some(("groups_unlisted", n)) => unlisted = n.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    (groups, unlisted)
+}
+
 /// Parses `user.throttle.effective` into `row`.
 fn parse_effective(row: &mut FileRow, text: &str) {
     for line in text.lines() {
@@ -177,7 +203,8 @@ pub fn of_file(path: &Path) -> Result<FileRow, Failure> {
 }
 
 /// A mount root: one read of `user.throttle.active`, then one of each
-/// group's stats for the groups of the files listed.
+/// group's stats: every group the mount knows, and those of the files
+/// listed (a group named only by members' attributes).
 pub fn of_mount(root: &Path) -> Result<MountSnapshot, Failure> {
     let text = get_text(root, xattr::ACTIVE).map_err(|e| match e.raw_os_error() {
         Some(libc::ENODATA) => Failure::failed(format!(
@@ -188,7 +215,11 @@ pub fn of_mount(root: &Path) -> Result<MountSnapshot, Failure> {
     })?;
     let mount = absolute(root).display().to_string();
     let (files, files_unlisted) = parse_active(&mount, &text);
-    let names: BTreeSet<&String> = files.iter().filter_map(|f| f.group.as_ref()).collect();
+    let (known, groups_unlisted) = parse_known_groups(&text);
+    let names: BTreeSet<&String> = known
+        .iter()
+        .chain(files.iter().filter_map(|f| f.group.as_ref()))
+        .collect();
     let mut groups = Vec::new();
     for name in names {
         let attr = format!("{}stats", xattr::group_prefix(name));
@@ -208,6 +239,7 @@ pub fn of_mount(root: &Path) -> Result<MountSnapshot, Failure> {
         files,
         files_unlisted,
         groups,
+        groups_unlisted,
     })
 }
 
@@ -288,5 +320,17 @@ mod tests {
         assert!(unlisted > 0);
         assert_eq!(rows[0].path, "/file-1999");
         assert!(text.starts_with("files=2000\n"));
+    }
+
+    #[test]
+    fn known_groups_line() {
+        let text = "files=0\ngroups=a,b.c,d-1 groups_unlisted=3\n";
+        assert_eq!(
+            parse_known_groups(text),
+            (vec!["a".into(), "b.c".into(), "d-1".into()], 3)
+        );
+        assert_eq!(parse_known_groups("files=0\n"), (Vec::new(), 0));
+        // Not taken for a file's line.
+        assert_eq!(parse_active("", text).0, Vec::new());
     }
 }

@@ -77,6 +77,13 @@ pub fn main(args: Vec<OsString>) -> Result<(), Failure> {
                 m.mount, m.files_unlisted
             );
         }
+        for m in report.mounts.iter().filter(|m| m.groups_unlisted > 0) {
+            let _ = writeln!(
+                out,
+                "{}: {} more groups, not listed",
+                m.mount, m.groups_unlisted
+            );
+        }
         out
     };
     print!("{text}");
@@ -296,7 +303,7 @@ fn json_file(f: &FileRow, mount: Option<&str>) -> String {
     )
 }
 
-/// `{"mounts":[{"mount","files_unlisted"}],"files":[...],"groups":[...]}`;
+/// `{"mounts":[{"mount","files_unlisted","groups_unlisted"}],"files":[...],"groups":[...]}`;
 /// the field names are those of `user.throttle.stats`. Written by hand: a
 /// flat list of strings and integers does not need serde.
 pub fn json(report: &Report) -> String {
@@ -305,10 +312,11 @@ pub fn json(report: &Report) -> String {
     let mut groups = Vec::new();
     for m in &report.mounts {
         mounts.push(format!(
-            "{{\"mount\":{},\"files\":{},\"files_unlisted\":{}}}",
+            "{{\"mount\":{},\"files\":{},\"files_unlisted\":{},\"groups_unlisted\":{}}}",
             json_string(&m.mount),
             m.files.len(),
-            m.files_unlisted
+            m.files_unlisted,
+            m.groups_unlisted
         ));
         files.extend(m.files.iter().map(|f| json_file(f, Some(&m.mount))));
         for g in &m.groups {
