@@ -37,7 +37,7 @@ complete -c throttlefs -n "__fish_throttlefs_needs_command" -s f -l foreground -
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s v -d 'more log output; repeat for even more'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s h -l help -d 'Print help'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s V -l version -d 'Print version'
-complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "stat" -d 'One snapshot of what the throttle does: for a mount point, its files that are open or active and their groups; for a file, that file'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "stat" -d 'One snapshot of what the throttle does: for a mount point, its files that are open or active and every group it knows; for a file, that file'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "top" -d 'Live view of a throttlefs mount: its open or active files and groups, with rates over the last second. Keys: a r w i t p sort, q quits.'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "set" -d 'Set limits or the throttle group of a file or directory on a throttlefs mount (its user.throttle.* attributes); live, persisted, validated as a whole'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "get" -d 'Show a file\'s or directory\'s own limits and group, and those in force; or a group\'s limits and where they come from'

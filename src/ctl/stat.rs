@@ -14,7 +14,7 @@ use crate::stats::Activity;
 #[derive(Parser, Debug)]
 #[command(
     about = "One snapshot of what the throttle does: for a mount point, its files that are \
-             open or active and their groups; for a file, that file"
+             open or active and every group it knows; for a file, that file"
 )]
 struct StatCli {
     /// JSON instead of a table
