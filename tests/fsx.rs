@@ -22,7 +22,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use common::attrs::stats;
-use common::{KIB, Mount, pattern};
+use common::{KIB, Mount, env_number, pattern};
 
 /// The file never grows beyond this (fsx's default maximum).
 const FILE_MAX_BYTES: usize = 256 * KIB as usize;
@@ -694,19 +694,11 @@ fn fsx_iops_limit_blocking_workers() {
 #[test]
 #[ignore]
 fn fsx_long() {
-    let parse = |v: String| {
-        let v = v.trim().to_string();
-        match v.strip_prefix("0x") {
-            Some(hex) => u64::from_str_radix(hex, 16),
-            None => v.parse(),
-        }
-        .unwrap_or_else(|e| panic!("bad number {v:?}: {e}"))
+    let seeds: Vec<u64> = match env_number("FSX_SEED") {
+        Some(seed) => vec![seed],
+        None => (1..=16).collect(),
     };
-    let seeds: Vec<u64> = match std::env::var("FSX_SEED") {
-        Ok(v) => vec![parse(v)],
-        Err(_) => (1..=16).collect(),
-    };
-    let ops = std::env::var("FSX_OPS").map_or(5000, |v| parse(v) as usize);
+    let ops = env_number("FSX_OPS").map_or(5000, |n| n as usize);
     let configs: Vec<&Config> = match std::env::var("FSX_CONFIG") {
         Ok(name) => vec![config(&name)],
         Err(_) => CONFIGS.iter().collect(),

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::attrs::{lgetxattr, llist_attrs, setxattr};
-use common::{KIB, Mount, pattern};
+use common::{KIB, Mount, env_number, pattern};
 
 /// Threads working on the tree at once.
 const THREADS: u64 = 4;
@@ -420,20 +420,12 @@ fn tree_stress_one_thread() {
 #[test]
 #[ignore]
 fn tree_stress_long() {
-    let parse = |v: String| {
-        let v = v.trim().to_string();
-        match v.strip_prefix("0x") {
-            Some(hex) => u64::from_str_radix(hex, 16),
-            None => v.parse(),
-        }
-        .unwrap_or_else(|e| panic!("bad number {v:?}: {e}"))
+    let seeds: Vec<u64> = match env_number("TREE_SEED") {
+        Some(seed) => vec![seed],
+        None => (1..=32).collect(),
     };
-    let seeds: Vec<u64> = match std::env::var("TREE_SEED") {
-        Ok(v) => vec![parse(v)],
-        Err(_) => (1..=32).collect(),
-    };
-    let ops = std::env::var("TREE_OPS").map_or(5000, |v| parse(v) as usize);
-    let threads = std::env::var("TREE_THREADS").map_or(THREADS, parse);
+    let ops = env_number("TREE_OPS").map_or(5000, |n| n as usize);
+    let threads = env_number("TREE_THREADS").unwrap_or(THREADS);
     let m = Mount::start_with(&[]);
     for seed in seeds {
         eprintln!("tree stress: seed {seed:#x}, {ops} operations per thread");

@@ -361,6 +361,20 @@ pub fn mount_points() -> Vec<PathBuf> {
         .collect()
 }
 
+/// The number in environment variable `name` (decimal, or hex after `0x`),
+/// `None` when it is unset; panics naming the variable on a bad value, so a
+/// typo in a long run's settings is not silently replaced by the default.
+pub fn env_number(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    }
+    .map(Some)
+    .unwrap_or_else(|e| panic!("bad number in {name}: {v:?}: {e}"))
+}
+
 /// Whether `path` is a mount point right now.
 pub fn is_mounted(path: &Path) -> bool {
     mount_points().iter().any(|p| p == path)
