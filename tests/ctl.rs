@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::aio::AlignedBuf;
 use common::attrs::{list_attrs, sys_get_attr};
-use common::{KIB, MIB, Mount, binary, make_file, open_direct};
+use common::{KIB, MIB, Mount, binary, ctl, ctl_ok, make_file, open_direct};
 
 /// Requests of the known traffic, and their size (O_DIRECT: one request each).
 const WRITE_REQUESTS: u64 = 5;
@@ -32,26 +32,6 @@ const SCALE_FILES: usize = 1000;
 /// A refresh of `top` with SCALE_FILES open files must stay well under its
 /// one-second period (loose: the machine is shared).
 const SCALE_REFRESH_MAX: Duration = Duration::from_millis(500);
-
-fn ctl(args: &[&str]) -> Output {
-    Command::new("timeout")
-        .args(["-k", "5", "60", binary()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run throttlefs")
-}
-
-fn ctl_ok(args: &[&str]) -> String {
-    let out = ctl(args);
-    assert!(
-        out.status.success(),
-        "throttlefs {args:?}: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

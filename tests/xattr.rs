@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use common::attrs::{cpath, lgetxattr, llist_attrs, sys_remove_attr, sys_set_attr};
 use common::{
-    KIB, MIB, Mount, as_nobody, assert_elapsed_between, chmod, describe, loose_upper, make_file,
-    open_direct, pattern, run_unchecked,
+    KIB, MIB, Mount, as_nobody, assert_elapsed_between, chmod, describe, getfattr, loose_upper,
+    make_file, open_direct, pattern, run_unchecked,
 };
 
 const BPS_RD: &str = "user.throttle.bps_rd";
@@ -106,24 +106,6 @@ fn remove_attr_fails(path: &Path, name: &str, msg: &str) {
     );
 }
 
-/// `getfattr -n NAME --only-values PATH`; `None` when it fails (no such
-/// attribute).
-fn get_attr(path: &Path, name: &str) -> Option<String> {
-    let out = run_unchecked(
-        "getfattr",
-        &[
-            OsStr::new("--absolute-names"),
-            OsStr::new("-n"),
-            OsStr::new(name),
-            OsStr::new("--only-values"),
-            path.as_os_str(),
-        ],
-    );
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The value of `name` stored on a source object, as text; `None` if it
 /// has no such attribute.
 fn src_attr(path: &Path, name: &str) -> Option<String> {
@@ -137,7 +119,7 @@ fn src_attr(path: &Path, name: &str) -> Option<String> {
 /// `user.throttle.effective` of `path`, parsed: the `source=` value and the
 /// limits listed.
 fn effective(path: &Path) -> (String, BTreeMap<String, String>) {
-    let text = get_attr(path, EFFECTIVE)
+    let text = getfattr(path, EFFECTIVE)
         .unwrap_or_else(|| panic!("cannot read {EFFECTIVE} of {}", path.display()));
     parse_effective(&text)
 }
@@ -266,11 +248,11 @@ fn set_get_list_remove_and_remount() {
     let f = m.path("disk.img");
 
     assert_effective(&f, "mount", &[("iops_rd", "1000")]);
-    assert_eq!(get_attr(&f, BPS_RD), None, "no own limit yet");
+    assert_eq!(getfattr(&f, BPS_RD), None, "no own limit yet");
 
     // Set: canonical value through the mount and on the source.
     set_attr(&f, BPS_RD, "1M");
-    assert_eq!(get_attr(&f, BPS_RD).as_deref(), Some("1048576"));
+    assert_eq!(getfattr(&f, BPS_RD).as_deref(), Some("1048576"));
     assert_eq!(
         src_attr(&m.src_path("disk.img"), BPS_RD).as_deref(),
         Some("1048576"),
@@ -291,7 +273,7 @@ fn set_get_list_remove_and_remount() {
         ("user.throttle.bps_wr_max_length", "0.5"),
         ("user.throttle.iops_size", "4096"),
     ] {
-        assert_eq!(get_attr(&meta, name).as_deref(), Some(value), "{name}");
+        assert_eq!(getfattr(&meta, name).as_deref(), Some(value), "{name}");
         assert_eq!(
             src_attr(&m.src_path("meta"), name).as_deref(),
             Some(value),
@@ -300,12 +282,12 @@ fn set_get_list_remove_and_remount() {
     }
     set_attr(&meta, "user.throttle.bps_wr_max_length", "2s");
     assert_eq!(
-        get_attr(&meta, "user.throttle.bps_wr_max_length").as_deref(),
+        getfattr(&meta, "user.throttle.bps_wr_max_length").as_deref(),
         Some("2")
     );
     set_attr(&meta, "user.throttle.bps_wr_max_length", "3");
     assert_eq!(
-        get_attr(&meta, "user.throttle.bps_wr_max_length").as_deref(),
+        getfattr(&meta, "user.throttle.bps_wr_max_length").as_deref(),
         Some("3")
     );
     assert_effective(
@@ -321,7 +303,7 @@ fn set_get_list_remove_and_remount() {
 
     // Other attributes pass through untouched and change nothing.
     set_attr(&f, "user.foo", "bar");
-    assert_eq!(get_attr(&f, "user.foo").as_deref(), Some("bar"));
+    assert_eq!(getfattr(&f, "user.foo").as_deref(), Some("bar"));
     assert_eq!(
         src_attr(&m.src_path("disk.img"), "user.foo").as_deref(),
         Some("bar")
@@ -340,7 +322,7 @@ fn set_get_list_remove_and_remount() {
     // Remove: back to the mount's limits, gone from the source, and the
     // file reads fast again (at 1 MiB/s 2 MiB takes at least 1.78 s).
     remove_attr(&f, BPS_RD);
-    assert_eq!(get_attr(&f, BPS_RD), None);
+    assert_eq!(getfattr(&f, BPS_RD), None);
     assert_eq!(src_attr(&m.src_path("disk.img"), BPS_RD), None);
     assert!(!llist_attrs(&f).iter().any(|n| n == BPS_RD));
     assert_effective(&f, "mount", &[("iops_rd", "1000")]);
@@ -374,11 +356,11 @@ fn set_get_list_remove_and_remount() {
     let m2 = Mount::with_source(m.src(), &args);
     let f2 = m2.path("disk.img");
     assert_effective(&f2, "file", &[("bps_rd", "1048576")]);
-    assert_eq!(get_attr(&f2, BPS_RD).as_deref(), Some("1048576"));
-    assert_eq!(get_attr(&f2, "user.foo").as_deref(), Some("bar"));
+    assert_eq!(getfattr(&f2, BPS_RD).as_deref(), Some("1048576"));
+    assert_eq!(getfattr(&f2, "user.foo").as_deref(), Some("bar"));
     let direct = m2.path("direct");
     assert_eq!(
-        get_attr(&direct, "user.throttle.bps_wr").as_deref(),
+        getfattr(&direct, "user.throttle.bps_wr").as_deref(),
         Some("2097152"),
         "a limit written on the source is read back in canonical form"
     );
@@ -572,7 +554,7 @@ fn directory_limits_are_inherited_as_whole_sets() {
         Some("1048576"),
         "the directory's limit is not stored on the source directory"
     );
-    assert_eq!(get_attr(&dir, BPS_RD).as_deref(), Some("1048576"));
+    assert_eq!(getfattr(&dir, BPS_RD).as_deref(), Some("1048576"));
     let dir_set = [("bps_rd", "1048576")];
     assert_effective(&dir, "directory:/dir", &dir_set);
     assert_effective(&a, "directory:/dir", &dir_set);
@@ -610,7 +592,7 @@ fn directory_limits_are_inherited_as_whole_sets() {
 
     // An own bps=0 opts out of the directory's limits.
     set_attr(&b, "user.throttle.bps", "0");
-    assert_eq!(get_attr(&b, "user.throttle.bps").as_deref(), Some("0"));
+    assert_eq!(getfattr(&b, "user.throttle.bps").as_deref(), Some("0"));
     assert_effective(&b, "file", &[]);
     assert_read_fast(
         "2 MiB read of a file with its own bps=0 under a bps_rd directory",
@@ -653,7 +635,7 @@ fn invalid_values_and_conflicts_are_refused() {
     set_attr_fails(&f, "user.throttle.bps_rd_max_length", "soon", inval);
 
     // Nothing changed: value, source, effective set and the rate.
-    assert_eq!(get_attr(&f, BPS_RD).as_deref(), Some("1048576"));
+    assert_eq!(getfattr(&f, BPS_RD).as_deref(), Some("1048576"));
     let src_names: Vec<String> = llist_attrs(&m.src_path("disk.img"))
         .into_iter()
         .filter(|n| n.starts_with("user.throttle."))
@@ -1050,7 +1032,7 @@ fn rename_and_hard_link_keep_own_limits_and_bucket() {
     assert!(!a.exists());
     for p in [&b, &c] {
         assert_effective(p, "file", &[("bps_rd", "1048576")]);
-        assert_eq!(get_attr(p, BPS_RD).as_deref(), Some("1048576"));
+        assert_eq!(getfattr(p, BPS_RD).as_deref(), Some("1048576"));
     }
 
     // The rest through the link: 2 MiB in all since `start`. Had the

@@ -416,6 +416,42 @@ pub fn describe<S: AsRef<OsStr>>(cmd: &str, args: &[S], out: &Output) -> String 
     )
 }
 
+/// Runs `CMD ARGS` like `run` and returns its stdout as text.
+pub fn stdout_ok<S: AsRef<OsStr>>(cmd: &str, args: &[S]) -> String {
+    String::from_utf8(run(cmd, args).stdout)
+        .unwrap_or_else(|e| panic!("{cmd}: stdout is not UTF-8: {e}"))
+}
+
+/// Runs `throttlefs ARGS` (the commands: set, get, unset, stat, top,
+/// completions) and returns its output, whatever the status.
+pub fn ctl(args: &[&str]) -> Output {
+    run_unchecked(binary(), args)
+}
+
+/// `ctl(args)`, asserting success; its stdout as text.
+pub fn ctl_ok(args: &[&str]) -> String {
+    stdout_ok(binary(), args)
+}
+
+/// `getfattr -n NAME --only-values PATH`, the program (for in-process
+/// calls see `attrs`): the value as text; `None` when it fails (no such
+/// attribute).
+pub fn getfattr(path: &Path, name: &str) -> Option<String> {
+    let out = run_unchecked(
+        "getfattr",
+        &[
+            OsStr::new("--absolute-names"),
+            OsStr::new("-n"),
+            OsStr::new(name),
+            OsStr::new("--only-values"),
+            path.as_os_str(),
+        ],
+    );
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn assert_success<S: AsRef<OsStr>>(cmd: &str, args: &[S], out: &Output) {
     assert!(
         out.status.success(),
