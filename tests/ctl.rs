@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -226,20 +226,21 @@ fn known_traffic(path: &Path) -> File {
     f
 }
 
-fn jq(json: &str, filter: &str) -> String {
-    let mut child = Command::new("jq")
-        .args(["-r", filter])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("jq");
+/// Runs `cmd` with `input` on its stdin and its stdout captured; `Err`
+/// only when it cannot be started (a tool that is not installed).
+fn output_with_input(cmd: &mut Command, input: &str) -> std::io::Result<Output> {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
     child
         .stdin
         .take()
         .unwrap()
-        .write_all(json.as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    Ok(child.wait_with_output().unwrap())
+}
+
+fn jq(json: &str, filter: &str) -> String {
+    let out = output_with_input(Command::new("jq").args(["-r", filter]), json).expect("jq");
     assert!(out.status.success(), "jq {filter} on {json}");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
@@ -390,20 +391,12 @@ fn stat_prometheus_counts_known_traffic_exactly() {
         "{text}"
     );
     // promtool, where installed, has the last word on the format.
-    if let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+    if let Ok(out) = output_with_input(
+        Command::new("promtool")
+            .args(["check", "metrics"])
+            .stderr(Stdio::piped()),
+        &text,
+    ) {
         assert!(
             out.status.success(),
             "promtool: {}{}",
