@@ -22,7 +22,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use common::attrs::stats;
-use common::{KIB, Mount, env_number, pattern};
+use common::{KIB, Mount, Rng, env_number, pattern};
 
 /// The file never grows beyond this (fsx's default maximum).
 const FILE_MAX_BYTES: usize = 256 * KIB as usize;
@@ -38,29 +38,6 @@ const OTHER_BYTES: usize = 128 * KIB as usize;
 const LOG_OPS: usize = 20;
 /// The whole file is read back and compared every this many steps.
 const FULL_CHECK_EVERY_OPS: usize = 64;
-
-/// splitmix64: the test's own reproducible randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-}
 
 /// A zeroed buffer aligned to DIRECT_ALIGN_BYTES, for O_DIRECT.
 struct AlignedBuf {

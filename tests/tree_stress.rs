@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::attrs::{lgetxattr, llist_attrs, setxattr};
-use common::{KIB, Mount, env_number, pattern};
+use common::{KIB, Mount, Rng, env_number, pattern};
 
 /// Threads working on the tree at once.
 const THREADS: u64 = 4;
@@ -41,27 +41,6 @@ const TARGETS: &[&str] = &["a", "../b", "d0/c", "nowhere", "d2", "."];
 const WRITE_MAX_BYTES: usize = 8 * KIB as usize;
 /// Writes land below this offset.
 const OFFSET_MAX_BYTES: usize = 16 * KIB as usize;
-
-/// splitmix64: the test's own reproducible randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
 
 /// A random path (relative to the run's top directory), mostly of a
 /// directory name when `dir_name`.
