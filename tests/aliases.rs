@@ -18,7 +18,7 @@ use std::time::Instant;
 use common::attrs::lgetxattr;
 use common::{
     KIB, MIB, Mount, assert_elapsed_between, ctl, ctl_ok, getfattr, loose_upper, make_file,
-    open_direct, run, run_unchecked,
+    open_direct, run, run_unchecked, setfattr,
 };
 
 /// Request size of the timed read.
@@ -89,7 +89,7 @@ fn attributes_set_by_alias_are_stored_and_listed_canonically() {
         &[],
     );
     let path = m.path("vm.img");
-    let set = |name: &str, value: &str| set_on(&path, name, value);
+    let set = |name: &str, value: &str| setfattr(&path, name, value);
     set("user.throttle.write_bytes_sec", "10M");
     set("user.throttle.throttling.bps-write-max", "20M");
     set("user.throttle.write_bytes_sec_max_length", "500ms");
@@ -151,8 +151,8 @@ fn attributes_set_by_alias_are_stored_and_listed_canonically() {
     assert!(dump(&path).is_empty(), "{:?}", dump(&path));
     assert_eq!(effective(&path), "source=mount\n");
     // Group limits on the root take aliases too.
-    set_on(m.mnt(), "user.throttle.group.t1.total_iops_sec", "400");
-    set_on(
+    setfattr(m.mnt(), "user.throttle.group.t1.total_iops_sec", "400");
+    setfattr(
         m.mnt(),
         "user.throttle.group.t1.throttling.iops-total-max",
         "800",
@@ -168,19 +168,6 @@ fn attributes_set_by_alias_are_stored_and_listed_canonically() {
         Some("800")
     );
     assert_eq!(root.len(), 2, "{root:?}");
-}
-
-fn set_on(path: &Path, name: &str, value: &str) {
-    run(
-        "setfattr",
-        &[
-            OsStr::new("-n"),
-            OsStr::new(name),
-            OsStr::new("-v"),
-            OsStr::new(value),
-            path.as_os_str(),
-        ],
-    );
 }
 
 #[test]

@@ -481,6 +481,32 @@ pub fn getfattr(path: &Path, name: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `setfattr -n NAME -v VALUE PATH`, the program; its output, whatever
+/// the status.
+pub fn setfattr_out(path: &Path, name: &str, value: &str) -> Output {
+    run_unchecked(
+        "setfattr",
+        &[
+            OsStr::new("-n"),
+            OsStr::new(name),
+            OsStr::new("-v"),
+            OsStr::new(value),
+            path.as_os_str(),
+        ],
+    )
+}
+
+/// `setfattr -n NAME -v VALUE PATH`, asserting success.
+pub fn setfattr(path: &Path, name: &str, value: &str) {
+    let out = setfattr_out(path, name, value);
+    assert!(
+        out.status.success(),
+        "setting {name}={value} on {} failed: {}",
+        path.display(),
+        describe("setfattr", &[name, value], &out)
+    );
+}
+
 fn assert_success<S: AsRef<OsStr>>(cmd: &str, args: &[S], out: &Output) {
     assert!(
         out.status.success(),
