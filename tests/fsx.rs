@@ -22,7 +22,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use common::attrs::stats;
-use common::{KIB, Mount, Rng, env_number, pattern};
+use common::{KIB, Mount, Rng, env_number, env_seeds, pattern};
 
 /// The file never grows beyond this (fsx's default maximum).
 const FILE_MAX_BYTES: usize = 256 * KIB as usize;
@@ -671,10 +671,7 @@ fn fsx_iops_limit_blocking_workers() {
 #[test]
 #[ignore]
 fn fsx_long() {
-    let seeds: Vec<u64> = match env_number("FSX_SEED") {
-        Some(seed) => vec![seed],
-        None => (1..=16).collect(),
-    };
+    let seeds = env_seeds("FSX_SEED", 1..=16);
     let ops = env_number("FSX_OPS").map_or(5000, |n| n as usize);
     let configs: Vec<&Config> = match std::env::var("FSX_CONFIG") {
         Ok(name) => vec![config(&name)],

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::attrs::{lgetxattr, llist_attrs, setxattr};
-use common::{KIB, Mount, Rng, env_number, pattern};
+use common::{KIB, Mount, Rng, env_number, env_seeds, pattern};
 
 /// Threads working on the tree at once.
 const THREADS: u64 = 4;
@@ -399,10 +399,7 @@ fn tree_stress_one_thread() {
 #[test]
 #[ignore]
 fn tree_stress_long() {
-    let seeds: Vec<u64> = match env_number("TREE_SEED") {
-        Some(seed) => vec![seed],
-        None => (1..=32).collect(),
-    };
+    let seeds = env_seeds("TREE_SEED", 1..=32);
     let ops = env_number("TREE_OPS").map_or(5000, |n| n as usize);
     let threads = env_number("TREE_THREADS").unwrap_or(THREADS);
     let m = Mount::start_with(&[]);

@@ -404,6 +404,12 @@ pub fn env_number(name: &str) -> Option<u64> {
     .unwrap_or_else(|e| panic!("bad number in {name}: {v:?}: {e}"))
 }
 
+/// The seed in environment variable `name` (see `env_number`) alone, or
+/// the `default` seeds when it is unset: the long random runs' seeds.
+pub fn env_seeds(name: &str, default: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+    env_number(name).map_or_else(|| default.collect(), |seed| vec![seed])
+}
+
 /// Whether `path` is a mount point right now.
 pub fn is_mounted(path: &Path) -> bool {
     mount_points().iter().any(|p| p == path)
