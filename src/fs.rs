@@ -730,16 +730,12 @@ impl ThrottleFs {
             *open.entry(f.node.ino).or_default() += 1;
         }
         let nodes: Vec<(Arc<InodeRef>, u64, crate::stats::Activity)> = self
-            .inodes
-            .read()
-            .expect("inode lock")
-            .by_ino
-            .values()
-            .filter(|n| n.is_file())
+            .file_inodes()
+            .into_iter()
             .filter_map(|n| {
                 let handles = open.get(&n.ino).copied().unwrap_or(0);
                 let activity = n.shared.activity();
-                (handles > 0 || activity.is_busy()).then(|| (n.clone(), handles, activity))
+                (handles > 0 || activity.is_busy()).then_some((n, handles, activity))
             })
             .collect();
         // Held until the text is made, so each descriptor stays open.

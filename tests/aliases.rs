@@ -13,13 +13,12 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
 use common::attrs::lgetxattr;
 use common::{
-    KIB, MIB, Mount, assert_elapsed_between, describe, loose_upper, make_file, open_direct,
-    run_unchecked,
+    KIB, MIB, Mount, assert_elapsed_between, ctl, ctl_ok, getfattr, loose_upper, make_file,
+    open_direct, run, run_unchecked, setfattr,
 };
 
 /// Request size of the timed read.
@@ -28,35 +27,9 @@ const REQ_BYTES: u64 = 128 * KIB;
 const READ_LIMIT_BYTES_PER_SEC: u64 = MIB;
 const READ_LEN_BYTES: u64 = 2 * MIB;
 
-fn run_ok(cmd: &str, args: &[&OsStr]) -> Output {
-    let out = run_unchecked(cmd, args);
-    assert!(out.status.success(), "{}", describe(cmd, args, &out));
-    out
-}
-
-fn ctl(args: &[&str]) -> Output {
-    Command::new("timeout")
-        .args(["-k", "5", "60", common::binary()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run throttlefs")
-}
-
-fn ctl_ok(args: &[&str]) -> String {
-    let out = ctl(args);
-    assert!(
-        out.status.success(),
-        "throttlefs {args:?}: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// `getfattr -d -m user.throttle PATH`: the listed attributes with values.
 fn dump(path: &Path) -> BTreeMap<String, String> {
-    let out = run_ok(
+    let out = run(
         "getfattr",
         &[
             OsStr::new("--absolute-names"),
@@ -71,22 +44,6 @@ fn dump(path: &Path) -> BTreeMap<String, String> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
         .collect()
-}
-
-fn getfattr(path: &Path, name: &str) -> Option<String> {
-    let out = run_unchecked(
-        "getfattr",
-        &[
-            OsStr::new("--absolute-names"),
-            OsStr::new("-n"),
-            OsStr::new(name),
-            OsStr::new("--only-values"),
-            path.as_os_str(),
-        ],
-    );
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn effective(path: &Path) -> String {
@@ -132,7 +89,7 @@ fn attributes_set_by_alias_are_stored_and_listed_canonically() {
         &[],
     );
     let path = m.path("vm.img");
-    let set = |name: &str, value: &str| set_on(&path, name, value);
+    let set = |name: &str, value: &str| setfattr(&path, name, value);
     set("user.throttle.write_bytes_sec", "10M");
     set("user.throttle.throttling.bps-write-max", "20M");
     set("user.throttle.write_bytes_sec_max_length", "500ms");
@@ -186,7 +143,7 @@ fn attributes_set_by_alias_are_stored_and_listed_canonically() {
         "user.throttle.write_bytes_sec_max",
         "user.throttle.throttling.bps-write",
     ] {
-        run_ok(
+        run(
             "setfattr",
             &[OsStr::new("-x"), OsStr::new(name), path.as_os_str()],
         );
@@ -194,8 +151,8 @@ fn attributes_set_by_alias_are_stored_and_listed_canonically() {
     assert!(dump(&path).is_empty(), "{:?}", dump(&path));
     assert_eq!(effective(&path), "source=mount\n");
     // Group limits on the root take aliases too.
-    set_on(m.mnt(), "user.throttle.group.t1.total_iops_sec", "400");
-    set_on(
+    setfattr(m.mnt(), "user.throttle.group.t1.total_iops_sec", "400");
+    setfattr(
         m.mnt(),
         "user.throttle.group.t1.throttling.iops-total-max",
         "800",
@@ -211,19 +168,6 @@ fn attributes_set_by_alias_are_stored_and_listed_canonically() {
         Some("800")
     );
     assert_eq!(root.len(), 2, "{root:?}");
-}
-
-fn set_on(path: &Path, name: &str, value: &str) {
-    run_ok(
-        "setfattr",
-        &[
-            OsStr::new("-n"),
-            OsStr::new(name),
-            OsStr::new("-v"),
-            OsStr::new(value),
-            path.as_os_str(),
-        ],
-    );
 }
 
 #[test]

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use common::aio::AlignedBuf;
 use common::attrs::{list_attrs, sys_get_attr};
 use common::{
-    KIB, MIB, Mount, assert_elapsed_between, binary, loose_upper, make_file, open_direct,
+    KIB, MIB, Mount, assert_elapsed_between, binary, ctl, ctl_ok, loose_upper, make_file,
+    open_direct,
 };
 
 /// Requests of the known traffic, and their size (O_DIRECT: one request each).
@@ -34,26 +35,6 @@ const SCALE_FILES: usize = 1000;
 /// A refresh of `top` with SCALE_FILES open files must stay well under its
 /// one-second period (loose: the machine is shared).
 const SCALE_REFRESH_MAX: Duration = Duration::from_millis(500);
-
-fn ctl(args: &[&str]) -> Output {
-    Command::new("timeout")
-        .args(["-k", "5", "60", binary()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run throttlefs")
-}
-
-fn ctl_ok(args: &[&str]) -> String {
-    let out = ctl(args);
-    assert!(
-        out.status.success(),
-        "throttlefs {args:?}: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -444,20 +425,21 @@ fn known_traffic(path: &Path) -> File {
     f
 }
 
-fn jq(json: &str, filter: &str) -> String {
-    let mut child = Command::new("jq")
-        .args(["-r", filter])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("jq");
+/// Runs `cmd` with `input` on its stdin and its stdout captured; `Err`
+/// only when it cannot be started (a tool that is not installed).
+fn output_with_input(cmd: &mut Command, input: &str) -> std::io::Result<Output> {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
     child
         .stdin
         .take()
         .unwrap()
-        .write_all(json.as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    Ok(child.wait_with_output().unwrap())
+}
+
+fn jq(json: &str, filter: &str) -> String {
+    let out = output_with_input(Command::new("jq").args(["-r", filter]), json).expect("jq");
     assert!(out.status.success(), "jq {filter} on {json}");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
@@ -608,20 +590,12 @@ fn stat_prometheus_counts_known_traffic_exactly() {
         "{text}"
     );
     // promtool, where installed, has the last word on the format.
-    if let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+    if let Ok(out) = output_with_input(
+        Command::new("promtool")
+            .args(["check", "metrics"])
+            .stderr(Stdio::piped()),
+        &text,
+    ) {
         assert!(
             out.status.success(),
             "promtool: {}{}",

@@ -8,8 +8,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
+use common::{run_unchecked, stdout_ok};
 use throttlefs::ctl::COMMANDS;
 use throttlefs::options::limit_aliases;
 
@@ -22,26 +22,6 @@ const COMPLETIONS: [(&str, &str); 3] = [
 
 fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new("timeout")
-        .args(["-k", "5", "60", program])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"))
-}
-
-fn stdout_ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The man page as text: font escapes dropped, `\-` as `-`.
@@ -145,7 +125,7 @@ fn man_page_names_every_option_limit_alias_and_command() {
 #[test]
 fn groff_reads_the_man_page_without_warnings() {
     let page = repo_path("man/throttlefs.1");
-    let out = run("groff", &["-ww", "-z", "-man", page.to_str().unwrap()]);
+    let out = run_unchecked("groff", &["-ww", "-z", "-man", page.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "groff failed ({:?}; .ci/run installs groff-base): {}",
@@ -180,7 +160,7 @@ fn committed_completions_are_what_the_command_prints() {
     }
     // Parsed by bash itself (zsh and fish are not installed in CI).
     let bash = repo_path(COMPLETIONS[0].1);
-    let out = run("bash", &["-n", bash.to_str().unwrap()]);
+    let out = run_unchecked("bash", &["-n", bash.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "bash -n: {}",

@@ -28,6 +28,22 @@ fn ino(path: &Path) -> u64 {
         .ino()
 }
 
+/// Asserts that every entry readdir lists in each of `dirs` (under the
+/// mount) carries the inode number a lookup of it gives.
+fn assert_readdir_ino_matches_lookup(m: &Mount, dirs: &[&str]) {
+    for dir in dirs {
+        for e in fs::read_dir(m.path(dir)).unwrap() {
+            let e = e.unwrap();
+            assert_eq!(
+                std::os::unix::fs::DirEntryExt::ino(&e),
+                ino(&e.path()),
+                "readdir ino of {}",
+                e.path().display()
+            );
+        }
+    }
+}
+
 /// Make the kernel forget every unused inode, ours included.
 fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", "2").expect("write drop_caches (needs root)");
@@ -100,17 +116,7 @@ fn inode_numbers_are_the_sources_and_survive_a_forget() {
     }
     assert_eq!(before[0], before[3], "hard links share a number");
     // readdir gives the number lookup gives.
-    for dir in ["", "dir", "made-dir"] {
-        for e in fs::read_dir(m.path(dir)).unwrap() {
-            let e = e.unwrap();
-            assert_eq!(
-                std::os::unix::fs::DirEntryExt::ino(&e),
-                ino(&e.path()),
-                "readdir ino of {}",
-                e.path().display()
-            );
-        }
-    }
+    assert_readdir_ino_matches_lookup(&m, &["", "dir", "made-dir"]);
 
     // Two pairs of names are hard links: one object each.
     forget_all(&m, names.len() - 2);
@@ -240,17 +246,7 @@ fn objects_of_a_filesystem_mounted_inside_the_source_get_stable_made_up_numbers(
     assert_eq!(distinct.len(), names.len(), "{before:?}");
     // readdir agrees with lookup, also for the mount point itself (whose
     // d_ino in the source is the directory under it).
-    for dir in ["", "sub"] {
-        for e in fs::read_dir(m.path(dir)).unwrap() {
-            let e = e.unwrap();
-            assert_eq!(
-                std::os::unix::fs::DirEntryExt::ino(&e),
-                ino(&e.path()),
-                "readdir ino of {}",
-                e.path().display()
-            );
-        }
-    }
+    assert_readdir_ino_matches_lookup(&m, &["", "sub"]);
     forget_all(&m, names.len());
     let after: Vec<u64> = names.iter().map(|n| ino(&m.path(n))).collect();
     assert_eq!(before, after, "st_ino across drop_caches");

@@ -22,7 +22,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use common::attrs::stats;
-use common::{KIB, Mount, pattern};
+use common::{KIB, Mount, Rng, env_number, env_seeds, pattern};
 
 /// The file never grows beyond this (fsx's default maximum).
 const FILE_MAX_BYTES: usize = 256 * KIB as usize;
@@ -38,29 +38,6 @@ const OTHER_BYTES: usize = 128 * KIB as usize;
 const LOG_OPS: usize = 20;
 /// The whole file is read back and compared every this many steps.
 const FULL_CHECK_EVERY_OPS: usize = 64;
-
-/// splitmix64: the test's own reproducible randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-}
 
 /// A zeroed buffer aligned to DIRECT_ALIGN_BYTES, for O_DIRECT.
 struct AlignedBuf {
@@ -694,19 +671,8 @@ fn fsx_iops_limit_blocking_workers() {
 #[test]
 #[ignore]
 fn fsx_long() {
-    let parse = |v: String| {
-        let v = v.trim().to_string();
-        match v.strip_prefix("0x") {
-            Some(hex) => u64::from_str_radix(hex, 16),
-            None => v.parse(),
-        }
-        .unwrap_or_else(|e| panic!("bad number {v:?}: {e}"))
-    };
-    let seeds: Vec<u64> = match std::env::var("FSX_SEED") {
-        Ok(v) => vec![parse(v)],
-        Err(_) => (1..=16).collect(),
-    };
-    let ops = std::env::var("FSX_OPS").map_or(5000, |v| parse(v) as usize);
+    let seeds = env_seeds("FSX_SEED", 1..=16);
+    let ops = env_number("FSX_OPS").map_or(5000, |n| n as usize);
     let configs: Vec<&Config> = match std::env::var("FSX_CONFIG") {
         Ok(name) => vec![config(&name)],
         Err(_) => CONFIGS.iter().collect(),

@@ -19,12 +19,20 @@ use common::{KIB, MIB, Mount, assert_elapsed_between, loose_upper, open_direct, 
 
 const LIMIT_BYTES_PER_SEC: u64 = 256 * KIB;
 
+/// A mount over one `disk.img` of `len_bytes` pattern bytes (`seed`),
+/// read-limited to `bps_rd`; returns the data too, to check reads against.
+fn disk_mount(len_bytes: u64, seed: u64, bps_rd: &str) -> (Vec<u8>, Mount) {
+    let data = pattern(len_bytes as usize, seed);
+    let m = Mount::with_setup(
+        |src| std::fs::write(src.join("disk.img"), &data).unwrap(),
+        &["--bps-rd", bps_rd],
+    );
+    (data, m)
+}
+
 #[test]
 fn killed_reader_leaves_the_queue_and_charges_nothing() {
-    let m = Mount::with_setup(
-        |src| std::fs::write(src.join("disk.img"), pattern(4 * MIB as usize, 7)).unwrap(),
-        &["--bps-rd", "256K"],
-    );
+    let (_, m) = disk_mount(4 * MIB, 7, "256K");
     let file = open_direct(&m.path("disk.img"), false);
     let start = Instant::now();
     // 512 KiB at t=0 leaves the bucket 486.4 KiB over its 25.6 KiB
@@ -229,11 +237,7 @@ const ALARM_EVERY_MS: u64 = 100;
 
 #[test]
 fn reads_interrupted_by_a_caught_signal_complete() {
-    let data = pattern((CHUNKS * CHUNK_BYTES) as usize, 11);
-    let m = Mount::with_setup(
-        |src| std::fs::write(src.join("disk.img"), &data).unwrap(),
-        &["--bps-rd", READ_LIMIT],
-    );
+    let (data, m) = disk_mount(CHUNKS * CHUNK_BYTES, 11, READ_LIMIT);
     let start = Instant::now();
     let reader = Reader::spawn(
         &m.path("disk.img"),
@@ -285,11 +289,7 @@ fn child_of(parent: libc::pid_t, name: &str, timeout: Duration) -> libc::pid_t {
 
 #[test]
 fn dd_progress_signals_do_not_fail_its_reads() {
-    let data = pattern((CHUNKS * CHUNK_BYTES) as usize, 12);
-    let m = Mount::with_setup(
-        |src| std::fs::write(src.join("disk.img"), &data).unwrap(),
-        &["--bps-rd", READ_LIMIT],
-    );
+    let (_, m) = disk_mount(CHUNKS * CHUNK_BYTES, 12, READ_LIMIT);
     // GNU dd reads again after EINTR, so it would succeed anyway: strace
     // shows whether a read of it failed.
     let trace = tempfile::NamedTempFile::new().unwrap();
@@ -338,11 +338,7 @@ fn dd_progress_signals_do_not_fail_its_reads() {
 
 #[test]
 fn reader_killed_after_a_caught_signal_is_reaped_and_charges_nothing() {
-    let data = pattern(4 * MIB as usize, 13);
-    let m = Mount::with_setup(
-        |src| std::fs::write(src.join("disk.img"), &data).unwrap(),
-        &["--bps-rd", "256K"],
-    );
+    let (data, m) = disk_mount(4 * MIB, 13, "256K");
     let path = m.path("disk.img");
     let file = open_direct(&path, false);
     let start = Instant::now();

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::attrs::{lgetxattr, llist_attrs, setxattr};
-use common::{KIB, Mount, pattern};
+use common::{KIB, Mount, Rng, env_number, env_seeds, pattern};
 
 /// Threads working on the tree at once.
 const THREADS: u64 = 4;
@@ -41,27 +41,6 @@ const TARGETS: &[&str] = &["a", "../b", "d0/c", "nowhere", "d2", "."];
 const WRITE_MAX_BYTES: usize = 8 * KIB as usize;
 /// Writes land below this offset.
 const OFFSET_MAX_BYTES: usize = 16 * KIB as usize;
-
-/// splitmix64: the test's own reproducible randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
 
 /// A random path (relative to the run's top directory), mostly of a
 /// directory name when `dir_name`.
@@ -420,20 +399,9 @@ fn tree_stress_one_thread() {
 #[test]
 #[ignore]
 fn tree_stress_long() {
-    let parse = |v: String| {
-        let v = v.trim().to_string();
-        match v.strip_prefix("0x") {
-            Some(hex) => u64::from_str_radix(hex, 16),
-            None => v.parse(),
-        }
-        .unwrap_or_else(|e| panic!("bad number {v:?}: {e}"))
-    };
-    let seeds: Vec<u64> = match std::env::var("TREE_SEED") {
-        Ok(v) => vec![parse(v)],
-        Err(_) => (1..=32).collect(),
-    };
-    let ops = std::env::var("TREE_OPS").map_or(5000, |v| parse(v) as usize);
-    let threads = std::env::var("TREE_THREADS").map_or(THREADS, parse);
+    let seeds = env_seeds("TREE_SEED", 1..=32);
+    let ops = env_number("TREE_OPS").map_or(5000, |n| n as usize);
+    let threads = env_number("TREE_THREADS").unwrap_or(THREADS);
     let m = Mount::start_with(&[]);
     for seed in seeds {
         eprintln!("tree stress: seed {seed:#x}, {ops} operations per thread");

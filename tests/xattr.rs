@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use common::attrs::{cpath, lgetxattr, llist_attrs, sys_remove_attr, sys_set_attr};
 use common::{
-    KIB, MIB, Mount, as_nobody, assert_elapsed_between, chmod, describe, loose_upper, make_file,
-    open_direct, pattern, run_unchecked,
+    KIB, MIB, Mount, as_nobody, assert_elapsed_between, chmod, describe, getfattr, loose_upper,
+    make_file, open_direct, pattern, run_unchecked, setfattr, setfattr_out,
 };
 
 const BPS_RD: &str = "user.throttle.bps_rd";
@@ -41,31 +41,9 @@ const STATS: &str = "user.throttle.stats";
 const REQ: u64 = 128 * KIB;
 
 // ---------------------------------------------------------------------------
-// Attribute helpers: through setfattr/getfattr here; the in-process ones
-// (`sys_set_attr`, `lgetxattr`, ...) are in common::attrs.
-
-fn setfattr_out(path: &Path, name: &str, value: &str) -> Output {
-    run_unchecked(
-        "setfattr",
-        &[
-            OsStr::new("-n"),
-            OsStr::new(name),
-            OsStr::new("-v"),
-            OsStr::new(value),
-            path.as_os_str(),
-        ],
-    )
-}
-
-/// `setfattr -n NAME -v VALUE PATH`, asserting success.
-fn set_attr(path: &Path, name: &str, value: &str) {
-    let out = setfattr_out(path, name, value);
-    assert!(
-        out.status.success(),
-        "setting {name}={value} failed: {}",
-        describe("setfattr", &[name, value], &out)
-    );
-}
+// Attribute helpers through setfattr/getfattr here and in common
+// (`setfattr`, `getfattr`); the in-process ones (`sys_set_attr`,
+// `lgetxattr`, ...) are in common::attrs.
 
 /// `setfattr -n NAME -v VALUE PATH`, asserting that it fails with `msg`.
 fn set_attr_fails(path: &Path, name: &str, value: &str, msg: &str) {
@@ -106,24 +84,6 @@ fn remove_attr_fails(path: &Path, name: &str, msg: &str) {
     );
 }
 
-/// `getfattr -n NAME --only-values PATH`; `None` when it fails (no such
-/// attribute).
-fn get_attr(path: &Path, name: &str) -> Option<String> {
-    let out = run_unchecked(
-        "getfattr",
-        &[
-            OsStr::new("--absolute-names"),
-            OsStr::new("-n"),
-            OsStr::new(name),
-            OsStr::new("--only-values"),
-            path.as_os_str(),
-        ],
-    );
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The value of `name` stored on a source object, as text; `None` if it
 /// has no such attribute.
 fn src_attr(path: &Path, name: &str) -> Option<String> {
@@ -137,7 +97,7 @@ fn src_attr(path: &Path, name: &str) -> Option<String> {
 /// `user.throttle.effective` of `path`, parsed: the `source=` value and the
 /// limits listed.
 fn effective(path: &Path) -> (String, BTreeMap<String, String>) {
-    let text = get_attr(path, EFFECTIVE)
+    let text = getfattr(path, EFFECTIVE)
         .unwrap_or_else(|| panic!("cannot read {EFFECTIVE} of {}", path.display()));
     parse_effective(&text)
 }
@@ -266,11 +226,11 @@ fn set_get_list_remove_and_remount() {
     let f = m.path("disk.img");
 
     assert_effective(&f, "mount", &[("iops_rd", "1000")]);
-    assert_eq!(get_attr(&f, BPS_RD), None, "no own limit yet");
+    assert_eq!(getfattr(&f, BPS_RD), None, "no own limit yet");
 
     // Set: canonical value through the mount and on the source.
-    set_attr(&f, BPS_RD, "1M");
-    assert_eq!(get_attr(&f, BPS_RD).as_deref(), Some("1048576"));
+    setfattr(&f, BPS_RD, "1M");
+    assert_eq!(getfattr(&f, BPS_RD).as_deref(), Some("1048576"));
     assert_eq!(
         src_attr(&m.src_path("disk.img"), BPS_RD).as_deref(),
         Some("1048576"),
@@ -281,31 +241,31 @@ fn set_get_list_remove_and_remount() {
 
     // Canonical forms of sizes and durations.
     let meta = m.path("meta");
-    set_attr(&meta, "user.throttle.bps_wr", "10M");
-    set_attr(&meta, "user.throttle.bps_wr_max", "20M");
-    set_attr(&meta, "user.throttle.bps_wr_max_length", "500ms");
-    set_attr(&meta, "user.throttle.iops_size", "4K");
+    setfattr(&meta, "user.throttle.bps_wr", "10M");
+    setfattr(&meta, "user.throttle.bps_wr_max", "20M");
+    setfattr(&meta, "user.throttle.bps_wr_max_length", "500ms");
+    setfattr(&meta, "user.throttle.iops_size", "4K");
     for (name, value) in [
         ("user.throttle.bps_wr", "10485760"),
         ("user.throttle.bps_wr_max", "20971520"),
         ("user.throttle.bps_wr_max_length", "0.5"),
         ("user.throttle.iops_size", "4096"),
     ] {
-        assert_eq!(get_attr(&meta, name).as_deref(), Some(value), "{name}");
+        assert_eq!(getfattr(&meta, name).as_deref(), Some(value), "{name}");
         assert_eq!(
             src_attr(&m.src_path("meta"), name).as_deref(),
             Some(value),
             "{name} on the source"
         );
     }
-    set_attr(&meta, "user.throttle.bps_wr_max_length", "2s");
+    setfattr(&meta, "user.throttle.bps_wr_max_length", "2s");
     assert_eq!(
-        get_attr(&meta, "user.throttle.bps_wr_max_length").as_deref(),
+        getfattr(&meta, "user.throttle.bps_wr_max_length").as_deref(),
         Some("2")
     );
-    set_attr(&meta, "user.throttle.bps_wr_max_length", "3");
+    setfattr(&meta, "user.throttle.bps_wr_max_length", "3");
     assert_eq!(
-        get_attr(&meta, "user.throttle.bps_wr_max_length").as_deref(),
+        getfattr(&meta, "user.throttle.bps_wr_max_length").as_deref(),
         Some("3")
     );
     assert_effective(
@@ -320,8 +280,8 @@ fn set_get_list_remove_and_remount() {
     );
 
     // Other attributes pass through untouched and change nothing.
-    set_attr(&f, "user.foo", "bar");
-    assert_eq!(get_attr(&f, "user.foo").as_deref(), Some("bar"));
+    setfattr(&f, "user.foo", "bar");
+    assert_eq!(getfattr(&f, "user.foo").as_deref(), Some("bar"));
     assert_eq!(
         src_attr(&m.src_path("disk.img"), "user.foo").as_deref(),
         Some("bar")
@@ -340,7 +300,7 @@ fn set_get_list_remove_and_remount() {
     // Remove: back to the mount's limits, gone from the source, and the
     // file reads fast again (at 1 MiB/s 2 MiB takes at least 1.78 s).
     remove_attr(&f, BPS_RD);
-    assert_eq!(get_attr(&f, BPS_RD), None);
+    assert_eq!(getfattr(&f, BPS_RD), None);
     assert_eq!(src_attr(&m.src_path("disk.img"), BPS_RD), None);
     assert!(!llist_attrs(&f).iter().any(|n| n == BPS_RD));
     assert_effective(&f, "mount", &[("iops_rd", "1000")]);
@@ -348,7 +308,7 @@ fn set_get_list_remove_and_remount() {
 
     // Set again, plus a non-canonical value written on the source directly,
     // then mount the same source with a new daemon.
-    set_attr(&f, BPS_RD, "1M");
+    setfattr(&f, BPS_RD, "1M");
     fs::write(m.src_path("direct"), b"x").unwrap();
     let direct_src = cpath(&m.src_path("direct"));
     let value = b"2M";
@@ -374,11 +334,11 @@ fn set_get_list_remove_and_remount() {
     let m2 = Mount::with_source(m.src(), &args);
     let f2 = m2.path("disk.img");
     assert_effective(&f2, "file", &[("bps_rd", "1048576")]);
-    assert_eq!(get_attr(&f2, BPS_RD).as_deref(), Some("1048576"));
-    assert_eq!(get_attr(&f2, "user.foo").as_deref(), Some("bar"));
+    assert_eq!(getfattr(&f2, BPS_RD).as_deref(), Some("1048576"));
+    assert_eq!(getfattr(&f2, "user.foo").as_deref(), Some("bar"));
     let direct = m2.path("direct");
     assert_eq!(
-        get_attr(&direct, "user.throttle.bps_wr").as_deref(),
+        getfattr(&direct, "user.throttle.bps_wr").as_deref(),
         Some("2097152"),
         "a limit written on the source is read back in canonical form"
     );
@@ -410,7 +370,7 @@ fn live_retune_changes_the_rate_of_a_running_reader() {
     let data = Arc::new(make_file(m.src(), "disk.img", FILE_LEN, 2));
     m.start(&[]);
     let f = m.path("disk.img");
-    set_attr(&f, BPS_RD, "512K");
+    setfattr(&f, BPS_RD, "512K");
 
     let file = open_direct(&f, false);
     let stop = Arc::new(AtomicBool::new(false));
@@ -489,7 +449,7 @@ fn raising_a_limit_releases_queued_requests_at_once() {
     let data = make_file(m.src(), "disk.img", 2 * MIB, 3);
     m.start(&[]);
     let f = m.path("disk.img");
-    set_attr(&f, BPS_RD, "128K");
+    setfattr(&f, BPS_RD, "128K");
 
     // 512 KiB at once leaves the bucket 499.2 KiB over its 12.8 KiB
     // capacity: nothing else can go for 3.9 s.
@@ -566,13 +526,13 @@ fn directory_limits_are_inherited_as_whole_sets() {
     );
     assert_effective(&a, "mount", &[]);
 
-    set_attr(&dir, BPS_RD, "1M");
+    setfattr(&dir, BPS_RD, "1M");
     assert_eq!(
         src_attr(&m.src_path("dir"), BPS_RD).as_deref(),
         Some("1048576"),
         "the directory's limit is not stored on the source directory"
     );
-    assert_eq!(get_attr(&dir, BPS_RD).as_deref(), Some("1048576"));
+    assert_eq!(getfattr(&dir, BPS_RD).as_deref(), Some("1048576"));
     let dir_set = [("bps_rd", "1048576")];
     assert_effective(&dir, "directory:/dir", &dir_set);
     assert_effective(&a, "directory:/dir", &dir_set);
@@ -587,7 +547,7 @@ fn directory_limits_are_inherited_as_whole_sets() {
     );
 
     // The file's own iops_rd replaces the directory's whole set.
-    set_attr(&a, "user.throttle.iops_rd", "1000");
+    setfattr(&a, "user.throttle.iops_rd", "1000");
     assert_effective(&a, "file", &[("iops_rd", "1000")]);
     assert_read_fast(
         "2 MiB read of a file with its own iops_rd under a bps_rd directory",
@@ -609,8 +569,8 @@ fn directory_limits_are_inherited_as_whole_sets() {
     );
 
     // An own bps=0 opts out of the directory's limits.
-    set_attr(&b, "user.throttle.bps", "0");
-    assert_eq!(get_attr(&b, "user.throttle.bps").as_deref(), Some("0"));
+    setfattr(&b, "user.throttle.bps", "0");
+    assert_eq!(getfattr(&b, "user.throttle.bps").as_deref(), Some("0"));
     assert_effective(&b, "file", &[]);
     assert_read_fast(
         "2 MiB read of a file with its own bps=0 under a bps_rd directory",
@@ -621,11 +581,11 @@ fn directory_limits_are_inherited_as_whole_sets() {
     );
 
     // The mount root counts as a directory; the nearest one wins.
-    set_attr(m.mnt(), "user.throttle.iops_wr", "500");
+    setfattr(m.mnt(), "user.throttle.iops_wr", "500");
     assert_effective(&top, "directory:/", &[("iops_wr", "500")]);
     assert_effective(&c, "directory:/dir", &dir_set);
     // A live change of the directory reaches files already resolved.
-    set_attr(&dir, BPS_RD, "2M");
+    setfattr(&dir, BPS_RD, "2M");
     assert_effective(&a, "directory:/dir", &[("bps_rd", "2097152")]);
 }
 
@@ -639,7 +599,7 @@ fn invalid_values_and_conflicts_are_refused() {
     fs::write(m.src_path("other"), b"other").unwrap();
     m.start(&[]);
     let f = m.path("disk.img");
-    set_attr(&f, BPS_RD, "1M");
+    setfattr(&f, BPS_RD, "1M");
 
     let inval = "Invalid argument";
     set_attr_fails(&f, BPS_RD, "banana", inval);
@@ -653,7 +613,7 @@ fn invalid_values_and_conflicts_are_refused() {
     set_attr_fails(&f, "user.throttle.bps_rd_max_length", "soon", inval);
 
     // Nothing changed: value, source, effective set and the rate.
-    assert_eq!(get_attr(&f, BPS_RD).as_deref(), Some("1048576"));
+    assert_eq!(getfattr(&f, BPS_RD).as_deref(), Some("1048576"));
     let src_names: Vec<String> = llist_attrs(&m.src_path("disk.img"))
         .into_iter()
         .filter(|n| n.starts_with("user.throttle."))
@@ -667,8 +627,8 @@ fn invalid_values_and_conflicts_are_refused() {
 
     // A removal that would leave bps_wr_max without bps_wr is refused.
     let other = m.path("other");
-    set_attr(&other, "user.throttle.bps_wr", "1M");
-    set_attr(&other, "user.throttle.bps_wr_max", "2M");
+    setfattr(&other, "user.throttle.bps_wr", "1M");
+    setfattr(&other, "user.throttle.bps_wr_max", "2M");
     remove_attr_fails(&other, "user.throttle.bps_wr", inval);
     assert_effective(
         &other,
@@ -948,7 +908,7 @@ fn stats_count_bytes_ops_and_waiting() {
     // bps_rd=1M (capacity 102.4 KiB): from the third 64 KiB read on, reads
     // wait about 62 ms each.
     let limited = m.path("limited");
-    set_attr(&limited, BPS_RD, "1M");
+    setfattr(&limited, BPS_RD, "1M");
     let elapsed = io(&limited, &lim_data);
     let lower = lower_bound(6 * SREQ, SREQ, MIB);
     assert!(
@@ -965,7 +925,7 @@ fn stats_count_bytes_ops_and_waiting() {
     // A request queued right now shows in `waiting`; removing the limit
     // lets it go.
     let queued = m.path("queued");
-    set_attr(&queued, BPS_RD, "256K");
+    setfattr(&queued, BPS_RD, "256K");
     let file = open_direct(&queued, false);
     read_range(&file, &q_data, 0, 512 * KIB, 512 * KIB);
     let (tx, rx) = mpsc::channel();
@@ -1036,7 +996,7 @@ fn rename_and_hard_link_keep_own_limits_and_bucket() {
     let data = make_file(m.src(), "a", 2 * MIB, 13);
     m.start(&[]);
     let a = m.path("a");
-    set_attr(&a, BPS_RD, "1M");
+    setfattr(&a, BPS_RD, "1M");
 
     // 512 KiB at once fills the bucket 0.4 s beyond its capacity.
     let start = Instant::now();
@@ -1050,7 +1010,7 @@ fn rename_and_hard_link_keep_own_limits_and_bucket() {
     assert!(!a.exists());
     for p in [&b, &c] {
         assert_effective(p, "file", &[("bps_rd", "1048576")]);
-        assert_eq!(get_attr(p, BPS_RD).as_deref(), Some("1048576"));
+        assert_eq!(getfattr(p, BPS_RD).as_deref(), Some("1048576"));
     }
 
     // The rest through the link: 2 MiB in all since `start`. Had the

@@ -112,6 +112,19 @@ impl ThrottleFs {
             .ok_or(Errno::ESTALE)
     }
 
+    /// Every regular file the kernel knows now; the inode lock is released
+    /// before the caller looks at them.
+    pub(super) fn file_inodes(&self) -> Vec<Arc<InodeRef>> {
+        self.inodes
+            .read()
+            .expect("inode lock")
+            .by_ino
+            .values()
+            .filter(|n| n.is_file())
+            .cloned()
+            .collect()
+    }
+
     /// Find `name` in `parent` and count a kernel lookup of it.
     pub(super) fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr> {
         let parent = self.inode(parent)?;

@@ -114,19 +114,10 @@ impl ThrottleFs {
     /// lists them (a group's members).
     pub(super) fn resolve_stale(&self) {
         let current = self.tree_gen.load(Ordering::SeqCst);
-        let stale: Vec<Arc<InodeRef>> = self
-            .inodes
-            .read()
-            .expect("inode lock")
-            .by_ino
-            .values()
-            .filter(|n| n.is_file())
-            .filter(|n| {
-                let resolved = n.resolved_gen.load(Ordering::SeqCst);
-                resolved != 0 && resolved != current
-            })
-            .cloned()
-            .collect();
+        let stale = self.file_inodes().into_iter().filter(|n| {
+            let resolved = n.resolved_gen.load(Ordering::SeqCst);
+            resolved != 0 && resolved != current
+        });
         for node in stale {
             self.ensure_limits(&node);
         }

@@ -361,6 +361,55 @@ pub fn mount_points() -> Vec<PathBuf> {
         .collect()
 }
 
+/// splitmix64: the random tests' own reproducible randomness (a run is
+/// replayed from its seed).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// One of `items` (not empty), uniformly.
+    pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+}
+
+/// The number in environment variable `name` (decimal, or hex after `0x`),
+/// `None` when it is unset; panics naming the variable on a bad value, so a
+/// typo in a long run's settings is not silently replaced by the default.
+pub fn env_number(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    }
+    .map(Some)
+    .unwrap_or_else(|e| panic!("bad number in {name}: {v:?}: {e}"))
+}
+
+/// The seed in environment variable `name` (see `env_number`) alone, or
+/// the `default` seeds when it is unset: the long random runs' seeds.
+pub fn env_seeds(name: &str, default: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+    env_number(name).map_or_else(|| default.collect(), |seed| vec![seed])
+}
+
 /// Whether `path` is a mount point right now.
 pub fn is_mounted(path: &Path) -> bool {
     mount_points().iter().any(|p| p == path)
@@ -400,6 +449,68 @@ pub fn describe<S: AsRef<OsStr>>(cmd: &str, args: &[S], out: &Output) -> String 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Runs `CMD ARGS` like `run` and returns its stdout as text.
+pub fn stdout_ok<S: AsRef<OsStr>>(cmd: &str, args: &[S]) -> String {
+    String::from_utf8(run(cmd, args).stdout)
+        .unwrap_or_else(|e| panic!("{cmd}: stdout is not UTF-8: {e}"))
+}
+
+/// Runs `throttlefs ARGS` (the commands: set, get, unset, stat, top,
+/// completions) and returns its output, whatever the status.
+pub fn ctl(args: &[&str]) -> Output {
+    run_unchecked(binary(), args)
+}
+
+/// `ctl(args)`, asserting success; its stdout as text.
+pub fn ctl_ok(args: &[&str]) -> String {
+    stdout_ok(binary(), args)
+}
+
+/// `getfattr -n NAME --only-values PATH`, the program (for in-process
+/// calls see `attrs`): the value as text; `None` when it fails (no such
+/// attribute).
+pub fn getfattr(path: &Path, name: &str) -> Option<String> {
+    let out = run_unchecked(
+        "getfattr",
+        &[
+            OsStr::new("--absolute-names"),
+            OsStr::new("-n"),
+            OsStr::new(name),
+            OsStr::new("--only-values"),
+            path.as_os_str(),
+        ],
+    );
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `setfattr -n NAME -v VALUE PATH`, the program; its output, whatever
+/// the status.
+pub fn setfattr_out(path: &Path, name: &str, value: &str) -> Output {
+    run_unchecked(
+        "setfattr",
+        &[
+            OsStr::new("-n"),
+            OsStr::new(name),
+            OsStr::new("-v"),
+            OsStr::new(value),
+            path.as_os_str(),
+        ],
+    )
+}
+
+/// `setfattr -n NAME -v VALUE PATH`, asserting success.
+pub fn setfattr(path: &Path, name: &str, value: &str) {
+    let out = setfattr_out(path, name, value);
+    assert!(
+        out.status.success(),
+        "setting {name}={value} on {} failed: {}",
+        path.display(),
+        describe("setfattr", &[name, value], &out)
+    );
 }
 
 fn assert_success<S: AsRef<OsStr>>(cmd: &str, args: &[S], out: &Output) {
