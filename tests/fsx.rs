@@ -597,8 +597,8 @@ const CONFIGS: &[Config] = &[
     },
     // Small enough that a steady stream of requests queues.
     Config {
-        name: "iops1000",
-        args: &["--iops", "1000"],
+        name: "iops300",
+        args: &["--iops", "300"],
         env: &[],
         queues: true,
     },
@@ -609,8 +609,8 @@ const CONFIGS: &[Config] = &[
         queues: false,
     },
     Config {
-        name: "iops1000-blocking",
-        args: &["--iops", "1000"],
+        name: "iops300-blocking",
+        args: &["--iops", "300"],
         env: &[NO_URING],
         queues: true,
     },
@@ -653,7 +653,7 @@ fn fsx_never_reached_limit() {
 
 #[test]
 fn fsx_iops_limit() {
-    run_config(config("iops1000"), SEEDS, OPS);
+    run_config(config("iops300"), SEEDS, OPS);
 }
 
 #[test]
@@ -663,7 +663,7 @@ fn fsx_unlimited_blocking_workers() {
 
 #[test]
 fn fsx_iops_limit_blocking_workers() {
-    run_config(config("iops1000-blocking"), SEEDS, OPS);
+    run_config(config("iops300-blocking"), SEEDS, OPS);
 }
 
 /// The long run: FSX_SEED (default: 16 seeds from 1), FSX_OPS operations
