@@ -712,11 +712,59 @@ fn clear_stale_mount(mountpoint: &Path) -> Result<(), String> {
     ))
 }
 
+/// The type of a live FUSE filesystem mounted on `mountpoint` (a canonical
+/// path), from /proc/self/mountinfo. Mounting over it would hide it, and
+/// two throttlefs on one directory (fstab and a unit, `mount` run twice)
+/// would leave the first serving nobody; mount(8) refuses the like for
+/// block devices.
+fn live_fuse_mount(mountpoint: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    info.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let point = unescape_mountinfo(fields.get(4)?);
+        let dash = fields.iter().position(|f| *f == "-")?;
+        let fstype = fields.get(dash + 1)?;
+        (point == want && (*fstype == "fuse" || fstype.starts_with("fuse.")))
+            .then(|| fstype.to_string())
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 fn check_paths(source: &Path, mountpoint: &Path) -> Result<(PathBuf, PathBuf), String> {
     let canonical_source = existing_dir("source", source)?;
     clear_stale_mount(mountpoint)?;
     let canonical_mountpoint = existing_dir("mountpoint", mountpoint)?;
     let shown = mountpoint.display();
+    if let Some(fstype) = live_fuse_mount(&canonical_mountpoint) {
+        return Err(format!(
+            "mountpoint '{shown}' is already mounted ({fstype}); unmount it first"
+        ));
+    }
     // Serving a tree from under our own mount would recurse into ourselves.
     if canonical_mountpoint.starts_with(&canonical_source) {
         return Err(format!(
@@ -987,6 +1035,14 @@ mod group_tests {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/mnt/a\040b\134c"), b"/mnt/a b\\c");
+        assert_eq!(unescape_mountinfo(r"/plain"), b"/plain");
+        // A backslash not followed by three octal digits stays.
+        assert_eq!(unescape_mountinfo(r"/x\9"), br"/x\9");
+    }
+
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

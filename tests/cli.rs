@@ -176,3 +176,26 @@ fn valid_options_mount() {
         "fsname=throttle-test not passed to the mount: {line}"
     );
 }
+
+#[test]
+fn mountpoint_with_a_live_mount_is_refused() {
+    // The first mount's source is empty, so its mount point looks empty.
+    let first = Mount::start_with(&[]);
+    let mnt = first.mnt().to_str().unwrap().to_owned();
+    let mut second = Mount::new();
+    assert_rejected(
+        &mut second,
+        &["SRC", &mnt],
+        &["already mounted", "mountpoint"],
+    );
+    let stacked = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(mnt.as_str()))
+        .count();
+    assert_eq!(stacked, 1, "one mount on {mnt}");
+    assert!(
+        fs::read_dir(first.mnt()).is_ok(),
+        "the first mount still serves"
+    );
+}

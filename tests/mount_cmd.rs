@@ -299,6 +299,32 @@ fn mount_t_refusals_fail_with_one_line_and_leave_nothing() {
     assert!(!out.status.success());
     assert!(stderr.contains("is not empty"), "{stderr}");
     assert!(daemons_on(m.m.mnt()).is_empty());
+    fs::remove_file(m.m.mnt().join("stray")).unwrap();
+
+    // Busy: a live throttlefs mount already there (its source is empty, so
+    // the mountpoint looks empty); a second mount is refused and the first
+    // keeps serving.
+    let out = mount_cmd(&m.m, "bps_rd=1M");
+    assert!(
+        out.status.success(),
+        "{}",
+        common::describe("mount", &[""], &out)
+    );
+    let out = mount_cmd(&m.m, "bps_rd=2M");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a second mount on a live one succeeded"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("is already mounted"), "{stderr}");
+    assert_eq!(
+        daemons_on(m.m.mnt()).len(),
+        1,
+        "one daemon serves the mount"
+    );
+    assert!(fs::read_dir(m.m.mnt()).is_ok());
+    umount_and_wait(&m.m);
 }
 
 #[test]
