@@ -730,8 +730,9 @@ fn live_fuse_mount(mountpoint: &Path) -> Option<String> {
     })
 }
 
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
+/// mountinfo writes space, tab, newline and backslash as `\ooo`; the
+/// tests read mountinfo with this too.
+pub fn unescape_mountinfo(field: &str) -> Vec<u8> {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -189,8 +189,8 @@ fn fstype_of(mnt: &Path) -> Option<String> {
     let want = mnt.as_os_str().as_bytes();
     info.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
-        let point = fields.get(4)?.replace("\\040", " ");
-        (point.as_bytes() == want).then(|| {
+        let point = throttlefs::options::unescape_mountinfo(fields.get(4)?);
+        (point == want).then(|| {
             let dash = fields.iter().position(|f| *f == "-")?;
             fields.get(dash + 1).map(|t| t.to_string())
         })?

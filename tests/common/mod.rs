@@ -329,25 +329,9 @@ impl Drop for Mount {
 /// Decodes the octal escapes (`\040` for a space, ...) of /proc mountinfo.
 fn unescape_mountinfo(field: &str) -> PathBuf {
     use std::os::unix::ffi::OsStringExt;
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
+    PathBuf::from(std::ffi::OsString::from_vec(
+        throttlefs::options::unescape_mountinfo(field),
+    ))
 }
 
 /// Mount points listed in this thread's mountinfo (a test may have moved
