@@ -947,20 +947,11 @@ impl Scheduler {
             }
             Msg::Interrupt(unique) => self.interrupt(unique, now),
             Msg::Done(Completion { file, unmoved }) => {
-                let at = self.since_epoch(now);
-                if let Some(f) = self.files.get_mut(&file) {
-                    let mut refunded_group = None;
-                    if let Some((dir, bytes)) = unmoved {
-                        // Charge what moved, not what was asked for, to the
-                        // file and to its group.
-                        f.state.refund(dir, bytes, at);
-                        if let Some(name) = &f.group
-                            && let Some(g) = self.groups.get_mut(name)
-                        {
-                            g.state.refund(dir, bytes, at);
-                            refunded_group = Some(name.clone());
-                        }
-                    }
+                // Charge what moved, not what was asked for, to the file and
+                // to its group.
+                let refunded_group =
+                    unmoved.and_then(|(dir, bytes)| self.refund(file, dir, bytes, now));
+                if let Some(f) = self.files.get(&file) {
                     if !f.queue.is_empty() {
                         // A barrier at the head, or a request the refund
                         // lets through, may now go (a member's pump takes
@@ -972,7 +963,7 @@ impl Scheduler {
                     }
                 }
                 self.settle(file);
-                self.collect(file);
+                self.collect(file, now);
             }
             Msg::Forget { file, keep } => {
                 if let Some(f) = self.files.get_mut(&file) {
@@ -980,7 +971,7 @@ impl Scheduler {
                     f.anchor = keep;
                 }
                 self.settle(file);
-                self.collect(file);
+                self.collect(file, now);
             }
             Msg::Drain | Msg::Exit => {
                 self.exiting |= matches!(msg, Msg::Exit);
@@ -1083,7 +1074,7 @@ impl Scheduler {
             w.job.fail(Errno::EINTR);
             // Whatever waited behind it may go now.
             self.pump(file, now);
-            self.collect(file);
+            self.collect(file, now);
         }
     }
 
@@ -1168,8 +1159,7 @@ impl Scheduler {
     /// again before then (same number) finds its levels and counters, so
     /// closing it cannot earn a fresh burst. Not empty yet: looked at again
     /// when they will be.
-    fn collect(&mut self, file: u64) {
-        let now = Instant::now();
+    fn collect(&mut self, file: u64, now: Instant) {
         let at = self.since_epoch(now);
         let Some(f) = self.files.get_mut(&file) else {
             return;
@@ -1227,7 +1217,7 @@ impl Scheduler {
                         && f.collect_at == Some(when)
                     {
                         f.collect_at = None;
-                        self.collect(file);
+                        self.collect(file, now);
                     }
                 }
                 Wake::Group(name) => {
@@ -1343,15 +1333,15 @@ impl Scheduler {
         }
     }
 
-    /// Give back bytes charged to `file` and its group.
-    fn refund(&mut self, file: u64, dir: Direction, bytes: u64, now: Instant) {
+    /// Give back bytes charged to `file` and its group; the group's name
+    /// if it got some back.
+    fn refund(&mut self, file: u64, dir: Direction, bytes: u64, now: Instant) -> Option<String> {
         let at = self.since_epoch(now);
-        if let Some(f) = self.files.get_mut(&file) {
-            f.state.refund(dir, bytes, at);
-            if let Some(g) = f.group.as_ref().and_then(|g| self.groups.get_mut(g)) {
-                g.state.refund(dir, bytes, at);
-            }
-        }
+        let f = self.files.get_mut(&file)?;
+        f.state.refund(dir, bytes, at);
+        let name = f.group.as_ref()?;
+        self.groups.get_mut(name)?.state.refund(dir, bytes, at);
+        Some(name.clone())
     }
 
     /// Dispatch released requests; returns the copies that must now queue
