@@ -40,11 +40,6 @@ use inode::{InodeRef, InodeTable, LINGERING_PRUNE_MIN, SYNTHETIC_INO_BIT};
 
 /// The largest value the kernel passes for an xattr (XATTR_SIZE_MAX).
 const XATTR_VALUE_MAX_BYTES: usize = 64 * 1024;
-/// The share of `user.throttle.active` its `groups=` line may take (about
-/// 250 groups of the longest names), and room kept for its
-/// ` groups_unlisted=N` field.
-const GROUPS_LINE_MAX_BYTES: usize = 16 * 1024;
-const GROUPS_UNLISTED_FIELD_BYTES: usize = 40;
 
 /// Attributes and entries may be cached by the kernel this long: the source
 /// is ours while mounted, so only changes made behind the mount's back are
@@ -729,53 +724,26 @@ impl ThrottleFs {
         for f in self.files.read().expect("file lock").values() {
             *open.entry(f.node.ino).or_default() += 1;
         }
-        let nodes: Vec<(Arc<InodeRef>, u64, crate::stats::Activity)> = self
-            .file_inodes()
-            .into_iter()
-            .filter_map(|n| {
-                let handles = open.get(&n.ino).copied().unwrap_or(0);
-                let activity = n.shared.activity();
-                (handles > 0 || activity.is_busy()).then_some((n, handles, activity))
-            })
-            .collect();
         // Held until the text is made, so each descriptor stays open.
         let mut held = HashMap::new();
-        let files = nodes
-            .into_iter()
-            .map(|(n, open, activity)| {
-                let file = xattr::ActiveFile {
-                    ino: n.ino,
-                    open,
-                    activity,
-                    effective: n.shared.effective.lock().expect("effective").clone(),
-                };
-                held.insert(n.ino, n);
-                file
-            })
-            .collect();
-        let path_of = |ino: u64| self.display_path(held[&ino].fd);
-        // One more line, `groups=A,B,...`: every group named by `--group` or
-        // by the root's attributes, so that `stat` and `top` show idle groups
-        // too. At most GROUPS_LINE_MAX_BYTES of the value; the rest counted.
-        let known = self.known_groups();
-        let mut line = String::new();
-        let mut listed = 0;
-        for g in &known {
-            if line.len() + g.len() + GROUPS_UNLISTED_FIELD_BYTES > GROUPS_LINE_MAX_BYTES {
-                break;
+        let mut files = Vec::new();
+        for n in self.file_inodes() {
+            let handles = open.get(&n.ino).copied().unwrap_or(0);
+            let activity = n.shared.activity();
+            if handles == 0 && !activity.is_busy() {
+                continue;
             }
-            line.push_str(if listed == 0 { "groups=" } else { "," });
-            line.push_str(g);
-            listed += 1;
+            files.push(xattr::ActiveFile {
+                ino: n.ino,
+                open: handles,
+                activity,
+                effective: n.shared.effective.lock().expect("effective").clone(),
+            });
+            held.insert(n.ino, n);
         }
-        if listed < known.len() {
-            line.push_str(&format!(" groups_unlisted={}", known.len() - listed));
-        }
-        if !line.is_empty() {
-            line.push('\n');
-        }
-        let max = XATTR_VALUE_MAX_BYTES - line.len();
-        Some((xattr::render_active(files, path_of, max) + &line).into_bytes())
+        let path_of = |ino: u64| self.display_path(held[&ino].fd);
+        let groups = self.known_groups();
+        Some(xattr::render_active(files, path_of, &groups, XATTR_VALUE_MAX_BYTES).into_bytes())
     }
 
     fn xattr_reply(reply: ReplyXattr, size: u32, r: io::Result<Vec<u8>>) {

@@ -23,6 +23,12 @@ pub const EFFECTIVE: &str = "user.throttle.effective";
 pub const STATS: &str = "user.throttle.stats";
 /// Read-only, on the mount root: the files open or active, one a line.
 pub const ACTIVE: &str = "user.throttle.active";
+/// The throttle group of a file, or of the files below a directory.
+pub const GROUP: &str = "user.throttle.group";
+
+/// Room kept at the end of a bounded generated value for what counts the
+/// entries that did not fit (`members_unlisted=N`, `files_unlisted=N`).
+pub const UNLISTED_LINE_BYTES: usize = 40;
 
 /// What an attribute name in our namespace is.
 #[derive(Debug, PartialEq, Eq)]
@@ -266,20 +272,48 @@ pub fn unescape_value(value: &str) -> String {
     out
 }
 
-/// Room kept for the `files_unlisted=` line.
-const UNLISTED_LINE_BYTES: usize = 40;
+/// The share of `user.throttle.active` its `groups=` line may take (about
+/// 250 groups of the longest names).
+const GROUPS_LINE_MAX_BYTES: usize = 16 * 1024;
+
+/// The `groups=A,B,...` line of `user.throttle.active` (empty without
+/// groups), at most GROUPS_LINE_MAX_BYTES; the groups left out are counted
+/// in a ` groups_unlisted=K` field.
+fn known_groups_line(groups: &[String]) -> String {
+    let mut line = String::new();
+    let mut listed = 0;
+    for g in groups {
+        if line.len() + g.len() + UNLISTED_LINE_BYTES > GROUPS_LINE_MAX_BYTES {
+            break;
+        }
+        line.push_str(if listed == 0 { "groups=" } else { "," });
+        line.push_str(g);
+        listed += 1;
+    }
+    if listed < groups.len() {
+        let _ = write!(line, " groups_unlisted={}", groups.len() - listed);
+    }
+    if !line.is_empty() {
+        line.push('\n');
+    }
+    line
+}
 
 /// `user.throttle.active`: `files=N`, then one line per file, busiest
 /// first (bytes, then requests in the last second, then waiting, then
 /// open handles), of space-separated `name=value` fields with escaped
-/// values, for as many files as fit in `max_bytes`; then
-/// `files_unlisted=K` if some did not. `path_of` gives a file's path from
-/// the mount root.
+/// values, for as many files as fit in `max_bytes` with the last line;
+/// then `files_unlisted=K` if some did not; last, `groups=...`, the
+/// `groups` the mount knows (so that `stat` and `top` show idle groups
+/// too). `path_of` gives a file's path from the mount root.
 pub fn render_active(
     mut files: Vec<ActiveFile>,
     path_of: impl Fn(u64) -> String,
+    groups: &[String],
     max_bytes: usize,
 ) -> String {
+    let groups_line = known_groups_line(groups);
+    let max_bytes = max_bytes - groups_line.len();
     let score = |f: &ActiveFile| {
         let a = &f.activity;
         (
@@ -323,7 +357,7 @@ pub fn render_active(
         }
         out.push_str(&line);
     }
-    out
+    out + &groups_line
 }
 
 #[cfg(test)]

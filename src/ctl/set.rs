@@ -18,8 +18,6 @@ use crate::options::{
 };
 use crate::xattr::{self, Attr, OwnSet};
 
-/// The attribute holding a file's or directory's group.
-const GROUP_ATTR: &str = "user.throttle.group";
 /// The name `unset` takes for the group membership.
 const GROUP_NAME: &str = "group";
 
@@ -264,8 +262,8 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
     let order = plan(&current, changes, &target)?;
     perform(&cli.path, &order, &target)?;
     if let Some(group) = group {
-        set_attr(&cli.path, GROUP_ATTR, group.as_bytes())
-            .map_err(|e| io_failure(&cli.path, GROUP_ATTR, &e))?;
+        set_attr(&cli.path, xattr::GROUP, group.as_bytes())
+            .map_err(|e| io_failure(&cli.path, xattr::GROUP, &e))?;
     }
     Ok(())
 }
@@ -298,7 +296,7 @@ pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
             }));
         }
     }
-    if group && get_attr(&cli.path, GROUP_ATTR).is_err() {
+    if group && get_attr(&cli.path, xattr::GROUP).is_err() {
         return Err(Failure::usage(format!(
             "group: not set on {}",
             cli.path.display()
@@ -311,7 +309,8 @@ pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
     let order = plan(&current, changes, &target)?;
     perform(&cli.path, &order, &target)?;
     if group {
-        remove_attr(&cli.path, GROUP_ATTR).map_err(|e| io_failure(&cli.path, GROUP_ATTR, &e))?;
+        remove_attr(&cli.path, xattr::GROUP)
+            .map_err(|e| io_failure(&cli.path, xattr::GROUP, &e))?;
     }
     Ok(())
 }
@@ -375,7 +374,7 @@ pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
     }
     let own = own_set(path, &target)?;
     let own_limits = listed(&own);
-    let own_group = get_text(path, GROUP_ATTR).ok();
+    let own_group = get_text(path, xattr::GROUP).ok();
     let effective =
         get_text(path, xattr::EFFECTIVE).map_err(|e| io_failure(path, "effective", &e))?;
     let mut source = String::new();

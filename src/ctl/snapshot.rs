@@ -280,7 +280,7 @@ mod tests {
                 group: Some(("g.1".into(), Origin::File)),
             }),
         }];
-        let text = render_active(files, |_| odd.to_string(), 64 * 1024);
+        let text = render_active(files, |_| odd.to_string(), &[], 64 * 1024);
         let (rows, unlisted) = parse_active("/mnt/", &text);
         assert_eq!(unlisted, 0);
         assert_eq!(rows.len(), 1, "{text}");
@@ -313,13 +313,27 @@ mod tests {
                 effective: None,
             })
             .collect();
-        let text = render_active(files, |i| format!("/file-{i:04}"), 64 * 1024);
+        let text = render_active(files, |i| format!("/file-{i:04}"), &[], 64 * 1024);
         assert!(text.len() <= 64 * 1024);
         let (rows, unlisted) = parse_active("", &text);
         assert_eq!(rows.len() as u64 + unlisted, 2000);
         assert!(unlisted > 0);
         assert_eq!(rows[0].path, "/file-1999");
         assert!(text.starts_with("files=2000\n"));
+    }
+
+    #[test]
+    fn known_groups_round_trip_and_are_bounded() {
+        let few = vec!["a".to_string(), "b.c".to_string()];
+        let text = render_active(Vec::new(), |_| String::new(), &few, 64 * 1024);
+        assert_eq!(text, "files=0\ngroups=a,b.c\n");
+        assert_eq!(parse_known_groups(&text), (few, 0));
+        let many: Vec<String> = (0..1000).map(|i| format!("{i:064}")).collect();
+        let text = render_active(Vec::new(), |_| String::new(), &many, 64 * 1024);
+        let (listed, unlisted) = parse_known_groups(&text);
+        assert!(unlisted > 0 && listed.len() as u64 + unlisted == 1000);
+        assert_eq!(listed[..], many[..listed.len()]);
+        assert!(text.len() <= 16 * 1024 + "files=0\n".len());
     }
 
     #[test]

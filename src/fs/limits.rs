@@ -44,12 +44,6 @@ use crate::xattr::{self, Attr, OwnSet};
 /// How long a FUSE thread waits for the scheduler's report on a group.
 const GROUP_STATS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Room kept for the `members_unlisted=N` line of a group's stats.
-const UNLISTED_LINE_BYTES: usize = 40;
-
-/// Membership of a throttle group.
-const GROUP_ATTR: &str = "user.throttle.group";
-
 impl ThrottleFs {
     /// Resolve a file's limits if they never were, or if a directory
     /// changed since they were.
@@ -230,7 +224,7 @@ impl ThrottleFs {
     /// An object's own `user.throttle.group`, if it has a valid one.
     fn own_group(&self, fd: RawFd) -> Option<String> {
         let path = proc_path(fd);
-        let name = CString::new(GROUP_ATTR).expect("no NUL");
+        let name = CString::new(xattr::GROUP).expect("no NUL");
         let value = xattr_fetch(|buf, len| {
             // SAFETY: buf is null with len 0, or valid for len bytes.
             unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len) }
@@ -547,7 +541,9 @@ impl ThrottleFs {
                 .map(|n| self.display_path(n.fd))
                 .unwrap_or_else(|_| format!("inode {member}"));
             let line = format!("member={path}\n");
-            if out.len() + line.len() + tail.len() + UNLISTED_LINE_BYTES > XATTR_VALUE_MAX_BYTES {
+            if out.len() + line.len() + tail.len() + xattr::UNLISTED_LINE_BYTES
+                > XATTR_VALUE_MAX_BYTES
+            {
                 unlisted = report.members.len() - listed;
                 break;
             }
