@@ -130,6 +130,25 @@ impl Activity {
         ]
     }
 
+    /// Sets the field called `name` (a `fields` name); false for another.
+    pub fn set(&mut self, name: &str, value: u64) -> bool {
+        let field = match name {
+            "read_bytes" => &mut self.bytes[0],
+            "read_ops" => &mut self.ops[0],
+            "write_bytes" => &mut self.bytes[1],
+            "write_ops" => &mut self.ops[1],
+            "wait_ns" => &mut self.wait_ns,
+            "waiting" => &mut self.waiting,
+            "read_bytes_per_sec" => &mut self.bytes_per_sec[0],
+            "read_ops_per_sec" => &mut self.ops_per_sec[0],
+            "write_bytes_per_sec" => &mut self.bytes_per_sec[1],
+            "write_ops_per_sec" => &mut self.ops_per_sec[1],
+            _ => return false,
+        };
+        *field = value;
+        true
+    }
+
     /// Whether anything moved in the last second or waits now.
     pub fn is_busy(&self) -> bool {
         self.waiting > 0
@@ -356,6 +375,17 @@ impl Lateness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activity_fields_are_set_by_their_names() {
+        let mut a = Activity::default();
+        for (i, (name, _)) in Activity::default().fields().iter().enumerate() {
+            assert!(a.set(name, i as u64 + 1), "{name}");
+        }
+        let values: Vec<u64> = a.fields().iter().map(|(_, v)| *v).collect();
+        assert_eq!(values, (1..=10).collect::<Vec<u64>>());
+        assert!(!a.set("members", 1));
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

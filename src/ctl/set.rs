@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, Parser};
 
-use super::snapshot::{is_mount_root, parse_group};
+use super::snapshot::{FileRow, is_mount_root, parse_effective, parse_group};
 use super::{Failure, get_attr, get_text, io_failure, list_attrs, parse, remove_attr, set_attr};
 use crate::options::{
     GROUP_NAME_RULE, LimitFlags, canonical_limit_name, given_twice, limit_names, valid_group_name,
@@ -377,30 +377,19 @@ pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
     let own_group = get_text(path, xattr::GROUP).ok();
     let effective =
         get_text(path, xattr::EFFECTIVE).map_err(|e| io_failure(path, "effective", &e))?;
-    let mut source = String::new();
-    let mut in_force = Vec::new();
-    let (mut group, mut group_source) = (None, None);
-    for line in effective.lines() {
-        let Some((k, v)) = line.split_once('=') else {
-            continue;
-        };
-        match k {
-            "source" => source = v.to_string(),
-            "group" => group = Some(v.to_string()),
-            "group_source" => group_source = Some(v.to_string()),
-            _ => in_force.push((k.to_string(), v.to_string())),
-        }
-    }
+    let mut in_force = FileRow::default();
+    parse_effective(&mut in_force, &effective);
     println!("own limits:      {}", join_limits(&own_limits));
     println!(
         "own group:       {}",
         own_group.as_deref().unwrap_or("none")
     );
     println!(
-        "limits in force: {} (from {source})",
-        join_limits(&in_force)
+        "limits in force: {} (from {})",
+        join_limits(&in_force.limits),
+        in_force.source
     );
-    match (group, group_source) {
+    match (in_force.group, in_force.group_source) {
         (Some(g), Some(s)) => println!("group in force:  {g} (from {s})"),
         _ => println!("group in force:  none"),
     }

@@ -62,23 +62,6 @@ fn join(mount: &str, rel: &str) -> String {
     format!("{}{}", mount.trim_end_matches('/'), rel)
 }
 
-/// Sets `a`'s field called `name` (a `user.throttle.stats` name).
-fn set_field(a: &mut Activity, name: &str, value: u64) {
-    match name {
-        "read_bytes" => a.bytes[0] = value,
-        "read_ops" => a.ops[0] = value,
-        "write_bytes" => a.bytes[1] = value,
-        "write_ops" => a.ops[1] = value,
-        "wait_ns" => a.wait_ns = value,
-        "waiting" => a.waiting = value,
-        "read_bytes_per_sec" => a.bytes_per_sec[0] = value,
-        "read_ops_per_sec" => a.ops_per_sec[0] = value,
-        "write_bytes_per_sec" => a.bytes_per_sec[1] = value,
-        "write_ops_per_sec" => a.ops_per_sec[1] = value,
-        _ => {}
-    }
-}
-
 fn is_limit(name: &str) -> bool {
     crate::options::limit_names().iter().any(|n| n == name)
 }
@@ -117,7 +100,9 @@ pub fn parse_active(mount: &str, text: &str) -> (Vec<FileRow>, u64) {
                         .map(|(n, v)| (n.to_string(), v.to_string()))
                         .collect();
                 }
-                _ => set_field(&mut row.activity, name, value.parse().unwrap_or(0)),
+                _ => {
+                    row.activity.set(name, value.parse().unwrap_or(0));
+                }
             }
         }
         files.push(row);
@@ -149,7 +134,7 @@ pub fn parse_known_groups(text: &str) -> (Vec<String>, u64) {
 }
 
 /// Parses `user.throttle.effective` into `row`.
-fn parse_effective(row: &mut FileRow, text: &str) {
+pub fn parse_effective(row: &mut FileRow, text: &str) {
     for line in text.lines() {
         let Some((name, value)) = line.split_once('=') else {
             continue;
@@ -178,7 +163,9 @@ pub fn parse_group(name: &str, text: &str) -> GroupRow {
             "source" => row.source = value.to_string(),
             "members" => row.members = value.parse().unwrap_or(0),
             _ if is_limit(key) => row.limits.push((key.to_string(), value.to_string())),
-            _ => set_field(&mut row.activity, key, value.parse().unwrap_or(0)),
+            _ => {
+                row.activity.set(key, value.parse().unwrap_or(0));
+            }
         }
     }
     row
@@ -195,7 +182,7 @@ pub fn of_file(path: &Path) -> Result<FileRow, Failure> {
     };
     for line in stats.lines() {
         if let Some((name, value)) = line.split_once('=') {
-            set_field(&mut row.activity, name, value.parse().unwrap_or(0));
+            row.activity.set(name, value.parse().unwrap_or(0));
         }
     }
     parse_effective(&mut row, &effective);
