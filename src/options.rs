@@ -49,7 +49,7 @@ const GROUP_OPTION_PREFIX: &str = "group.";
 /// a FUSE mount (they are for mount(8) itself, systemd or the admin);
 /// accepted and ignored. Atime variants other than atime/noatime are here
 /// too: access times are the underlying filesystem's.
-const IGNORED_MOUNT_OPTIONS: [&str; 19] = [
+const IGNORED_MOUNT_OPTIONS: [&str; 20] = [
     "defaults",
     "auto",
     "noauto",
@@ -69,14 +69,12 @@ const IGNORED_MOUNT_OPTIONS: [&str; 19] = [
     "lazytime",
     "nolazytime",
     "diratime",
+    "nodiratime",
 ];
 
 /// Prefixes of ignored options with a value or a namespace: `x-systemd.*`,
 /// `x-gvfs-*`, `comment=...` (util-linux's userspace options).
 const IGNORED_MOUNT_OPTION_PREFIXES: [&str; 2] = ["x-", "comment="];
-
-/// Ignored on its own: `nodiratime` (see IGNORED_MOUNT_OPTIONS).
-const IGNORED_NODIRATIME: &str = "nodiratime";
 
 /// Flags that cancel each other; the later one wins, as with mount(8)
 /// (fstab's `defaults,ro` or mount.fuse3 adding `dev,suid` after `nodev`).
@@ -719,29 +717,37 @@ fn clear_stale_mount(mountpoint: &Path) -> Result<(), String> {
 /// block devices.
 fn live_fuse_mount(mountpoint: &Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = mountpoint.as_os_str().as_encoded_bytes();
-    info.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let point = unescape_mountinfo(fields.get(4)?);
-        let dash = fields.iter().position(|f| *f == "-")?;
-        let fstype = fields.get(dash + 1)?;
-        (point == want && (*fstype == "fuse" || fstype.starts_with("fuse.")))
-            .then(|| fstype.to_string())
-    })
+    info.lines()
+        .filter_map(mountinfo_entry)
+        .find_map(|(point, fstype)| {
+            (point == mountpoint && (fstype == "fuse" || fstype.starts_with("fuse.")))
+                .then(|| fstype.to_string())
+        })
 }
 
-/// mountinfo writes space, tab, newline and backslash as `\ooo`; the
-/// tests read mountinfo with this too.
-pub fn unescape_mountinfo(field: &str) -> Vec<u8> {
+/// One line of a /proc mountinfo file: the mount point (its octal escapes
+/// decoded) and the filesystem type. The tests read mountinfo with this
+/// too.
+pub fn mountinfo_entry(line: &str) -> Option<(PathBuf, &str)> {
+    use std::os::unix::ffi::OsStringExt;
+    let fields: Vec<&str> = line.split(' ').collect();
+    let point = OsString::from_vec(unescape_mountinfo(fields.get(4)?));
+    let dash = fields.iter().position(|f| *f == "-")?;
+    Some((PathBuf::from(point), fields.get(dash + 1)?))
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            std::str::from_utf8(d)
-                .ok()
-                .and_then(|d| u8::from_str_radix(d, 8).ok())
-        });
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .and_then(|d| {
+                u8::try_from(d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'))).ok()
+            });
         match (bytes[i], octal) {
             (b'\\', Some(b)) => {
                 out.push(b);
@@ -870,7 +876,6 @@ impl Collected {
     /// option, or one of mount(8)'s that is ignored.
     fn mount_option(&mut self, opt: &str) -> Result<(), String> {
         if IGNORED_MOUNT_OPTIONS.contains(&opt)
-            || opt == IGNORED_NODIRATIME
             || IGNORED_MOUNT_OPTION_PREFIXES
                 .iter()
                 .any(|p| opt.starts_with(p))
@@ -1036,16 +1041,22 @@ mod group_tests {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     #[test]
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(unescape_mountinfo(r"/mnt/a\040b\134c"), b"/mnt/a b\\c");
         assert_eq!(unescape_mountinfo(r"/plain"), b"/plain");
         // A backslash not followed by three octal digits stays.
         assert_eq!(unescape_mountinfo(r"/x\9"), br"/x\9");
+        assert_eq!(unescape_mountinfo(r"/x\+12"), br"/x\+12");
+        let line = r"36 35 0:40 / /mnt/my\040images rw,nosuid - fuse.throttlefs /srv/images rw";
+        assert_eq!(
+            mountinfo_entry(line),
+            Some((PathBuf::from("/mnt/my images"), "fuse.throttlefs"))
+        );
     }
-
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     const KIB: u64 = 1024;
     const MIB: u64 = 1024 * KIB;

@@ -186,15 +186,10 @@ fn umount_and_wait(m: &Mount) {
 /// as `findmnt -t` and `umount -t` match it.
 fn fstype_of(mnt: &Path) -> Option<String> {
     let info = fs::read_to_string("/proc/thread-self/mountinfo").ok()?;
-    let want = mnt.as_os_str().as_bytes();
-    info.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let point = throttlefs::options::unescape_mountinfo(fields.get(4)?);
-        (point == want).then(|| {
-            let dash = fields.iter().position(|f| *f == "-")?;
-            fields.get(dash + 1).map(|t| t.to_string())
-        })?
-    })
+    info.lines()
+        .filter_map(throttlefs::options::mountinfo_entry)
+        .find(|(point, _)| point == mnt)
+        .map(|(_, fstype)| fstype.to_string())
 }
 
 #[test]

@@ -326,22 +326,14 @@ impl Drop for Mount {
     }
 }
 
-/// Decodes the octal escapes (`\040` for a space, ...) of /proc mountinfo.
-fn unescape_mountinfo(field: &str) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt;
-    PathBuf::from(std::ffi::OsString::from_vec(
-        throttlefs::options::unescape_mountinfo(field),
-    ))
-}
-
 /// Mount points listed in this thread's mountinfo (a test may have moved
 /// its thread into a mount namespace of its own, see tests/mount_cmd.rs).
 pub fn mount_points() -> Vec<PathBuf> {
     let info = fs::read_to_string("/proc/thread-self/mountinfo")
         .expect("read /proc/thread-self/mountinfo");
     info.lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape_mountinfo)
+        .filter_map(throttlefs::options::mountinfo_entry)
+        .map(|(point, _)| point)
         .collect()
 }
 
