@@ -106,6 +106,9 @@ struct DirStream {
     dir: *mut libc::DIR,
     /// Where the next readdir continues (a telldir value), to notice seeks.
     position: u64,
+    /// The directory's device: its entries' (dev, ino), but for mount
+    /// points.
+    dev: u64,
 }
 
 // SAFETY: a DIR stream may be used from any thread as long as only one uses
@@ -1242,10 +1245,14 @@ impl Filesystem for ThrottleFs {
                 return Err(e);
             }
             let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-            self.dirs
-                .write()
-                .expect("dir lock")
-                .insert(fh, Arc::new(Mutex::new(DirStream { dir, position: 0 })));
+            self.dirs.write().expect("dir lock").insert(
+                fh,
+                Arc::new(Mutex::new(DirStream {
+                    dir,
+                    position: 0,
+                    dev: node.key.0,
+                })),
+            );
             Ok(fh)
         })();
         match r {
@@ -1268,10 +1275,6 @@ impl Filesystem for ThrottleFs {
         let mut s = stream.lock().expect("dir stream");
         // SAFETY: `dir` is a live stream.
         let dir_fd = unsafe { libc::dirfd(s.dir) };
-        let dir_dev = match stat_fd(dir_fd) {
-            Ok(st) => st.st_dev,
-            Err(e) => return reply.error(e),
-        };
         if offset != s.position {
             // SAFETY: `dir` is a live stream; offsets are telldir values.
             unsafe {
@@ -1325,7 +1328,7 @@ impl Filesystem for ThrottleFs {
                 }
                 _ => None,
             }
-            .unwrap_or((dir_dev, ino));
+            .unwrap_or((s.dev, ino));
             let ino = match self.number_of(key) {
                 Ok(n) => n,
                 Err(e) => return reply.error(e),
