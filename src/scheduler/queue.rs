@@ -512,17 +512,9 @@ mod tests {
             spent in proptest::collection::vec((0u8..2, 1u64..1_000_000), 0..4),
             at_us in 0u64..2_000_000,
         ) {
-            let all = [
-                BucketKind::BpsTotal,
-                BucketKind::BpsRead,
-                BucketKind::BpsWrite,
-                BucketKind::IopsTotal,
-                BucketKind::IopsRead,
-                BucketKind::IopsWrite,
-            ];
             let mut l = Limits::default();
             for k in &kinds {
-                l.get_mut(all[*k]).avg = avg;
+                l.get_mut(BucketKind::ALL[*k]).avg = avg;
             }
             let at = Duration::from_micros(at_us);
             let mut a = queue_of(l, &recipe, writes_in_flight, &spent);
