@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 use io_uring::{IoUring, opcode, squeue, types};
 
-use crate::io::{
-    AlignedBuf, Completion, Flight, Handle, Job, JobQueue, Released, WriteData, unmoved,
-};
+use super::{AlignedBuf, Completion, Flight, Handle, Job, JobQueue, Released, WriteData, unmoved};
 use crate::throttle::Direction;
 
 /// Submission queue entries of each ring; one is the eventfd's read.

@@ -14,7 +14,10 @@ use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 
 use crate::stats::FileShared;
 use crate::throttle::Direction;
-use crate::uring::{self, RingWake};
+
+pub mod uring;
+
+use uring::RingWake;
 
 /// An open file of the underlying tree. Queued requests hold an `Arc` to it,
 /// so a `release` that races with a queued request (a caller killed while
