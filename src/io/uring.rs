@@ -14,7 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 use io_uring::{IoUring, opcode, squeue, types};
 
-use super::{AlignedBuf, Completion, Flight, Handle, Job, JobQueue, Released, WriteData, unmoved};
+use super::JobQueue;
+use super::buffer::{AlignedBuf, WriteData};
+use super::flight::{Completion, Flight};
+use super::handle::Handle;
+use super::job::{Job, Released, unmoved};
 use crate::throttle::Direction;
 
 /// Submission queue entries of each ring; one is the eventfd's read.
