@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 use io_uring::{IoUring, opcode, squeue, types};
 
-use super::JobQueue;
 use super::buffer::{AlignedBuf, WriteData};
 use super::flight::{Completion, Flight};
 use super::handle::Handle;
 use super::job::{Job, Released, unmoved};
+use super::queue::{JobQueue, Wake};
 use crate::throttle::Direction;
 
 /// Submission queue entries of each ring; one is the eventfd's read.
@@ -49,8 +49,14 @@ impl RingWake {
             efd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }
+}
 
-    pub fn ring(&self) {
+impl Wake for RingWake {
+    fn take_sleeping(&self) -> bool {
+        self.sleeping.swap(false, Ordering::SeqCst)
+    }
+
+    fn ring(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our eventfd. It cannot
         // block: the worker reads the counter before it overflows.
