@@ -1,6 +1,24 @@
 //! The I/O side: jobs that perform a released request on the underlying
 //! file and send its reply, and the worker pool that runs them so that a slow
 //! disk under one file never delays the scheduler.
+//!
+//! - `job`: a job (`Job`), released with its file (`Released`), and how it
+//!   is performed with plain system calls.
+//! - `flight`: a file's jobs in flight (`Flight`), counted in by the
+//!   scheduler and out by the workers, and the `Completion`s the scheduler
+//!   must hear of.
+//! - `handle`: an open file of the underlying tree (`Handle`, `DirectFd`)
+//!   and the plain system calls on it.
+//! - `buffer`: the aligned buffers O_DIRECT needs, each thread's scratch
+//!   buffers, and a queued write's data (`WriteData`).
+//! - `queue`: the queue of released jobs and its senders (`JobSender` for
+//!   the scheduler, `DirectSender` for files without limits).
+//! - `uring` and `blocking`: the two pools that take jobs from the queue,
+//!   on io_uring where the kernel offers it, else on blocking threads;
+//!   `IoPool`, here, chooses.
+//!
+//! The pools use the job types and the queue, never each other: another
+//! pool would be one more file beside them.
 
 use std::io;
 use std::sync::Arc;
