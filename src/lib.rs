@@ -8,5 +8,4 @@ pub mod options;
 pub mod scheduler;
 pub mod stats;
 pub mod throttle;
-pub mod uring;
 pub mod xattr;

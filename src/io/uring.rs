@@ -3,20 +3,23 @@
 //! so one thread keeps many requests in flight without blocking (and
 //! without a context switch) per request. A worker sleeps in the ring;
 //! the scheduler wakes it through an eventfd whose read is always pending
-//! there. Where io_uring is not available the blocking pool in `io` is
-//! used instead.
+//! there. Where io_uring is not available the blocking pool (`blocking`)
+//! is used instead.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
 
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 use io_uring::{IoUring, opcode, squeue, types};
 
-use crate::io::{
-    AlignedBuf, Completion, Flight, Handle, Job, JobQueue, Released, WriteData, unmoved,
-};
+use super::buffer::{AlignedBuf, WriteData};
+use super::flight::{Completion, Flight};
+use super::handle::Handle;
+use super::job::{Job, Released, unmoved};
+use super::queue::{JobQueue, Wake};
 use crate::throttle::Direction;
 
 /// Submission queue entries of each ring; one is the eventfd's read.
@@ -47,13 +50,51 @@ impl RingWake {
             efd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }
+}
 
-    pub fn ring(&self) {
+impl Wake for RingWake {
+    fn take_sleeping(&self) -> bool {
+        self.sleeping.swap(false, Ordering::SeqCst)
+    }
+
+    fn ring(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our eventfd. It cannot
         // block: the worker reads the counter before it overflows.
         unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
+}
+
+/// Ring workers, one per core up to `threads`, or the error that says
+/// io_uring is not to be had here (then none was started).
+pub(crate) fn start_workers(
+    threads: usize,
+    queue: &Arc<JobQueue>,
+    done: impl Fn(Completion) + Send + Clone + 'static,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let n = threads.min(cores).max(1);
+    let mut rings = Vec::with_capacity(n);
+    for _ in 0..n {
+        rings.push((new_ring()?, Arc::new(RingWake::new()?)));
+    }
+    queue.set_rings(
+        rings
+            .iter()
+            .map(|(_, w)| w.clone() as Arc<dyn Wake>)
+            .collect(),
+    );
+    let mut workers = Vec::with_capacity(n);
+    for (i, (ring, wake)) in rings.into_iter().enumerate() {
+        let queue = queue.clone();
+        let done = done.clone();
+        workers.push(
+            thread::Builder::new()
+                .name(format!("io-{i}"))
+                .spawn(move || run(ring, queue, wake, done))?,
+        );
+    }
+    Ok(workers)
 }
 
 /// A ring for one worker, or the error that says io_uring is not to be had
@@ -281,12 +322,7 @@ fn start(r: Released, done: &impl Fn(Completion)) -> Option<Op> {
 /// for), submit it, sleep in the ring until a completion or the eventfd,
 /// reply to what completed; stop once the queue is closed and empty and
 /// nothing is in flight.
-pub(crate) fn run(
-    mut ring: IoUring,
-    queue: Arc<JobQueue>,
-    wake: Arc<RingWake>,
-    done: impl Fn(Completion),
-) {
+fn run(mut ring: IoUring, queue: Arc<JobQueue>, wake: Arc<RingWake>, done: impl Fn(Completion)) {
     let mut slots: Vec<Option<Op>> = (0..OPS_MAX).map(|_| None).collect();
     let mut free: Vec<usize> = (0..OPS_MAX).rev().collect();
     // The eventfd read's target; on the heap, and dropped after the ring
