@@ -9,7 +9,8 @@ use std::io::Write;
 use clap::{Command, Parser};
 use clap_complete::Shell;
 
-use super::{Failure, parse, set, stat, top};
+use super::failure::{Failure, parse};
+use super::{set, stat, top};
 use crate::options::mount_command;
 
 /// The program name the scripts complete.

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, Parser};
 
+use super::attr::{get_attr, get_text, io_failure, list_attrs, remove_attr, set_attr};
+use super::failure::{Failure, parse};
 use super::snapshot::{FileRow, is_mount_root, parse_effective, parse_group};
-use super::{Failure, get_attr, get_text, io_failure, list_attrs, parse, remove_attr, set_attr};
 use crate::options::{
     GROUP_NAME_RULE, LimitFlags, canonical_limit_name, given_twice, limit_names, valid_group_name,
 };

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+use super::failure::{Failure, parse};
 use super::snapshot::{self, MountSnapshot};
-use super::stat::{Row, table};
-use super::{Failure, parse};
+use super::table::{Row, table};
 use crate::options::parse_duration;
 
 /// Shortest refresh interval accepted: each refresh is a few syscalls.
