@@ -64,3 +64,28 @@ pub fn main(args: Vec<OsString>) -> Result<(), Failure> {
         .write_all(&script)
         .map_err(|e| Failure::failed(format!("writing the script: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mount's `--help` lists every command with its own `about`, and
+    /// nothing else in that list.
+    #[test]
+    fn mount_help_lists_each_command_with_its_about() {
+        let mount = mount_command();
+        let help = mount.get_after_help().expect("after_help").to_string();
+        let listed: Vec<&str> = help
+            .lines()
+            .skip_while(|l| !l.starts_with("Commands for a running mount"))
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .collect();
+        let full = full_command();
+        let expected: Vec<String> = full
+            .get_subcommands()
+            .map(|c| format!("  {:<12} {}", c.get_name(), c.get_about().expect("about")))
+            .collect();
+        assert_eq!(listed, expected);
+    }
+}

@@ -11,8 +11,9 @@ use super::{json, prometheus, snapshot, table};
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "One snapshot of what the throttle does: for a mount point, its files that are \
-             open or active and every group it knows; for a file, that file"
+    about = "One snapshot of a mount's or a file's rates, limits and group",
+    long_about = "One snapshot of what the throttle does: for a mount point, its files that are \
+                  open or active and every group it knows; for a file, that file"
 )]
 struct StatCli {
     /// JSON instead of a table

@@ -27,8 +27,9 @@ const HEADER_LINES: usize = 3;
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Live view of a throttlefs mount: its open or active files and groups, \
-             with rates over the last second. Keys: a r w i t p sort, q quits."
+    about = "Live view of a mount's open or active files and groups",
+    long_about = "Live view of a throttlefs mount: its open or active files and groups, \
+                  with rates over the last second. Keys: a r w i t p sort, q quits."
 )]
 struct TopCli {
     /// time between refreshes (humantime, or seconds)
