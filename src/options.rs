@@ -596,8 +596,22 @@ const FUSE_FLAGS: [(&str, fuser::MountOption); 14] = [
     ("dirsync", fuser::MountOption::DirSync),
 ];
 
+/// The commands for a running mount, each with its `about` (a unit test in
+/// src/ctl/completions.rs holds the two together).
+const COMMANDS_HELP: &str = "\
+Commands for a running mount (throttlefs COMMAND --help for more):
+  stat         One snapshot of a mount's or a file's rates, limits and group
+  top          Live view of a mount's open or active files and groups
+  set          Set limits or the throttle group of a file or directory
+  get          Show the limits and group of a file, a directory or a group
+  unset        Remove limits or the group membership of a file or directory
+  completions  Print the shell completion script for SHELL on standard output
+
+";
+
 fn after_help() -> String {
-    let mut text = String::from(
+    let mut text = String::from(COMMANDS_HELP);
+    text.push_str(
         "Limits, also settable as -o NAME=VALUE (0 = unlimited; each name at most once):\n",
     );
     for name in limit_names() {

@@ -152,6 +152,25 @@ fn help_exits_zero_and_explains_limits() {
     }
 }
 
+/// `--help` tells of the commands for a running mount, each on its line.
+#[test]
+fn help_names_every_command() {
+    let out = Command::new(common::binary())
+        .arg("--help")
+        .output()
+        .expect("run throttlefs --help");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for command in ["stat", "top", "set", "get", "unset", "completions"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(command)),
+            "--help has no line for {command}:\n{stdout}"
+        );
+    }
+}
+
 #[test]
 fn valid_options_mount() {
     // The counterpart of the rejections: a full set of valid QEMU options

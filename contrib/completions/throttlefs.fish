@@ -37,17 +37,17 @@ complete -c throttlefs -n "__fish_throttlefs_needs_command" -s f -l foreground -
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s v -d 'more log output; repeat for even more'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s h -l help -d 'Print help'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s V -l version -d 'Print version'
-complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "stat" -d 'One snapshot of what the throttle does: for a mount point, its files that are open or active and every group it knows; for a file, that file'
-complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "top" -d 'Live view of a throttlefs mount: its open or active files and groups, with rates over the last second. Keys: a r w i t p sort, q quits.'
-complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "set" -d 'Set limits or the throttle group of a file or directory on a throttlefs mount (its user.throttle.* attributes); live, persisted, validated as a whole'
-complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "get" -d 'Show a file\'s or directory\'s own limits and group, and those in force; or a group\'s limits and where they come from'
-complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "unset" -d 'Remove limits (or the group membership, as `group`) from a file or directory; with none of its own left, it inherits again'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "stat" -d 'One snapshot of a mount\'s or a file\'s rates, limits and group'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "top" -d 'Live view of a mount\'s open or active files and groups'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "set" -d 'Set limits or the throttle group of a file or directory'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "get" -d 'Show the limits and group of a file, a directory or a group'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "unset" -d 'Remove limits or the group membership of a file or directory'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "completions" -d 'Print the shell completion script for SHELL on standard output'
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand stat" -l json -d 'JSON instead of a table'
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand stat" -l prometheus -d 'Prometheus text exposition format (for node_exporter\'s textfile collector)'
-complete -c throttlefs -n "__fish_throttlefs_using_subcommand stat" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand stat" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand top" -s d -l delay -d 'time between refreshes (humantime, or seconds)' -r
-complete -c throttlefs -n "__fish_throttlefs_using_subcommand top" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand top" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l bps -d 'limit total (read + write) bytes per second (0 = unlimited)' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l bps-rd -d 'limit read bytes per second (0 = unlimited)' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l bps-wr -d 'limit write bytes per second (0 = unlimited)' -r
@@ -57,9 +57,9 @@ complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l iops-wr -d
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -s o -d 'any limit by its name (bps_max, iops_size, ...); repeatable' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l group -d 'join throttle group NAME (files below a directory inherit it)' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l group-limits -d 'set the limits of throttle group NAME instead (PATH: the mount point)' -r
-complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand get" -l group-limits -d 'show the limits of throttle group NAME instead (PATH: the mount point)' -r
-complete -c throttlefs -n "__fish_throttlefs_using_subcommand get" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand get" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand unset" -l group-limits -d 'remove limits of throttle group NAME instead (PATH: the mount point)' -r
-complete -c throttlefs -n "__fish_throttlefs_using_subcommand unset" -s h -l help -d 'Print help'
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand unset" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand completions" -s h -l help -d 'Print help'

@@ -9,7 +9,8 @@ use std::io::Write;
 use clap::{Command, Parser};
 use clap_complete::Shell;
 
-use super::{Failure, parse, set, stat, top};
+use super::failure::{Failure, parse};
+use super::{set, stat, top};
 use crate::options::mount_command;
 
 /// The program name the scripts complete.
@@ -62,4 +63,29 @@ pub fn main(args: Vec<OsString>) -> Result<(), Failure> {
     std::io::stdout()
         .write_all(&script)
         .map_err(|e| Failure::failed(format!("writing the script: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mount's `--help` lists every command with its own `about`, and
+    /// nothing else in that list.
+    #[test]
+    fn mount_help_lists_each_command_with_its_about() {
+        let mount = mount_command();
+        let help = mount.get_after_help().expect("after_help").to_string();
+        let listed: Vec<&str> = help
+            .lines()
+            .skip_while(|l| !l.starts_with("Commands for a running mount"))
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .collect();
+        let full = full_command();
+        let expected: Vec<String> = full
+            .get_subcommands()
+            .map(|c| format!("  {:<12} {}", c.get_name(), c.get_about().expect("about")))
+            .collect();
+        assert_eq!(listed, expected);
+    }
 }

@@ -5,8 +5,7 @@
 
 use std::fmt::Write as _;
 
-use super::snapshot::FileRow;
-use super::stat::Report;
+use super::snapshot::{FileRow, GroupRow, Report};
 use crate::stats::Activity;
 
 /// A label value: backslash, double quote and newline escaped.
@@ -170,7 +169,7 @@ pub fn render(report: &Report) -> String {
         fam.sample(name, &labels(&[("mount", &m.mount)]), m.files_unlisted);
     }
 
-    let groups: Vec<(String, &super::snapshot::GroupRow)> = report
+    let groups: Vec<(String, &GroupRow)> = report
         .mounts
         .iter()
         .flat_map(|m| {

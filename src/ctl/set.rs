@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, Parser};
 
+use super::attr::{get_attr, get_text, io_failure, list_attrs, remove_attr, set_attr};
+use super::failure::{Failure, parse};
 use super::snapshot::{FileRow, is_mount_root, parse_effective, parse_group};
-use super::{Failure, get_attr, get_text, io_failure, list_attrs, parse, remove_attr, set_attr};
 use crate::options::{
     GROUP_NAME_RULE, LimitFlags, canonical_limit_name, given_twice, limit_names, valid_group_name,
 };
@@ -23,8 +24,9 @@ const GROUP_NAME: &str = "group";
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Set limits or the throttle group of a file or directory on a throttlefs mount \
-             (its user.throttle.* attributes); live, persisted, validated as a whole",
+    about = "Set limits or the throttle group of a file or directory",
+    long_about = "Set limits or the throttle group of a file or directory on a throttlefs mount \
+                  (its user.throttle.* attributes); live, persisted, validated as a whole",
     after_help = "Other limits (bursts, iops_size): -o NAME=VALUE, as for the mount. \
                   A value of 0 sets the limit to unlimited and keeps the set the file's own. \
                   libvirt <iotune> and QEMU throttling names are accepted too \
@@ -48,8 +50,9 @@ struct SetCli {
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Show a file's or directory's own limits and group, and those in force; \
-             or a group's limits and where they come from"
+    about = "Show the limits and group of a file, a directory or a group",
+    long_about = "Show a file's or directory's own limits and group, and those in force; \
+                  or a group's limits and where they come from"
 )]
 struct GetCli {
     /// show the limits of throttle group NAME instead (PATH: the mount point)
@@ -61,8 +64,9 @@ struct GetCli {
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Remove limits (or the group membership, as `group`) from a file or directory; \
-             with none of its own left, it inherits again"
+    about = "Remove limits or the group membership of a file or directory",
+    long_about = "Remove limits (or the group membership, as `group`) from a file or directory; \
+                  with none of its own left, it inherits again"
 )]
 struct UnsetCli {
     /// remove limits of throttle group NAME instead (PATH: the mount point)

@@ -1,5 +1,5 @@
-//! One reading of what a mount or a file is doing, parsed from the
-//! generated attributes: `user.throttle.active` and
+//! The model every output format renders: one reading of what a mount or
+//! a file is doing ([`Report`]), parsed from the generated attributes: `user.throttle.active` and
 //! `user.throttle.group.NAME.stats` on a mount root (one read each, however
 //! many files), `user.throttle.stats` and `user.throttle.effective` on a
 //! file.
@@ -7,7 +7,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::{Failure, get_text, io_failure};
+use super::attr::{get_attr, get_text, io_failure};
+use super::failure::Failure;
 use crate::stats::Activity;
 use crate::xattr::{self, unescape_value};
 
@@ -52,6 +53,28 @@ pub struct MountSnapshot {
     pub groups: Vec<GroupRow>,
     /// Groups the mount knows that did not fit in its `groups=` line.
     pub groups_unlisted: u64,
+}
+
+/// Everything one `stat` read.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub mounts: Vec<MountSnapshot>,
+    /// Files named on the command line.
+    pub files: Vec<FileRow>,
+}
+
+/// Reads each path: a directory must be a mount root, anything else is a
+/// file on a mount.
+pub fn collect(paths: &[PathBuf]) -> Result<Report, Failure> {
+    let mut report = Report::default();
+    for path in paths {
+        if path.is_dir() {
+            report.mounts.push(of_mount(path)?);
+        } else {
+            report.files.push(of_file(path)?);
+        }
+    }
+    Ok(report)
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -233,7 +256,7 @@ pub fn of_mount(root: &Path) -> Result<MountSnapshot, Failure> {
 /// Whether `path` is a directory that answers `user.throttle.active`: a
 /// mount root.
 pub fn is_mount_root(path: &Path) -> bool {
-    path.is_dir() && super::get_attr(path, xattr::ACTIVE).is_ok()
+    path.is_dir() && get_attr(path, xattr::ACTIVE).is_ok()
 }
 
 #[cfg(test)]

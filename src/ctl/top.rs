@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+use super::failure::{Failure, parse};
 use super::snapshot::{self, MountSnapshot};
-use super::stat::{Row, table};
-use super::{Failure, parse};
+use super::table::{Row, table};
 use crate::options::parse_duration;
 
 /// Shortest refresh interval accepted: each refresh is a few syscalls.
@@ -27,8 +27,9 @@ const HEADER_LINES: usize = 3;
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Live view of a throttlefs mount: its open or active files and groups, \
-             with rates over the last second. Keys: a r w i t p sort, q quits."
+    about = "Live view of a mount's open or active files and groups",
+    long_about = "Live view of a throttlefs mount: its open or active files and groups, \
+                  with rates over the last second. Keys: a r w i t p sort, q quits."
 )]
 struct TopCli {
     /// time between refreshes (humantime, or seconds)

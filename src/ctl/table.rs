@@ -1,0 +1,203 @@
+//! The plain table of a reading: `stat`'s (with totals, every row) and
+//! `top`'s (rates only, cut to the terminal).
+
+use std::fmt::Write as _;
+
+use super::snapshot::{FileRow, GroupRow, Report};
+use crate::stats::Activity;
+
+/// `stat`'s table: every group and file of each mount, then the files
+/// named, with totals; then a line for each mount with rows left out.
+pub fn render(report: &Report) -> String {
+    let mut rows = Vec::new();
+    for m in &report.mounts {
+        rows.extend(m.groups.iter().map(Row::group));
+        rows.extend(m.files.iter().map(Row::file));
+    }
+    rows.extend(report.files.iter().map(Row::file));
+    let mut out = table(&rows, true, usize::MAX);
+    for m in report.mounts.iter().filter(|m| m.files_unlisted > 0) {
+        let _ = writeln!(
+            out,
+            "{}: {} more files open or active, not listed",
+            m.mount, m.files_unlisted
+        );
+    }
+    for m in report.mounts.iter().filter(|m| m.groups_unlisted > 0) {
+        let _ = writeln!(
+            out,
+            "{}: {} more groups, not listed",
+            m.mount, m.groups_unlisted
+        );
+    }
+    out
+}
+
+/// One line of the table: a file or a group.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// The file's path, or `group NAME`.
+    pub label: String,
+    pub is_group: bool,
+    pub group: String,
+    /// Limits in force, made short (`bps_wr=10M`), and where from.
+    pub limits: String,
+    pub activity: Activity,
+    /// Open handles, or members for a group.
+    pub count: Option<u64>,
+}
+
+impl Row {
+    pub fn file(f: &FileRow) -> Row {
+        Row {
+            label: f.path.clone(),
+            is_group: false,
+            group: f.group.clone().unwrap_or_else(|| "-".into()),
+            limits: describe_limits(&f.limits, &f.source),
+            activity: f.activity,
+            count: f.open,
+        }
+    }
+
+    pub fn group(g: &GroupRow) -> Row {
+        Row {
+            label: format!("group {}", g.name),
+            is_group: true,
+            group: g.name.clone(),
+            limits: describe_limits(&g.limits, &g.source),
+            activity: g.activity,
+            count: Some(g.members),
+        }
+    }
+}
+
+/// A limit value made short: sizes with a binary suffix when exact.
+pub fn short_value(name: &str, value: &str) -> String {
+    if name.ends_with("_max_length") {
+        return format!("{value}s");
+    }
+    let bytes = name.starts_with("bps") || name == "iops_size";
+    match value.parse::<u64>() {
+        Ok(mut n) if bytes && n > 0 => {
+            let mut suffix = "";
+            for s in ["K", "M", "G", "T", "P", "E"] {
+                if n % 1024 != 0 {
+                    break;
+                }
+                n /= 1024;
+                suffix = s;
+            }
+            format!("{n}{suffix}")
+        }
+        _ => value.to_string(),
+    }
+}
+
+fn describe_limits(limits: &[(String, String)], source: &str) -> String {
+    let list: Vec<String> = limits
+        .iter()
+        .map(|(n, v)| format!("{n}={}", short_value(n, v)))
+        .collect();
+    let list = if list.is_empty() {
+        "none".to_string()
+    } else {
+        list.join(",")
+    };
+    format!("{list} ({source})")
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+const HEADERS: [&str; 8] = [
+    "READ MiB/s",
+    "WRITE MiB/s",
+    "R IOPS",
+    "W IOPS",
+    "WAITING",
+    "WAITED s",
+    "GROUP",
+    "PATH",
+];
+const TOTAL_HEADERS: [&str; 3] = ["READ MiB", "WRITE MiB", "OPEN"];
+
+/// The table: right-aligned numbers, then group, path and limits, each
+/// line cut at `width` characters. With `totals`, the bytes moved since
+/// the mount and the open handles too.
+pub fn table(rows: &[Row], totals: bool, width: usize) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let a = &r.activity;
+            let mut c = vec![
+                mib(a.bytes_per_sec[0]),
+                mib(a.bytes_per_sec[1]),
+                a.ops_per_sec[0].to_string(),
+                a.ops_per_sec[1].to_string(),
+                a.waiting.to_string(),
+                if r.is_group {
+                    "-".to_string()
+                } else {
+                    format!("{:.2}", a.wait_ns as f64 / 1e9)
+                },
+            ];
+            if totals {
+                c.push(mib(a.bytes[0]));
+                c.push(mib(a.bytes[1]));
+                c.push(r.count.map_or("-".into(), |n| n.to_string()));
+            }
+            c.push(r.group.clone());
+            c.push(r.label.clone());
+            c.push(r.limits.clone());
+            c
+        })
+        .collect();
+    let mut headers: Vec<&str> = HEADERS[..6].to_vec();
+    if totals {
+        headers.extend(TOTAL_HEADERS);
+    }
+    headers.extend(&HEADERS[6..]);
+    headers.push("LIMITS (FROM)");
+    let numbers = headers.len() - 3;
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cols: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (c, w)) in cols.iter().zip(&widths).enumerate() {
+            let last = i + 1 == cols.len();
+            let _ = match (i < numbers, last) {
+                (true, _) => write!(out, "{c:>w$}  "),
+                (false, false) => write!(out, "{c:<w$}  "),
+                (false, true) => write!(out, "{c}"),
+            };
+        }
+        let mut out: String = out.chars().take(width).collect();
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+        out
+    };
+    let mut out = line(headers.clone());
+    for row in &cells {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_values() {
+        assert_eq!(short_value("bps_wr", "10485760"), "10M");
+        assert_eq!(short_value("bps", "1000"), "1000");
+        assert_eq!(short_value("iops", "1024"), "1024");
+        assert_eq!(short_value("bps_max_length", "0.5"), "0.5s");
+        assert_eq!(short_value("iops_size", "4096"), "4K");
+    }
+}
