@@ -1,7 +1,8 @@
 //! The shipped documentation against the program: man/throttlefs.1 names
 //! every option, limit, alias and command that the help texts name, and
 //! groff reads it without a warning; contrib/completions/ holds what
-//! `throttlefs completions SHELL` prints.
+//! `throttlefs completions SHELL` prints; README.md stays a front page and
+//! every relative link in it and in docs/*.md resolves.
 
 mod common;
 
@@ -201,4 +202,174 @@ fn bash_completion_offers_commands_and_each_commands_flags() {
         offered(&["throttlefs", "completions", "f"]),
         BTreeSet::from(["fish".to_string()])
     );
+}
+
+/// The front page stays a front page: the rest lives in docs/.
+const README_LINES_MAX: usize = 320;
+
+#[test]
+fn readme_stays_a_front_page() {
+    let readme = fs::read_to_string(repo_path("README.md")).unwrap();
+    let lines = readme.lines().count();
+    assert!(
+        lines <= README_LINES_MAX,
+        "README.md has {lines} lines, more than {README_LINES_MAX}: move detail to docs/"
+    );
+}
+
+/// README.md and every docs/*.md.
+fn markdown_pages() -> Vec<PathBuf> {
+    let mut pages = vec![repo_path("README.md")];
+    let mut docs: Vec<PathBuf> = fs::read_dir(repo_path("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    docs.sort();
+    assert!(!docs.is_empty(), "docs/ holds no .md page");
+    pages.extend(docs);
+    pages
+}
+
+/// Markdown without its fenced code blocks and code spans, where a `[x](y)`
+/// is text, not a link.
+fn prose(markdown: &str) -> String {
+    let mut text = String::new();
+    let mut fenced = false;
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if !fenced {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    // Code spans may wrap across lines; drop every one.
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(open) = rest.find('`') {
+        out.push_str(&rest[..open]);
+        let ticks = rest[open..].chars().take_while(|&c| c == '`').count();
+        let fence = "`".repeat(ticks);
+        let after = &rest[open + ticks..];
+        match after.find(&fence) {
+            Some(close) => rest = &after[close + ticks..],
+            None => {
+                out.push_str(&rest[open..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The targets of the inline links `[text](target)` of a page.
+fn link_targets(markdown: &str) -> Vec<String> {
+    let text = prose(markdown);
+    text.match_indices("](")
+        .filter_map(|(at, _)| {
+            let target = &text[at + 2..];
+            let end = target.find(')')?;
+            Some(target[..end].trim().to_string())
+        })
+        .collect()
+}
+
+/// GitHub's anchor for a heading: lowercase, spaces to `-`, and every other
+/// character that is not a letter, digit, `-` or `_` dropped; a repeated
+/// anchor gets `-1`, `-2`, ...
+fn heading_anchors(markdown: &str) -> BTreeSet<String> {
+    let mut anchors = BTreeSet::new();
+    let mut fenced = false;
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced || !line.starts_with('#') {
+            continue;
+        }
+        let title = line.trim_start_matches('#');
+        if !title.starts_with(' ') {
+            continue;
+        }
+        let slug: String = title
+            .trim()
+            .to_lowercase()
+            .chars()
+            .filter_map(|c| match c {
+                ' ' => Some('-'),
+                c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                _ => None,
+            })
+            .collect();
+        let mut anchor = slug.clone();
+        let mut n = 0;
+        while anchors.contains(&anchor) {
+            n += 1;
+            anchor = format!("{slug}-{n}");
+        }
+        anchors.insert(anchor);
+    }
+    anchors
+}
+
+#[test]
+fn heading_anchors_follow_githubs_rules() {
+    let anchors = heading_anchors(
+        "# Watching and tuning: stat, top\n```\n# not a heading\n```\n\
+         ## The I/O path\n## Order\n## Order\n#hashtag\n",
+    );
+    let want = [
+        "watching-and-tuning-stat-top",
+        "the-io-path",
+        "order",
+        "order-1",
+    ];
+    assert_eq!(anchors, want.iter().map(|s| s.to_string()).collect());
+    assert_eq!(
+        link_targets("[a](b.md) `[c](d.md)` and\n```\n[e](f.md)\n```\n[g](h.md#i)"),
+        ["b.md", "h.md#i"]
+    );
+}
+
+#[test]
+fn relative_links_in_readme_and_docs_resolve() {
+    let mut broken = Vec::new();
+    for page in markdown_pages() {
+        let text = fs::read_to_string(&page).unwrap();
+        let dir = page.parent().unwrap();
+        for target in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = match target.split_once('#') {
+                Some((path, anchor)) => (path, Some(anchor)),
+                None => (target.as_str(), None),
+            };
+            let file = if path.is_empty() {
+                page.clone()
+            } else {
+                dir.join(path)
+            };
+            let name = page.strip_prefix(repo_path("")).unwrap_or(&page);
+            let shown = format!("{}: {target}", name.display());
+            if !file.exists() {
+                broken.push(format!("{shown} (no such file)"));
+                continue;
+            }
+            if let Some(anchor) = anchor {
+                let headings = fs::read_to_string(&file)
+                    .map(|t| heading_anchors(&t))
+                    .unwrap_or_default();
+                if !headings.contains(anchor) {
+                    broken.push(format!("{shown} (no such heading; has {headings:?})"));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links: {broken:#?}");
 }
