@@ -409,7 +409,7 @@ impl ThrottleFs {
         };
         log::warn!(
             "out of file descriptors ({what}: {}{since}): {held} inodes held, {open} open \
-             files, limit {}; raise the hard RLIMIT_NOFILE (README: Descriptors)",
+             files, limit {}; raise the hard RLIMIT_NOFILE (docs/operations.md, Descriptors)",
             io::Error::from_raw_os_error(e.code()),
             lim.rlim_cur
         );
@@ -1605,7 +1605,7 @@ impl Filesystem for ThrottleFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        // Moves no data, so it is not charged; see the README.
+        // Moves no data, so it is not charged; see docs/limits.md.
         let r = (|| {
             let h = self.handle(fh)?;
             let off = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;

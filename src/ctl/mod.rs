@@ -3,7 +3,7 @@
 //! same binary.
 //!
 //! Everything they read or change goes through the mount's `user.throttle.*`
-//! extended attributes (see README, "Per-file limits"), so the kernel's
+//! extended attributes (docs/attributes.md), so the kernel's
 //! permission checks on those apply to them as to `getfattr`/`setfattr`:
 //! there is no second control channel.
 //!
