@@ -13,7 +13,7 @@ use std::fmt;
 use std::time::Duration;
 
 /// Nano-units per unit: one byte (or one operation) is 10^9 nano-units.
-const NANO_UNITS_PER_UNIT: u128 = 1_000_000_000;
+pub const NANO_UNITS_PER_UNIT: u128 = 1_000_000_000;
 
 /// Without a burst setting a bucket holds this much I/O at the average rate
 /// (QEMU: avg/10), so short bursts pass and steady flow stays smooth.
@@ -115,6 +115,20 @@ impl LimitSpec {
 
     fn burst_length(&self) -> Duration {
         self.max_length.unwrap_or(DEFAULT_BURST_LENGTH)
+    }
+
+    /// Capacities in nano-units of the main bucket and, with a burst, of
+    /// the burst-rate bucket. Saturating: limits that validate() would
+    /// refuse must still not overflow.
+    fn capacities(&self) -> (u128, Option<u128>) {
+        if self.max == 0 {
+            let main = u128::from(self.avg).saturating_mul(nanos(BUCKET_WITHOUT_BURST));
+            (main, None)
+        } else {
+            let main = u128::from(self.max).saturating_mul(nanos(self.burst_length()));
+            let burst = u128::from(self.max).saturating_mul(nanos(BURST_RATE_BUCKET));
+            (main, Some(burst))
+        }
     }
 }
 
@@ -236,7 +250,7 @@ impl Limits {
     }
 
     /// How many operations a request of `bytes` counts as, in nano-ops.
-    fn nano_ops(&self, bytes: u64) -> u128 {
+    pub fn nano_ops(&self, bytes: u64) -> u128 {
         if self.iops_size != 0 && bytes > self.iops_size {
             // Rounded up: an iops limit must never be undercharged.
             (u128::from(bytes) * NANO_UNITS_PER_UNIT).div_ceil(u128::from(self.iops_size))
@@ -273,6 +287,15 @@ fn duration_from_nanos(ns: u128) -> Duration {
 fn wait_for(level: u128, capacity: u128, rate: u64) -> Option<u128> {
     // Leaking at `rate` units/s removes `rate` nano-units per nanosecond.
     (level > capacity).then(|| (level - capacity).div_ceil(u128::from(rate)))
+}
+
+/// What the buckets going one way still hold room for (`headroom`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Headroom {
+    /// Bytes the bps buckets take; `None`: none applies.
+    pub bytes: Option<u64>,
+    /// Nano-ops the iops buckets take; `None`: none applies.
+    pub nano_ops: Option<u128>,
 }
 
 /// The meter of one file: its limits and its buckets' levels.
@@ -347,20 +370,16 @@ impl ThrottleState {
                 continue;
             }
             let level = self.levels[kind as usize];
-            // Saturating: limits that validate() would refuse must still
-            // not overflow here.
-            let wait = if spec.max == 0 {
-                let capacity = u128::from(spec.avg).saturating_mul(nanos(BUCKET_WITHOUT_BURST));
-                wait_for(level.main, capacity, spec.avg)
-            } else {
-                // Main bucket: a burst of max*length, refilled at avg; the
-                // burst bucket caps the rate at max. Both must have room,
-                // so the longer wait is the deadline.
-                let capacity = u128::from(spec.max).saturating_mul(nanos(spec.burst_length()));
-                let burst_capacity = u128::from(spec.max).saturating_mul(nanos(BURST_RATE_BUCKET));
-                let main = wait_for(level.main, capacity, spec.avg);
-                let burst = wait_for(level.burst, burst_capacity, spec.max);
-                main.max(burst)
+            // With a burst the main bucket holds max*length, refilled at
+            // avg, and the burst bucket caps the rate at max. Both must
+            // have room, so the longer wait is the deadline.
+            let wait = match spec.capacities() {
+                (capacity, None) => wait_for(level.main, capacity, spec.avg),
+                (capacity, Some(burst_capacity)) => {
+                    let main = wait_for(level.main, capacity, spec.avg);
+                    let burst = wait_for(level.burst, burst_capacity, spec.max);
+                    main.max(burst)
+                }
             };
             longest = longest.max(wait.unwrap_or(0));
         }
@@ -401,13 +420,67 @@ impl ThrottleState {
         }
     }
 
-    /// Charge a dispatched request of `bytes` going `dir` to every bucket
-    /// that applies: its bytes to bps buckets, its operation count
-    /// (1, or bytes/iops_size when larger) to iops buckets.
-    pub fn account(&mut self, dir: Direction, bytes: u64, now: Duration) {
+    /// What may be charged going `dir` at `now` with every bucket that
+    /// applies staying at or below its capacity, so that a request after
+    /// it would still be admitted at once: bytes for the bps buckets and
+    /// nano-ops for the iops buckets, `None` where no bucket of that kind
+    /// applies. Charged ahead (`charge_ahead`), this is an allowance that
+    /// requests may spend without asking again.
+    pub fn headroom(&mut self, dir: Direction, now: Duration) -> Headroom {
+        self.leak(now);
+        let mut room = Headroom::default();
+        for kind in BucketKind::ALL {
+            let spec = self.limits.get(kind);
+            if !kind.applies_to(dir) || spec.avg == 0 {
+                continue;
+            }
+            let level = self.levels[kind as usize];
+            let (capacity, burst_capacity) = spec.capacities();
+            let mut free = capacity.saturating_sub(level.main);
+            if let Some(b) = burst_capacity {
+                free = free.min(b.saturating_sub(level.burst));
+            }
+            if kind.counts_bytes() {
+                let bytes = u64::try_from(free / NANO_UNITS_PER_UNIT).unwrap_or(u64::MAX);
+                room.bytes = Some(room.bytes.map_or(bytes, |b| b.min(bytes)));
+            } else {
+                room.nano_ops = Some(room.nano_ops.map_or(free, |o| o.min(free)));
+            }
+        }
+        room
+    }
+
+    /// Charge an allowance going `dir` ahead of the requests that will
+    /// spend it: `bytes` to the bps buckets and `nano_ops` to the iops
+    /// buckets that apply.
+    pub fn charge_ahead(&mut self, dir: Direction, bytes: u64, nano_ops: u128, now: Duration) {
+        self.leak(now);
+        self.add(dir, u128::from(bytes) * NANO_UNITS_PER_UNIT, nano_ops);
+    }
+
+    /// Give back the unspent part of an allowance charged ahead: bytes
+    /// from the bps buckets and nano-ops from the iops buckets.
+    pub fn give_back(&mut self, dir: Direction, bytes: u64, nano_ops: u128, now: Duration) {
         self.leak(now);
         let nano_bytes = u128::from(bytes) * NANO_UNITS_PER_UNIT;
-        let nano_ops = self.limits.nano_ops(bytes);
+        for kind in BucketKind::ALL {
+            if !kind.applies_to(dir) || self.limits.get(kind).avg == 0 {
+                continue;
+            }
+            let amount = if kind.counts_bytes() {
+                nano_bytes
+            } else {
+                nano_ops
+            };
+            let level = &mut self.levels[kind as usize];
+            level.main = level.main.saturating_sub(amount);
+            level.burst = level.burst.saturating_sub(amount);
+        }
+    }
+
+    /// Add `nano_bytes` to the bps buckets and `nano_ops` to the iops
+    /// buckets that apply to `dir`.
+    fn add(&mut self, dir: Direction, nano_bytes: u128, nano_ops: u128) {
         for kind in BucketKind::ALL {
             let spec = self.limits.get(kind);
             if !kind.applies_to(dir) || spec.avg == 0 {
@@ -424,6 +497,15 @@ impl ThrottleState {
                 level.burst = level.burst.saturating_add(amount);
             }
         }
+    }
+
+    /// Charge a dispatched request of `bytes` going `dir` to every bucket
+    /// that applies: its bytes to bps buckets, its operation count
+    /// (1, or bytes/iops_size when larger) to iops buckets.
+    pub fn account(&mut self, dir: Direction, bytes: u64, now: Duration) {
+        self.leak(now);
+        let nano_ops = self.limits.nano_ops(bytes);
+        self.add(dir, u128::from(bytes) * NANO_UNITS_PER_UNIT, nano_ops);
     }
 }
 
@@ -656,6 +738,76 @@ mod tests {
         assert_eq!(s.until_empty(ms(0)), ms(500));
         assert_eq!(s.until_empty(ms(400)), ms(100));
         assert_eq!(s.until_empty(ms(500)), Duration::ZERO);
+    }
+
+    #[test]
+    fn headroom_is_what_the_buckets_hold_below_capacity() {
+        let mut l = limits(BucketKind::BpsRead, 1_000_000);
+        l.get_mut(BucketKind::IopsTotal).avg = 100;
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        // Empty: a tenth of a second of each rate.
+        let room = s.headroom(Direction::Read, Duration::ZERO);
+        assert_eq!(room.bytes, Some(100_000));
+        assert_eq!(room.nano_ops, Some(10 * NANO_UNITS_PER_UNIT));
+        // Writes: no bps bucket applies; the total iops one does.
+        let room = s.headroom(Direction::Write, Duration::ZERO);
+        assert_eq!(room.bytes, None);
+        assert_eq!(room.nano_ops, Some(10 * NANO_UNITS_PER_UNIT));
+        s.account(Direction::Read, 40_000, Duration::ZERO);
+        let room = s.headroom(Direction::Read, Duration::ZERO);
+        assert_eq!(room.bytes, Some(60_000));
+        assert_eq!(room.nano_ops, Some(9 * NANO_UNITS_PER_UNIT));
+        // Leaking makes room again: 20 ms at 1 MB/s is 20,000 bytes.
+        let room = s.headroom(Direction::Read, ms(20));
+        assert_eq!(room.bytes, Some(80_000));
+        // Above capacity there is none.
+        s.account(Direction::Read, MIB, ms(20));
+        assert_eq!(s.headroom(Direction::Read, ms(20)).bytes, Some(0));
+    }
+
+    #[test]
+    fn headroom_with_a_burst_is_bounded_by_both_buckets() {
+        let mut l = limits(BucketKind::IopsRead, 10);
+        l.get_mut(BucketKind::IopsRead).max = 100;
+        l.get_mut(BucketKind::IopsRead).max_length = Some(Duration::from_secs(2));
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        // The burst-rate bucket (100/s for 100 ms) is the smaller.
+        let room = s.headroom(Direction::Read, Duration::ZERO);
+        assert_eq!(room.nano_ops, Some(10 * NANO_UNITS_PER_UNIT));
+    }
+
+    #[test]
+    fn an_allowance_charged_ahead_still_admits_the_next_request_and_goes_back_whole() {
+        let mut l = limits(BucketKind::BpsTotal, MIB);
+        l.get_mut(BucketKind::IopsRead).avg = 50;
+        l.iops_size = 4 * KIB;
+        let fresh = ThrottleState::new(l, Duration::ZERO);
+        let mut s = fresh.clone();
+        s.account(Direction::Write, 30 * KIB, Duration::ZERO);
+        let before = s.clone();
+        let room = s.headroom(Direction::Read, ms(5));
+        let (bytes, nano_ops) = (room.bytes.unwrap(), room.nano_ops.unwrap());
+        s.charge_ahead(Direction::Read, bytes, nano_ops, ms(5));
+        // Full to capacity, not beyond: a request after the allowance is
+        // still admitted at once, and nothing more may be charged ahead.
+        assert_eq!(s.wait(Direction::Read, ms(5)), Duration::ZERO);
+        assert_eq!(s.wait(Direction::Write, ms(5)), Duration::ZERO);
+        assert_eq!(s.headroom(Direction::Read, ms(5)).bytes, Some(0));
+        // Spent in part: a 4 KiB read and a 10 KiB one (1 + 2.5 ops).
+        let spent_bytes = 14 * KIB;
+        let spent_ops = l.nano_ops(4 * KIB) + l.nano_ops(10 * KIB);
+        assert_eq!(spent_ops, 3_500_000_000);
+        s.give_back(
+            Direction::Read,
+            bytes - spent_bytes,
+            nano_ops - spent_ops,
+            ms(5),
+        );
+        // As if those two reads had been charged at 5 ms.
+        let mut reference = before;
+        reference.account(Direction::Read, 4 * KIB, ms(5));
+        reference.account(Direction::Read, 10 * KIB, ms(5));
+        assert_eq!(s.levels, reference.levels);
     }
 
     #[test]
