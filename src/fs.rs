@@ -27,7 +27,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::io::{self as fio, DirectFd, DirectSender, Handle, Job};
+use crate::io::{self as fio, Completion, DirectFd, DirectSender, Flight, Handle, Job};
 use crate::scheduler::{Msg, SchedulerTx};
 use crate::stats::FileShared;
 use crate::throttle::{Direction, Limits};
@@ -571,17 +571,12 @@ impl ThrottleFs {
         !shared.bypass.load(Ordering::SeqCst)
     }
 
-    /// A throttled file's request goes to the scheduler; another file's
-    /// runs here, on the FUSE thread.
-    fn route(&self, req: &Request, file: u64, job: Job, throttled: bool) {
-        if throttled {
-            self.submit(req, file, job);
-        } else {
-            let _ = job.run();
-        }
-    }
-
-    fn submit(&self, req: &Request, file: u64, job: Job) {
+    /// Hand a throttled file's request to the scheduler. The file's credit
+    /// is taken back first and goes with it: nothing spends credit while
+    /// a request of the file waits, and a barrier finds every write done
+    /// on credit before it in flight.
+    fn submit(&self, req: &Request, file: u64, job: Job, shared: &FileShared) {
+        let leftover = shared.credit.revoke();
         let unique = req.unique().0;
         // Fails only after the scheduler stopped; the job was dropped,
         // which answers EIO.
@@ -590,7 +585,28 @@ impl ThrottleFs {
             unique,
             pid: req.pid(),
             job,
+            leftover,
         });
+    }
+
+    /// The file's in-flight counts with a request of `bytes` going `dir`
+    /// counted in, if it fits in the file's credit.
+    fn spend_credit(shared: &FileShared, dir: Direction, bytes: u64) -> Option<Arc<Flight>> {
+        let flight = shared.credit.take(dir, bytes, Instant::now())?;
+        shared.record_credit();
+        Some(flight)
+    }
+
+    /// Run a request that spent credit (counted in `flight`), reporting
+    /// it as an I/O worker would: the scheduler hears of it only when it
+    /// watches the file or bytes charged were not moved.
+    fn run_credited(&self, file: u64, flight: Arc<Flight>, job: Job) {
+        self.unthrottled
+            .run_counted(file, flight, job, &|c| self.credited_done(c));
+    }
+
+    fn credited_done(&self, c: Completion) {
+        let _ = self.scheduler.send(Msg::Done(c));
     }
 
     #[allow(clippy::too_many_arguments)] // mirrors the FUSE setattr fields
@@ -1104,6 +1120,10 @@ impl Filesystem for ThrottleFs {
             Err(e) => return reply.error(e),
         };
         let throttled = Self::is_throttled(&handle.shared);
+        let credit = throttled
+            .then(|| Self::spend_credit(&handle.shared, Direction::Read, u64::from(size)))
+            .flatten();
+        let shared = handle.shared.clone();
         let flight = handle.unthrottled.clone();
         let job = Job::Read {
             handle,
@@ -1111,8 +1131,12 @@ impl Filesystem for ThrottleFs {
             size,
             reply,
         };
-        if throttled {
-            self.submit(req, ino.0, job);
+        if let Some(file_flight) = credit {
+            // Charged ahead by the scheduler: performed at once, here or,
+            // at queue depth, on a ring worker.
+            self.run_credited(ino.0, file_flight, job);
+        } else if throttled {
+            self.submit(req, ino.0, job, &shared);
         } else {
             // Here, or at queue depth on a ring worker.
             self.unthrottled.run(ino.0, &flight, job);
@@ -1141,10 +1165,43 @@ impl Filesystem for ThrottleFs {
             return reply.error(e);
         }
         let throttled = Self::is_throttled(&handle.shared);
+        let credit = throttled
+            .then(|| Self::spend_credit(&handle.shared, Direction::Write, data.len() as u64))
+            .flatten();
+        if let Some(file_flight) = credit {
+            // Charged ahead by the scheduler: performed at once. At queue
+            // depth on a ring worker, which needs its own copy of the data.
+            if self.unthrottled.to_ring_counted(&file_flight) {
+                let job = Job::Write {
+                    data: handle.write_data(offset, data),
+                    handle,
+                    offset,
+                    reply,
+                };
+                self.run_credited(ino.0, file_flight, job);
+                return;
+            }
+            // Here, without copying the data.
+            let moved = match handle.write_at(offset, data) {
+                Ok(n) => {
+                    handle.shared.record_io(Direction::Write, n as u64);
+                    reply.written(n as u32);
+                    n
+                }
+                Err(e) => {
+                    reply.error(Errno::from(e));
+                    0
+                }
+            };
+            let unmoved = fio::unmoved(Direction::Write, data.len() as u64, moved);
+            file_flight.report(ino.0, true, unmoved, &|c| self.credited_done(c));
+            return;
+        }
         if throttled || self.unthrottled.to_ring(&handle.unthrottled) {
             // The data must outlive this call, to wait in the queue or to
             // go to a ring worker at queue depth.
             let flight = handle.unthrottled.clone();
+            let shared = handle.shared.clone();
             let job = Job::Write {
                 data: handle.write_data(offset, data),
                 handle,
@@ -1152,7 +1209,7 @@ impl Filesystem for ThrottleFs {
                 reply,
             };
             if throttled {
-                self.submit(req, ino.0, job);
+                self.submit(req, ino.0, job, &shared);
             } else {
                 self.unthrottled.run(ino.0, &flight, job);
             }
@@ -1178,14 +1235,12 @@ impl Filesystem for ThrottleFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let throttled = self
-            .current_handle(fh)
-            .is_ok_and(|h| Self::is_throttled(&h.shared));
-        if throttled {
-            // A barrier: answered after every write queued before it.
-            self.submit(req, ino.0, Job::Flush { reply });
-        } else {
-            reply.ok();
+        match self.current_handle(fh) {
+            Ok(h) if Self::is_throttled(&h.shared) => {
+                // A barrier: answered after every write queued before it.
+                self.submit(req, ino.0, Job::Flush { reply }, &h.shared);
+            }
+            _ => reply.ok(),
         }
     }
 
@@ -1219,13 +1274,17 @@ impl Filesystem for ThrottleFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let throttled = Self::is_throttled(&handle.shared);
+        let shared = handle.shared.clone();
         let job = Job::Fsync {
             handle,
             datasync,
             reply,
         };
-        self.route(req, ino.0, job, throttled);
+        if Self::is_throttled(&shared) {
+            self.submit(req, ino.0, job, &shared);
+        } else {
+            let _ = job.run();
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1684,6 +1743,7 @@ impl Filesystem for ThrottleFs {
         // copies), so a copy is metered like a read and a write of that size.
         let len = len.min(u64::from(MAX_REQUEST_BYTES)) as u32;
         if Self::is_throttled(&src.shared) || Self::is_throttled(&dst.shared) {
+            let shared = src.shared.clone();
             let job = Job::Copy {
                 src,
                 offset_in,
@@ -1693,7 +1753,7 @@ impl Filesystem for ThrottleFs {
                 at_source: true,
                 reply,
             };
-            self.submit(req, ino_in.0, job);
+            self.submit(req, ino_in.0, job, &shared);
         } else {
             match fio::copy_range(src.raw(), offset_in, dst.raw(), offset_out, len as usize) {
                 Ok(n) => {

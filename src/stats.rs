@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::scheduler::Credit;
 use crate::throttle::{Direction, Limits};
 
 /// Where a file's limits come from (whole sets: the first that has any).
@@ -168,11 +169,17 @@ pub struct FileShared {
     /// sets it once that holds; a new limit clears it first).
     pub bypass: AtomicBool,
     pub effective: Mutex<Option<Effective>>,
+    /// What the scheduler has charged ahead for requests to spend without
+    /// asking it (see `scheduler/credit.rs`).
+    pub credit: Credit,
     epoch: Instant,
     bytes: [AtomicU64; 2],
     ops: [AtomicU64; 2],
     wait_ns_total: AtomicU64,
     waiting: AtomicU64,
+    /// Requests performed on credit, without a round trip to the
+    /// scheduler.
+    credit_ops: AtomicU64,
     window: Mutex<RateWindow>,
     /// How late the scheduler woke for this file's deadlines; made at the
     /// first deadline, so files that never wait pay nothing for it.
@@ -192,11 +199,13 @@ impl Default for FileShared {
         FileShared {
             bypass: AtomicBool::new(false),
             effective: Mutex::new(None),
+            credit: Credit::default(),
             epoch: Instant::now(),
             bytes: Default::default(),
             ops: Default::default(),
             wait_ns_total: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
+            credit_ops: AtomicU64::new(0),
             window: Mutex::new(RateWindow::default()),
             lateness: Mutex::new(None),
         }
@@ -227,6 +236,11 @@ impl FileShared {
         let slot = (now % RING_SLOTS as u64) as usize;
         w.bytes[l][slot] += bytes;
         w.ops[l][slot] += 1;
+    }
+
+    /// A request spent credit instead of going to the scheduler.
+    pub fn record_credit(&self) {
+        self.credit_ops.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn record_queued(&self) {
@@ -296,6 +310,7 @@ impl FileShared {
         line("release_late_p50_ns", late.map_or(0, |l| l.quantile_ns(50)));
         line("release_late_p99_ns", late.map_or(0, |l| l.quantile_ns(99)));
         line("release_late_max_ns", late.map_or(0, |l| l.max_ns));
+        line("credit_ops", self.credit_ops.load(Ordering::Relaxed));
         out
     }
 }

@@ -175,7 +175,7 @@ impl Job {
     }
 }
 
-pub(crate) fn unmoved(dir: Direction, requested: u64, moved: usize) -> Option<(Direction, u64)> {
+pub fn unmoved(dir: Direction, requested: u64, moved: usize) -> Option<(Direction, u64)> {
     let short = requested.saturating_sub(moved as u64);
     (short > 0).then_some((dir, short))
 }

@@ -35,7 +35,7 @@ mod uring;
 pub use buffer::{AlignedBuf, WriteData};
 pub use flight::{Completion, Flight};
 pub use handle::{DirectFd, Handle, copy_range, fsync, pwrite_full};
-pub use job::{Job, Released};
+pub use job::{Job, Released, unmoved};
 use queue::JobQueue;
 pub use queue::{DirectSender, JobSender};
 

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::flight::Flight;
+use super::flight::{Completion, Flight};
 use super::job::{Job, Released};
 use crate::throttle::Direction;
 
@@ -190,6 +190,41 @@ impl DirectSender {
             let _ = job.run();
         }
         flight.finish(write);
+    }
+
+    /// Run `job` of `file`, already counted in the file's `flight` (charged
+    /// ahead by the scheduler and spent as credit): on a ring worker when
+    /// others of the file are in flight, as `run` does, else here, telling
+    /// `done` what the scheduler must hear of it, as a worker would.
+    pub fn run_counted(
+        &self,
+        file: u64,
+        flight: Arc<Flight>,
+        job: Job,
+        done: &impl Fn(Completion),
+    ) {
+        let write = job.direction() == Some(Direction::Write);
+        if self.to_ring_counted(&flight) {
+            let mut batch = vec![Released { file, flight, job }];
+            match self.queue.push_all(&mut batch) {
+                Ok(()) => return,
+                Err(lost) => {
+                    for r in lost {
+                        let unmoved = r.job.run();
+                        r.flight.report(file, write, unmoved, done);
+                    }
+                    return;
+                }
+            }
+        }
+        let unmoved = job.run();
+        flight.report(file, write, unmoved, done);
+    }
+
+    /// Whether `run_counted` hands a job counted in `flight` to a ring
+    /// worker: there are ring workers, and others are in flight.
+    pub fn to_ring_counted(&self, flight: &Flight) -> bool {
+        self.rings && flight.jobs() > 1
     }
 
     /// Whether `run` hands a job of the handle whose unthrottled requests

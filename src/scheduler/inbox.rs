@@ -98,6 +98,11 @@ pub(super) enum Idle {
 }
 
 impl SchedulerRx {
+    /// A second end of the channel, to ask whether anything waits in it.
+    pub(super) fn watcher(&self) -> Receiver<Msg> {
+        self.rx.clone()
+    }
+
     pub(super) fn try_recv(&self) -> Option<Msg> {
         self.rx.try_recv().ok()
     }

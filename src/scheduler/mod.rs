@@ -17,10 +17,13 @@
 //! - `release.rs`: from a queue to the I/O pool, and back to bypassing;
 //! - `deadline.rs`: the heap of wake-ups and what each is for;
 //! - `interrupt.rs`: interrupted requests and their callers;
-//! - `forget.rs`: the state of files the kernel forgot.
+//! - `forget.rs`: the state of files the kernel forgot;
+//! - `credit.rs`: allowances charged ahead that the FUSE threads spend
+//!   without a round trip (queue depth 1 at the cost of no hand-off).
 //!
 //! The throttle maths itself is pure and lives in `crate::throttle`.
 
+mod credit;
 mod deadline;
 #[cfg(test)]
 mod fake;
@@ -46,6 +49,7 @@ use crate::io::{Completion, Job, JobSender, Released};
 use crate::stats::FileShared;
 use crate::throttle::{Direction, Limits};
 
+pub use credit::{Credit, Leftover};
 use deadline::Wake;
 use group::Group;
 use inbox::Idle;
@@ -64,6 +68,9 @@ pub enum Msg {
         unique: u64,
         pid: u32,
         job: Job,
+        /// The file's credit, taken back unspent before this request came
+        /// here (see `credit.rs`): given back to its buckets first.
+        leftover: Leftover,
     },
     /// The kernel interrupts request `unique` (its caller got a signal,
     /// harmless or fatal).
@@ -166,6 +173,8 @@ pub struct Scheduler {
     draining: bool,
     exiting: bool,
     idle_waiters: Vec<Sender<()>>,
+    /// The inbox, to see whether requests wait in it (see `credit.rs`).
+    inbox: Option<crossbeam_channel::Receiver<Msg>>,
 }
 
 impl Scheduler {
@@ -186,6 +195,7 @@ impl Scheduler {
             draining: false,
             exiting: false,
             idle_waiters: Vec::new(),
+            inbox: None,
         }
     }
 
@@ -197,6 +207,7 @@ impl Scheduler {
 
     fn run(mut self, rx: SchedulerRx) {
         tune_scheduler_thread();
+        self.inbox = Some(rx.watcher());
         loop {
             if self.exiting && self.is_idle() {
                 break;
@@ -247,7 +258,14 @@ impl Scheduler {
                 unique,
                 pid,
                 job,
+                leftover,
             } => {
+                if !leftover.is_empty() {
+                    let at = self.since_epoch(now);
+                    if let Some(f) = self.files.get_mut(&file) {
+                        credit::give_back(&mut f.state, leftover, at);
+                    }
+                }
                 let interrupted = self.early_interrupts.remove(&unique);
                 if interrupted && caller_dying(pid) {
                     job.fail(Errno::EINTR);
@@ -270,6 +288,8 @@ impl Scheduler {
                 group,
                 shared,
             } => {
+                // Credit was charged under the old limits: back first.
+                self.take_back_credit(file, now);
                 let at = self.since_epoch(now);
                 let f = self
                     .files
@@ -359,6 +379,7 @@ impl Scheduler {
                 self.collect(file, now);
             }
             Msg::Forget { file, keep } => {
+                self.take_back_credit(file, now);
                 if let Some(f) = self.files.get_mut(&file) {
                     f.forgotten = true;
                     f.anchor = keep;

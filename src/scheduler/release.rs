@@ -13,7 +13,7 @@ use super::group::Group;
 use super::interrupt::caller_dying;
 use super::queue::{Arrival, FileQueue};
 use super::{Scheduler, Waiting};
-use crate::io::{JobSender, Released};
+use crate::io::{Job, JobSender, Released};
 use crate::throttle::{Direction, Limits};
 
 impl Scheduler {
@@ -124,7 +124,16 @@ impl Scheduler {
         let mut released = Vec::new();
         let next = f.release(at, self.draining, &mut released, None, usize::MAX);
         self.arm(file, next, now);
+        // Reads and writes that went: the next of their kind may spend
+        // credit instead of coming here (see `credit.rs`).
+        let mut dirs = [false; 2];
+        for w in &released {
+            if let Job::Read { .. } | Job::Write { .. } = w.job {
+                dirs[w.job.direction().map_or(0, |d| d as usize)] = true;
+            }
+        }
         let handoffs = self.finish(file, released, now);
+        self.grant_credit(file, dirs, now);
         self.settle(file);
         for (next, w) in handoffs {
             self.enqueue(next, w, now, Arrival::Now);
