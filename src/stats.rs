@@ -168,6 +168,10 @@ pub struct FileShared {
     /// sets it once that holds; a new limit clears it first).
     pub bypass: AtomicBool,
     pub effective: Mutex<Option<Effective>>,
+    /// Open handles in FUSE passthrough: the kernel reads and writes them
+    /// straight from the underlying file, so they are neither throttled
+    /// nor counted here (see docs/limits.md, Passthrough).
+    pub passthrough_handles: AtomicU64,
     epoch: Instant,
     bytes: [AtomicU64; 2],
     ops: [AtomicU64; 2],
@@ -192,6 +196,7 @@ impl Default for FileShared {
         FileShared {
             bypass: AtomicBool::new(false),
             effective: Mutex::new(None),
+            passthrough_handles: AtomicU64::new(0),
             epoch: Instant::now(),
             bytes: Default::default(),
             ops: Default::default(),
@@ -296,7 +301,13 @@ impl FileShared {
         line("release_late_p50_ns", late.map_or(0, |l| l.quantile_ns(50)));
         line("release_late_p99_ns", late.map_or(0, |l| l.quantile_ns(99)));
         line("release_late_max_ns", late.map_or(0, |l| l.max_ns));
+        line("passthrough_handles", self.passthrough_handles());
         out
+    }
+
+    /// Open handles in passthrough now.
+    pub fn passthrough_handles(&self) -> u64 {
+        self.passthrough_handles.load(Ordering::Relaxed)
     }
 }
 
@@ -518,5 +529,6 @@ mod tests {
         assert!(text.contains("wait_ns=5000000\n"));
         assert!(text.contains("waiting=1\n"));
         assert!(text.contains("read_bytes_per_sec=12288\n"));
+        assert!(text.ends_with("passthrough_handles=0\n"), "{text}");
     }
 }
