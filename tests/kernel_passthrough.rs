@@ -15,6 +15,7 @@ mod common;
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -404,4 +405,60 @@ fn without_cap_sys_admin_the_mount_works_without_passthrough() {
         1,
         "logged once: {log}"
     );
+}
+
+#[test]
+fn opens_off_the_passthrough_path_mix_with_passthrough_handles() {
+    let mut m = Mount::new();
+    let data = make_file(m.src(), "disk.img", MIB, 13);
+    fs::write(m.src_path("ref.img"), &data).unwrap();
+    m.start(&["--passthrough"]);
+    let path = m.path("disk.img");
+    // The kernel wants every open of a file with passthrough handles
+    // registered too: an O_APPEND open then appends through the daemon.
+    for (p, counted) in [
+        (path.as_path(), true),
+        (m.src_path("ref.img").as_path(), false),
+    ] {
+        let plain = open_rw(p, 0);
+        let appending = OpenOptions::new().append(true).open(p).unwrap();
+        if counted {
+            assert_eq!(passthrough_handles(p), 1, "the O_APPEND handle is not");
+        }
+        (&appending).write_all(b"appended").unwrap();
+        plain.write_all_at(b"start", 0).unwrap();
+        (&appending).write_all(b"again").unwrap();
+    }
+    wait_passthrough_handles(&path, 0);
+    assert_eq!(
+        daemon_bytes(&path),
+        (0, 13),
+        "the appends went through the daemon"
+    );
+    assert!(fs::read(m.src_path("disk.img")).unwrap() == fs::read(m.src_path("ref.img")).unwrap());
+
+    // A handle on the throttled path keeps later opens off passthrough,
+    // even once the file has no limit, until it is closed.
+    setfattr(&path, "user.throttle.bps_rd", "100M");
+    let throttled = File::open(&path).unwrap();
+    setfattr(&path, "user.throttle.bps_rd", "0");
+    let later = File::open(&path).unwrap();
+    assert_eq!(passthrough_handles(&path), 0);
+    let mut buf = vec![0u8; 4096];
+    later.read_exact_at(&mut buf, 4096).unwrap();
+    throttled.read_exact_at(&mut buf, 4096).unwrap();
+    assert_eq!(daemon_bytes(&path).0, 8192);
+    drop((throttled, later));
+    // The kernel sends the releases after the closes: wait for them to
+    // reach the daemon, then a new open is in passthrough again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let f = File::open(&path).unwrap();
+        if passthrough_handles(&path) == 1 {
+            break;
+        }
+        drop(f);
+        assert!(Instant::now() < deadline, "no passthrough after the close");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
