@@ -175,6 +175,7 @@ fn fio_verify(file: &Path, verify_only: bool) {
         "--verify_fatal=1",
         "--do_verify=1",
         "--output-format=terse",
+        "--verify_state_save=0",
     ];
     if verify_only {
         args.push("--verify_only");
