@@ -154,6 +154,13 @@ fn an_unlimited_file_is_read_and_written_in_passthrough_like_the_source() {
     // Every byte above went past the daemon.
     assert_eq!(daemon_bytes(&path), (0, 0));
     wait_passthrough_handles(&path, 0);
+    // A file made through the mount (CREATE) too.
+    let made = m.path("made.img");
+    let data = pattern(MIB as usize + 123, 14);
+    fs::write(&made, &data).unwrap();
+    assert!(fs::read(m.src_path("made.img")).unwrap() == data);
+    assert!(fs::read(&made).unwrap() == data);
+    assert_eq!(daemon_bytes(&made), (0, 0));
 }
 
 /// A fio job on `file`: 4 KiB random writes at depth 32 with libaio and
