@@ -400,7 +400,7 @@ pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
     }
     if in_force.passthrough > 0 {
         println!(
-            "passthrough:     {}; limits apply to them from their next open",
+            "passthrough:     {}; the limits apply from the file's next open",
             passthrough_note(in_force.passthrough)
         );
     }
