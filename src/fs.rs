@@ -5,7 +5,9 @@
 //! or a swapped-in symlink cannot redirect the daemon outside the source.
 //!
 //! Reads and writes of files with limits go to the scheduler with their
-//! reply; files without limits are served inline on the FUSE thread.
+//! reply; files without limits are served inline on the FUSE thread, or,
+//! with `--passthrough`, not seen at all: the kernel reads and writes them
+//! straight from the underlying file (FUSE passthrough).
 //!
 //! The inode store is in `inode.rs`; where a file's limits come from, and
 //! the attributes that set them, in `limits.rs`.
@@ -13,18 +15,18 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::io::{self as fio, Completion, DirectFd, DirectSender, Flight, Handle, Job};
@@ -67,6 +69,12 @@ const DIRECT_SHARE_FLAGS: i32 = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC |
 /// pwritev2 RWF_NOAPPEND) at their own offset; an O_APPEND descriptor would
 /// move them all to the end.
 const UNDERLYING_DROP_FLAGS: i32 = libc::O_APPEND;
+
+/// The stacking depth announced with FUSE_PASSTHROUGH: the kernel refuses
+/// a backing file on a filesystem stacked this deep or deeper, so 2 lets
+/// the source be on overlayfs (a container's root), at the price of the
+/// mount itself not being a layer of another overlayfs.
+const PASSTHROUGH_STACK_DEPTH: u32 = 2;
 
 /// Running out of descriptors is logged at most this often, with a count of
 /// the failures since: one line, not one per failed lookup.
@@ -127,6 +135,65 @@ impl Drop for DirStream {
 struct OpenFile {
     handle: Arc<Handle>,
     node: Arc<InodeRef>,
+    /// How the kernel was told to open it.
+    mode: OpenMode,
+}
+
+/// How the kernel was told to open a file (see `ThrottleFs::open_mode`).
+enum OpenMode {
+    /// FOPEN_DIRECT_IO: reads and writes come to the daemon. Counted in
+    /// the inode's `OpenModes::plain`.
+    Plain,
+    /// FOPEN_PASSTHROUGH with the inode's backing id, held while open.
+    /// `throttled`: with FOPEN_DIRECT_IO too, which overrides it for reads
+    /// and writes (they come to the daemon, throttled); else the handle is
+    /// in passthrough and counted in `passthrough_handles`.
+    Backed {
+        backing: Arc<BackingId>,
+        throttled: bool,
+    },
+}
+
+impl OpenMode {
+    /// The backing id to answer the open with, if any.
+    fn backing(&self) -> Option<&BackingId> {
+        match self {
+            OpenMode::Plain => None,
+            OpenMode::Backed { backing, .. } => Some(backing),
+        }
+    }
+
+    /// The FOPEN flags to answer the open with: direct I/O (no page cache
+    /// in front of the throttle) unless in passthrough, and parallel
+    /// direct writes (concurrent writes to one file reach us, and the
+    /// queue, together instead of one at a time).
+    fn fopen_flags(&self) -> FopenFlags {
+        match self {
+            OpenMode::Backed {
+                throttled: false, ..
+            } => FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            _ => FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        }
+    }
+}
+
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        match &self.mode {
+            OpenMode::Plain => {
+                self.node.open_modes.lock().expect("open modes").plain -= 1;
+            }
+            OpenMode::Backed {
+                throttled: false, ..
+            } => {
+                self.node
+                    .shared
+                    .passthrough_handles
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
+            OpenMode::Backed { .. } => {}
+        }
+    }
 }
 
 /// When descriptors last ran out, and failures since the last warning.
@@ -162,6 +229,17 @@ pub struct ThrottleFs {
     /// The kernel checks POSIX ACLs (FUSE_POSIX_ACL granted at INIT);
     /// without it, `system.posix_acl_*` cannot be set.
     acls_enforced: bool,
+    /// `--passthrough`, and still possible: the kernel offered
+    /// FUSE_PASSTHROUGH at INIT, and registering a backing file was not
+    /// refused for want of privilege.
+    passthrough: AtomicBool,
+    /// A refused passthrough was logged (once per mount).
+    passthrough_warned: AtomicBool,
+    /// FUSE_HANDLE_KILLPRIV_V2 granted at INIT (asked for with
+    /// passthrough): the kernel leaves clearing setuid/setgid on a write
+    /// to us, and asks for it before a passthrough write with a SETATTR
+    /// that changes nothing (see `do_setattr`).
+    killpriv_v2: bool,
 }
 
 /// The /proc status of the process that sent `req`, if it is still there
@@ -301,6 +379,7 @@ impl ThrottleFs {
         groups: &[(String, Limits)],
         scheduler: SchedulerTx,
         unthrottled: DirectSender,
+        passthrough: bool,
     ) -> io::Result<ThrottleFs> {
         let path = CString::new(source.as_os_str().as_bytes())?;
         // SAFETY: plain open of a NUL-terminated path.
@@ -354,6 +433,9 @@ impl ThrottleFs {
             // SAFETY: geteuid cannot fail.
             our_uid: unsafe { libc::geteuid() },
             acls_enforced: false,
+            passthrough: AtomicBool::new(passthrough),
+            passthrough_warned: AtomicBool::new(false),
+            killpriv_v2: false,
         };
         for group in fs.known_groups() {
             fs.push_group_limits(&group);
@@ -449,9 +531,10 @@ impl ThrottleFs {
     /// clears setuid, and setgid when group-executable or when the caller
     /// is not in the file's group, as a local filesystem does. The daemon
     /// does them as root, which keeps the bits, so it clears them here,
-    /// before the operation runs or is queued. `fd` is an open descriptor
-    /// of the file; `flagged`: the kernel said the caller lacks CAP_FSETID
-    /// (else it is looked up, only if there is a bit to clear).
+    /// before the operation runs or is queued. `fd` is a descriptor of the
+    /// file (an `O_PATH` one will do); `flagged`: the kernel said the
+    /// caller lacks CAP_FSETID (else it is looked up, only if there is a
+    /// bit to clear).
     fn kill_suidgid(req: &Request, fd: RawFd, flagged: bool) -> Result<()> {
         let st = stat_fd(fd)?;
         let old = st.st_mode & 0o7777;
@@ -465,8 +548,9 @@ impl ThrottleFs {
             mode &= !libc::S_ISGID;
         }
         if mode != old {
-            // SAFETY: fchmod on an open descriptor.
-            check(unsafe { libc::fchmod(fd, mode) })?;
+            let path = proc_path(fd);
+            // SAFETY: chmod of the object the descriptor holds.
+            check(unsafe { libc::chmod(path.as_ptr(), mode) })?;
         }
         Ok(())
     }
@@ -508,8 +592,16 @@ impl ThrottleFs {
 
     /// Register an open file. When the caller asked for O_DIRECT, a second
     /// descriptor opened O_DIRECT serves its aligned requests, so they stay
-    /// out of the host's page cache as the caller meant.
-    fn add_file(&self, node: &Arc<InodeRef>, fd: OwnedFd, flags: i32) -> u64 {
+    /// out of the host's page cache as the caller meant. `register` makes
+    /// a backing id of a descriptor (the reply's `open_backing`), for
+    /// `open_mode`. The handle number, and how to answer the open.
+    fn add_file(
+        &self,
+        node: &Arc<InodeRef>,
+        fd: OwnedFd,
+        flags: i32,
+        register: impl FnOnce(BorrowedFd<'_>) -> io::Result<BackingId>,
+    ) -> (u64, OpenMode) {
         if node.is_file() {
             self.ensure_limits(node);
         }
@@ -517,6 +609,21 @@ impl ThrottleFs {
             self.direct_fd(node, &fd, flags)
         } else {
             None
+        };
+        // An O_DIRECT open in passthrough opens the underlying file
+        // O_DIRECT, which must not fail where ours would not.
+        let mode = self.open_mode(
+            node,
+            flags,
+            flags & libc::O_DIRECT == 0 || direct.is_some(),
+            register,
+        );
+        let answer = match &mode {
+            OpenMode::Plain => OpenMode::Plain,
+            OpenMode::Backed { backing, throttled } => OpenMode::Backed {
+                backing: backing.clone(),
+                throttled: *throttled,
+            },
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
@@ -531,9 +638,113 @@ impl ThrottleFs {
             OpenFile {
                 handle,
                 node: node.clone(),
+                mode,
             },
         );
-        fh
+        (fh, answer)
+    }
+
+    /// How to open a file of `node` towards the kernel, and count it.
+    ///
+    /// In passthrough (FOPEN_PASSTHROUGH alone) when `--passthrough` is on
+    /// and usable, the file is a regular file with no limit in force and
+    /// no throttle group (its limits were just resolved), it is not opened
+    /// O_APPEND (the kernel would open the underlying file O_APPEND, which
+    /// moves a `pwritev2(RWF_NOAPPEND)` to the end of the file; our
+    /// descriptors never carry it, see UNDERLYING_DROP_FLAGS), and
+    /// `direct_ok`. All handles of an inode opened with FOPEN_PASSTHROUGH
+    /// share one backing id, as the kernel requires; it is registered from
+    /// the inode's `O_PATH` descriptor (the kernel opens the underlying
+    /// file anew for each handle, with the caller's flags) and closed with
+    /// the last of them.
+    ///
+    /// The kernel also fails (EIO) an open without FOPEN_PASSTHROUGH of an
+    /// inode that has handles open with it, and one with it (ETXTBSY) of
+    /// an inode that a direct-I/O handle maps shared. So while the inode
+    /// has handles with the backing id, every other open gets it too, with
+    /// FOPEN_DIRECT_IO, which overrides it for reads and writes: they come
+    /// to the daemon and are throttled (a mapping goes to the underlying
+    /// file). And while it has handles without it, none is registered.
+    fn open_mode(
+        &self,
+        node: &InodeRef,
+        flags: i32,
+        direct_ok: bool,
+        register: impl FnOnce(BorrowedFd<'_>) -> io::Result<BackingId>,
+    ) -> OpenMode {
+        let eligible = self.passthrough.load(Ordering::Relaxed)
+            && node.is_file()
+            && flags & libc::O_APPEND == 0
+            && direct_ok
+            && node
+                .shared
+                .effective
+                .lock()
+                .expect("effective")
+                .as_ref()
+                .is_some_and(|e| e.limits.is_unlimited() && e.group.is_none());
+        let mut modes = node.open_modes.lock().expect("open modes");
+        let backing = match modes.backing.upgrade() {
+            Some(backing) => Some(backing),
+            None if eligible && modes.plain == 0 => {
+                // SAFETY: the inode's descriptor stays open while `node` lives.
+                let fd = unsafe { BorrowedFd::borrow_raw(node.fd) };
+                match register(fd) {
+                    Ok(backing) => {
+                        let backing = Arc::new(backing);
+                        modes.backing = Arc::downgrade(&backing);
+                        Some(backing)
+                    }
+                    Err(e) => {
+                        self.passthrough_refused(&e);
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        match backing {
+            Some(backing) => {
+                if eligible {
+                    node.shared
+                        .passthrough_handles
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                OpenMode::Backed {
+                    backing,
+                    throttled: !eligible,
+                }
+            }
+            None => {
+                modes.plain += 1;
+                OpenMode::Plain
+            }
+        }
+    }
+
+    /// The kernel refused a backing file: log it once; without the
+    /// privilege (EPERM: no CAP_SYS_ADMIN) no later open will do better,
+    /// so passthrough is off for the rest of the mount.
+    fn passthrough_refused(&self, e: &io::Error) {
+        let privilege = e.raw_os_error() == Some(libc::EPERM);
+        if privilege {
+            self.passthrough.store(false, Ordering::Relaxed);
+        }
+        if self.passthrough_warned.swap(true, Ordering::Relaxed) {
+            log::debug!("passthrough refused by the kernel: {e}");
+            return;
+        }
+        if privilege {
+            log::warn!(
+                "passthrough refused by the kernel ({e}): registering a backing file needs \
+                 CAP_SYS_ADMIN; every file takes the normal path"
+            );
+        } else {
+            log::warn!(
+                "passthrough refused by the kernel for a file ({e}); such files take the \
+                 normal path (logged once)"
+            );
+        }
     }
 
     /// The inode's O_DIRECT descriptor for these access flags, opened
@@ -623,6 +834,19 @@ impl ThrottleFs {
         fh: Option<FileHandle>,
     ) -> Result<FileAttr> {
         let node = self.inode(ino)?;
+        // With FUSE_HANDLE_KILLPRIV_V2, before a write that does not reach
+        // us (a passthrough write) to a file with setuid or setgid, the
+        // kernel asks, with the writer's credentials, for what the write
+        // drops: a SETATTR that sets nothing. Done as for a write we see.
+        let nothing = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
+        if self.killpriv_v2 && nothing && node.is_file() {
+            Self::kill_suidgid(req, node.fd, false)?;
+        }
         let handle = fh.and_then(|fh| self.handle(fh).ok());
         let path = proc_path(node.fd);
         if let Some(mode) = mode {
@@ -648,9 +872,10 @@ impl ThrottleFs {
         }
         if let Some(size) = size {
             let size = libc::off_t::try_from(size).map_err(|_| Errno::EFBIG)?;
-            // The kernel already sent the mode a truncate leaves, except
-            // for setgid without group-execute, which a local filesystem
-            // also clears when the caller is not in the file's group.
+            // The kernel already sent the mode a truncate leaves (with
+            // FUSE_HANDLE_KILLPRIV_V2, none: it is left to us), except for
+            // setgid without group-execute, which a local filesystem also
+            // clears when the caller is not in the file's group.
             match &handle {
                 Some(h) => {
                     Self::kill_suidgid(req, h.raw(), false)?;
@@ -755,6 +980,7 @@ impl ThrottleFs {
             files.push(xattr::ActiveFile {
                 ino: n.ino,
                 open: handles,
+                passthrough: n.shared.passthrough_handles(),
                 activity,
                 effective: n.shared.effective.lock().expect("effective").clone(),
             });
@@ -856,6 +1082,44 @@ fn xattr_fetch(
     }
 }
 
+impl ThrottleFs {
+    /// `--passthrough` at INIT: ask for FUSE_PASSTHROUGH, and for
+    /// FUSE_HANDLE_KILLPRIV_V2. Without the latter the kernel asks the
+    /// daemon for `security.capability` (getxattr) before every passthrough
+    /// write, to know whether the write must drop privileges, and waits
+    /// for the answer with the inode locked: random writes at depth went
+    /// at a fifth of the plain file's speed. With it, the kernel marks an
+    /// inode that has nothing to drop (S_NOSEC) and asks nothing until its
+    /// attributes next change; the daemon clears setuid/setgid itself, on
+    /// the WRITE, SETATTR and FALLOCATE it sees, and on the empty SETATTR
+    /// the kernel sends before a passthrough write to a setuid/setgid file
+    /// (`do_setattr`). Whether passthrough is possible.
+    fn negotiate_passthrough(&mut self, config: &mut KernelConfig) -> bool {
+        if config
+            .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+            .is_err()
+        {
+            log::warn!(
+                "passthrough: the kernel does not offer FUSE passthrough (Linux 6.9 or later \
+                 with CONFIG_FUSE_PASSTHROUGH); every file takes the normal path"
+            );
+            return false;
+        }
+        let _ = config.set_max_stack_depth(PASSTHROUGH_STACK_DEPTH);
+        self.killpriv_v2 = config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_ok();
+        if !self.killpriv_v2 {
+            log::info!(
+                "passthrough: the kernel has no FUSE_HANDLE_KILLPRIV_V2; it asks the daemon for \
+                 security.capability before each passthrough write"
+            );
+        }
+        log::info!("passthrough: files without limits are opened in passthrough");
+        true
+    }
+}
+
 impl Filesystem for ThrottleFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         // Ask for requests up to 1 MiB (the kernel caps it at max_pages).
@@ -883,6 +1147,10 @@ impl Filesystem for ThrottleFs {
         }
         let _ = config.set_max_background(MAX_BACKGROUND_REQUESTS);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND_REQUESTS / 4 * 3);
+        if self.passthrough.load(Ordering::Relaxed) {
+            let on = self.negotiate_passthrough(config);
+            self.passthrough.store(on, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -1090,16 +1358,15 @@ impl Filesystem for ThrottleFs {
         let r = (|| {
             let node = self.inode(ino)?;
             let fd = self.reopen(&node, flags.0)?;
-            Ok(self.add_file(&node, fd, flags.0))
+            Ok(self.add_file(&node, fd, flags.0, |fd| reply.open_backing(fd)))
         })();
         match r {
-            // Direct I/O: no page cache in front of the throttle. Parallel
-            // direct writes: concurrent writes to one file reach us (and the
-            // queue) together instead of one at a time.
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-            ),
+            Ok((fh, mode)) => match mode.backing() {
+                Some(backing) => {
+                    reply.opened_passthrough(FileHandle(fh), mode.fopen_flags(), backing)
+                }
+                None => reply.opened(FileHandle(fh), mode.fopen_flags()),
+            },
             Err(e) => reply.error(e),
         }
     }
@@ -1639,17 +1906,27 @@ impl Filesystem for ThrottleFs {
             self.chown_new(req, p.fd, &cname)?;
             let attr = self.do_lookup(parent, name)?;
             let node = self.inode(attr.ino)?;
-            let fh = self.add_file(&node, fd, flags);
-            Ok((attr, fh))
+            let (fh, mode) = self.add_file(&node, fd, flags, |fd| reply.open_backing(fd));
+            Ok((attr, fh, mode))
         })();
         match r {
-            Ok((attr, fh)) => reply.created(
-                &ATTR_TTL,
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-            ),
+            Ok((attr, fh, mode)) => match mode.backing() {
+                Some(backing) => reply.created_passthrough(
+                    &ATTR_TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    mode.fopen_flags(),
+                    backing,
+                ),
+                None => reply.created(
+                    &ATTR_TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    mode.fopen_flags(),
+                ),
+            },
             Err(e) => reply.error(e),
         }
     }

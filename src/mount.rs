@@ -189,6 +189,7 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
         &cfg.groups,
         sched_tx.clone(),
         unthrottled,
+        cfg.passthrough,
     )
     .with_context(|| format!("opening source '{}'", cfg.source.display()))?;
 

@@ -41,6 +41,9 @@ const IOPS_SIZE_NAME: &str = "iops_size";
 /// Option name of the worker thread count in `-o`.
 const IO_THREADS_NAME: &str = "io_threads";
 
+/// `-o passthrough`, the same as `--passthrough`.
+const PASSTHROUGH_NAME: &str = "passthrough";
+
 /// `-o group.NAME.LIMIT=VALUE`: one limit of throttle group NAME (a group
 /// spec has commas, which `-o` splits on, so each limit is its own item).
 const GROUP_OPTION_PREFIX: &str = "group.";
@@ -108,6 +111,10 @@ pub struct MountConfig {
     pub groups: Vec<(String, Limits)>,
     /// `-f`: stay attached to the caller instead of detaching once mounted.
     pub foreground: bool,
+    /// `--passthrough`: files without a limit in force when they are
+    /// opened are read and written by the kernel straight from the
+    /// underlying file (FUSE passthrough); see docs/limits.md.
+    pub passthrough: bool,
 }
 
 /// Longest throttle group name.
@@ -220,6 +227,9 @@ struct Cli {
     /// limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable
     #[arg(long, value_name = "NAME:LIMIT=VALUE[,...]", action = ArgAction::Append)]
     group: Vec<String>,
+    /// open files without a limit in FUSE passthrough: the kernel reads and writes them itself (needs CAP_SYS_ADMIN; a limit set later applies from the next open)
+    #[arg(long)]
+    passthrough: bool,
     /// directory whose contents are served
     #[arg(value_hint = ValueHint::DirPath)]
     source: PathBuf,
@@ -640,7 +650,8 @@ fn after_help() -> String {
     }
     text.push_str(
         ",\n  fsname=NAME, subtype=NAME, io_threads=N (same as --io-threads),\n  \
-         group.NAME.LIMIT=VALUE (same as --group NAME:LIMIT=VALUE, one limit per item).\n\
+         group.NAME.LIMIT=VALUE (same as --group NAME:LIMIT=VALUE, one limit per item),\n  \
+         passthrough (same as --passthrough).\n\
          Options for mount(8) and systemd (defaults, auto, noauto, user, users, nofail,\n\
          _netdev, x-*, comment=..., relatime and the other atime variants) are ignored.",
     );
@@ -810,6 +821,7 @@ struct Collected {
     seen: HashMap<String, String>,
     fuse_options: Vec<fuser::MountOption>,
     allow_other: bool,
+    passthrough: bool,
     io_threads: Option<usize>,
     /// `-o group.NAME.LIMIT=VALUE` items by group, in order.
     groups: Vec<(String, Vec<String>)>,
@@ -886,8 +898,8 @@ impl Collected {
         self.fuse_options.push(option.clone());
     }
 
-    /// One `-o` item: a limit, io_threads, a group limit, a FUSE mount
-    /// option, or one of mount(8)'s that is ignored.
+    /// One `-o` item: a limit, io_threads, a group limit, passthrough, a
+    /// FUSE mount option, or one of mount(8)'s that is ignored.
     fn mount_option(&mut self, opt: &str) -> Result<(), String> {
         if IGNORED_MOUNT_OPTIONS.contains(&opt)
             || IGNORED_MOUNT_OPTION_PREFIXES
@@ -920,6 +932,10 @@ impl Collected {
         }
         if opt == "allow_other" {
             self.allow_other = true;
+            return Ok(());
+        }
+        if opt == PASSTHROUGH_NAME {
+            self.passthrough = true;
             return Ok(());
         }
         if let Some((name, option)) = FUSE_FLAGS.iter().find(|(name, _)| *name == opt) {
@@ -1002,6 +1018,7 @@ where
         foreground: cli.foreground,
         io_threads: collected.io_threads.unwrap_or(DEFAULT_IO_THREAD_COUNT),
         groups,
+        passthrough: cli.passthrough || collected.passthrough,
     })
 }
 
@@ -1423,6 +1440,26 @@ mod tests {
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.io_threads, DEFAULT_IO_THREAD_COUNT);
         assert_eq!(config.verbose, 0);
+        assert!(!config.passthrough, "passthrough is off by default");
+    }
+
+    #[test]
+    fn passthrough_from_the_flag_or_o() {
+        assert!(parse(&["--passthrough"]).unwrap().passthrough);
+        let config = parse(&["-o", "allow_other,passthrough"]).unwrap();
+        assert!(config.passthrough);
+        assert!(config.allow_other);
+        assert!(config.fuse_options.is_empty(), "not a FUSE mount option");
+        // Both at once, or twice, is the same switch.
+        assert!(
+            parse(&["--passthrough", "-o", "passthrough"])
+                .unwrap()
+                .passthrough
+        );
+        assert_eq!(
+            parse_err(&["-o", "passthrough=1"]),
+            "unknown mount option 'passthrough=1'"
+        );
     }
 
     #[test]

@@ -172,6 +172,10 @@ pub struct FileShared {
     /// What the scheduler has charged ahead for requests to spend without
     /// asking it (see `scheduler/credit.rs`).
     pub credit: Credit,
+    /// Open handles in FUSE passthrough: the kernel reads and writes them
+    /// straight from the underlying file, so they are neither throttled
+    /// nor counted here (see docs/limits.md, Passthrough).
+    pub passthrough_handles: AtomicU64,
     epoch: Instant,
     bytes: [AtomicU64; 2],
     ops: [AtomicU64; 2],
@@ -200,6 +204,7 @@ impl Default for FileShared {
             bypass: AtomicBool::new(false),
             effective: Mutex::new(None),
             credit: Credit::default(),
+            passthrough_handles: AtomicU64::new(0),
             epoch: Instant::now(),
             bytes: Default::default(),
             ops: Default::default(),
@@ -311,7 +316,13 @@ impl FileShared {
         line("release_late_p99_ns", late.map_or(0, |l| l.quantile_ns(99)));
         line("release_late_max_ns", late.map_or(0, |l| l.max_ns));
         line("credit_ops", self.credit_ops.load(Ordering::Relaxed));
+        line("passthrough_handles", self.passthrough_handles());
         out
+    }
+
+    /// Open handles in passthrough now.
+    pub fn passthrough_handles(&self) -> u64 {
+        self.passthrough_handles.load(Ordering::Relaxed)
     }
 }
 
@@ -533,5 +544,6 @@ mod tests {
         assert!(text.contains("wait_ns=5000000\n"));
         assert!(text.contains("waiting=1\n"));
         assert!(text.contains("read_bytes_per_sec=12288\n"));
+        assert!(text.ends_with("passthrough_handles=0\n"), "{text}");
     }
 }

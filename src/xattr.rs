@@ -180,8 +180,10 @@ pub fn set_limits(limits: &Limits) -> Vec<(String, String)> {
 
 /// `user.throttle.effective`: `source=` (file, directory:PATH or mount),
 /// one `name=value` a line for each limit in force, then `group=NAME` and
-/// `group_source=` when the file belongs to a throttle group.
-pub fn render_effective(e: &Effective) -> String {
+/// `group_source=` when the file belongs to a throttle group, then
+/// `passthrough_handles=N` when `passthrough` handles (opened in FUSE
+/// passthrough, which no limit reaches) are open.
+pub fn render_effective(e: &Effective, passthrough: u64) -> String {
     let mut out = format!("source={}\n", e.origin.describe());
     for (name, value) in set_limits(&e.limits) {
         let _ = writeln!(out, "{name}={value}");
@@ -190,8 +192,15 @@ pub fn render_effective(e: &Effective) -> String {
         let _ = writeln!(out, "group={group}");
         let _ = writeln!(out, "group_source={}", origin.describe());
     }
+    if passthrough > 0 {
+        let _ = writeln!(out, "{PASSTHROUGH_HANDLES}={passthrough}");
+    }
     out
 }
+
+/// The field of `user.throttle.effective`, `user.throttle.stats` and
+/// `user.throttle.active` that counts a file's open handles in passthrough.
+pub const PASSTHROUGH_HANDLES: &str = "passthrough_handles";
 
 /// The value of `user.throttle.group`: a valid group name (a trailing
 /// newline or NUL is forgiven), or why not.
@@ -218,6 +227,8 @@ pub struct ActiveFile {
     pub ino: u64,
     /// Open handles.
     pub open: u64,
+    /// Of those, handles in passthrough.
+    pub passthrough: u64,
     pub activity: Activity,
     /// The limits in force, if they were ever resolved.
     pub effective: Option<Effective>,
@@ -349,6 +360,9 @@ pub fn render_active(
                 }
             }
             None => line.push_str(" source=unknown"),
+        }
+        if f.passthrough > 0 {
+            let _ = write!(line, " {PASSTHROUGH_HANDLES}={}", f.passthrough);
         }
         line.push('\n');
         if out.len() + line.len() + UNLISTED_LINE_BYTES > max_bytes {
@@ -518,20 +532,29 @@ mod tests {
         limits.get_mut(BucketKind::BpsWrite).max = 200;
         limits.get_mut(BucketKind::BpsWrite).max_length = Some(Duration::from_secs(3));
         limits.get_mut(BucketKind::IopsTotal).avg = 7;
-        let text = render_effective(&Effective {
-            limits,
-            origin: Origin::Directory("/vms".into()),
-            group: None,
-        });
+        let text = render_effective(
+            &Effective {
+                limits,
+                origin: Origin::Directory("/vms".into()),
+                group: None,
+            },
+            0,
+        );
         assert_eq!(
             text,
             "source=directory:/vms\nbps_wr=100\nbps_wr_max=200\nbps_wr_max_length=3\niops=7\n"
         );
-        let text = render_effective(&Effective {
-            limits: Limits::default(),
-            origin: Origin::Mount,
-            group: Some(("t1".into(), Origin::File)),
-        });
-        assert_eq!(text, "source=mount\ngroup=t1\ngroup_source=file\n");
+        let text = render_effective(
+            &Effective {
+                limits: Limits::default(),
+                origin: Origin::Mount,
+                group: Some(("t1".into(), Origin::File)),
+            },
+            2,
+        );
+        assert_eq!(
+            text,
+            "source=mount\ngroup=t1\ngroup_source=file\npassthrough_handles=2\n"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! The mount must behave like the plain source directory: each test runs
 //! the same operation on a file of the source and, through the mount, on an
-//! identical file, and compares the outcome (issue 9).
+//! identical file, and compares the outcome (issue 9). The tests of
+//! writes and mappings run again with `--passthrough`, where the kernel
+//! writes unlimited files itself.
 
 mod common;
 
@@ -23,12 +25,17 @@ const PAGE_BYTES: usize = 4096;
 /// written twice: `src-NAME`, operated on directly, and `mnt-NAME`, operated
 /// on through the mount.
 fn mount_with(files: &[(&str, &[u8])]) -> Mount {
+    mount_with_args(files, &[])
+}
+
+/// `mount_with`, the daemon started with `args`.
+fn mount_with_args(files: &[(&str, &[u8])], args: &[&str]) -> Mount {
     let mut m = Mount::new();
     for (name, data) in files {
         fs::write(m.src_path(&format!("src-{name}")), data).unwrap();
         fs::write(m.src_path(&format!("mnt-{name}")), data).unwrap();
     }
-    m.start(&[]);
+    m.start(args);
     m
 }
 
@@ -175,7 +182,18 @@ fn cp_a_of_a_file_within_the_mount_succeeds() {
 
 #[test]
 fn o_append_write_appends() {
-    let m = mount_with(&[("f", &pattern(1000, 1))]);
+    o_append_write_appends_with(&[]);
+}
+
+/// With `--passthrough`, the descriptor without O_APPEND is in
+/// passthrough, the O_APPEND one is not.
+#[test]
+fn o_append_write_appends_with_passthrough() {
+    o_append_write_appends_with(&["--passthrough"]);
+}
+
+fn o_append_write_appends_with(args: &[&str]) {
+    let m = mount_with_args(&[("f", &pattern(1000, 1))], args);
     for path in pair(&m, "f") {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"appended").unwrap();
@@ -194,12 +212,23 @@ fn o_append_write_appends() {
 
 #[test]
 fn shared_mapping_of_an_o_append_descriptor_writes_its_page() {
+    shared_mapping_writes_its_page(&[], true);
+}
+
+#[test]
+fn shared_mapping_of_a_passthrough_descriptor_writes_its_page() {
+    shared_mapping_writes_its_page(&["--passthrough"], false);
+}
+
+/// A shared mapping of a descriptor opened with O_APPEND when `append`.
+fn shared_mapping_writes_its_page(args: &[&str], append: bool) {
     let len = 2 * PAGE_BYTES;
-    let m = mount_with(&[("f", &pattern(len, 2))]);
+    let m = mount_with_args(&[("f", &pattern(len, 2))], args);
     for path in pair(&m, "f") {
         let f = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(!append)
+            .append(append)
             .open(&path)
             .unwrap();
         // SAFETY: a fresh shared mapping of `len` bytes of an open file,
@@ -253,7 +282,18 @@ fn pwritev2_noappend(fd: libc::c_int, data: &[u8], offset: i64) -> Result<isize,
 /// `extra_flags | O_WRONLY | O_APPEND` must land at `offset` on both; if
 /// the source refuses it (or the open), the mount must refuse it alike.
 fn check_noappend(extra_flags: libc::c_int, data: &[u8], offset: i64, len: usize) {
-    let m = mount_with(&[("f", &pattern(len, 3))]);
+    check_noappend_with(&[], extra_flags, data, offset, len);
+    check_noappend_with(&["--passthrough"], extra_flags, data, offset, len);
+}
+
+fn check_noappend_with(
+    args: &[&str],
+    extra_flags: libc::c_int,
+    data: &[u8],
+    offset: i64,
+    len: usize,
+) {
+    let m = mount_with_args(&[("f", &pattern(len, 3))], args);
     let mut results = Vec::new();
     for path in pair(&m, "f") {
         let r = open_raw(&path, extra_flags | libc::O_WRONLY | libc::O_APPEND).and_then(|fd| {
@@ -300,12 +340,22 @@ fn pwritev2_noappend_on_an_o_append_o_direct_descriptor_writes_at_its_offset() {
 
 #[test]
 fn o_direct_handles_with_and_without_o_append_write_where_told() {
+    o_direct_handles_write_where_told(&[]);
+}
+
+/// With `--passthrough`, the handle without O_APPEND is in passthrough.
+#[test]
+fn o_direct_handles_with_and_without_o_append_write_where_told_with_passthrough() {
+    o_direct_handles_write_where_told(&["--passthrough"]);
+}
+
+fn o_direct_handles_write_where_told(args: &[&str]) {
     // Handles that differ only in O_APPEND share the file's O_DIRECT
     // descriptor; neither may turn the other's positioned writes into
     // appends.
     #[repr(C, align(4096))]
     struct Block([u8; PAGE_BYTES]);
-    let m = mount_with(&[("f", &pattern(4 * PAGE_BYTES, 4))]);
+    let m = mount_with_args(&[("f", &pattern(4 * PAGE_BYTES, 4))], args);
     let mut results = Vec::new();
     for path in pair(&m, "f") {
         let appending = open_raw(&path, libc::O_RDWR | libc::O_APPEND | libc::O_DIRECT);

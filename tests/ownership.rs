@@ -5,8 +5,8 @@
 //!
 //! - a write, truncate, fallocate or copy_file_range by nobody clears setuid, and setgid
 //!   as the kernel would (group-executable, or the writer is not in the
-//!   file's group), on an unthrottled and on a throttled file; by root
-//!   (CAP_FSETID) it keeps them;
+//!   file's group), on an unthrottled and on a throttled file, and with
+//!   `--passthrough`; by root (CAP_FSETID) it keeps them;
 //! - files, directories, symlinks and fifos made in a setgid directory get
 //!   the directory's group, and new directories keep the setgid bit.
 
@@ -192,6 +192,18 @@ fn write_truncate_fallocate_by_root_keep_setuid_setgid() {
     assert_modification_kills_privileges_like_the_source(true, &["--bps-wr", "10M"]);
 }
 
+/// With `--passthrough` the kernel writes the unlimited files itself and
+/// the daemon clears the bits on FUSE_HANDLE_KILLPRIV_V2's request.
+#[test]
+fn passthrough_write_by_another_user_clears_setuid_setgid() {
+    assert_modification_kills_privileges_like_the_source(false, &["--passthrough"]);
+}
+
+#[test]
+fn passthrough_write_by_root_keeps_setuid_setgid() {
+    assert_modification_kills_privileges_like_the_source(true, &["--passthrough"]);
+}
+
 #[test]
 fn objects_made_in_a_setgid_directory_take_its_group() {
     let m = common::mount_ref_dut(
@@ -229,6 +241,21 @@ fn objects_made_in_a_setgid_directory_take_its_group() {
 
 #[test]
 fn write_by_a_member_through_a_supplementary_group_keeps_setgid() {
+    write_by_a_supplementary_member(&[], "printf x >> \"$1\"");
+}
+
+#[test]
+fn passthrough_write_by_a_member_through_a_supplementary_group_keeps_setgid() {
+    // Not O_APPEND, which is never opened in passthrough.
+    write_by_a_supplementary_member(
+        &["--passthrough"],
+        "printf x | dd of=\"$1\" bs=1 seek=2 conv=notrunc status=none",
+    );
+}
+
+/// `script` ($1: the file) run by nobody with a supplementary group that
+/// is the file's, on the source and through a mount with `mount_args`.
+fn write_by_a_supplementary_member(mount_args: &[&str], script: &str) {
     let m = common::mount_ref_dut(
         |dir| {
             chmod(dir, 0o777);
@@ -237,7 +264,7 @@ fn write_by_a_member_through_a_supplementary_group_keeps_setgid() {
             chown(&f, 0, OTHER_GID);
             chmod(&f, 0o2767);
         },
-        &[],
+        mount_args,
     );
     let groups = format!("--groups={OTHER_GID}");
     for target in [m.src_path("ref/f"), m.path("dut/f")] {
@@ -248,7 +275,7 @@ fn write_by_a_member_through_a_supplementary_group_keeps_setgid() {
             OsStr::new("--"),
             OsStr::new("sh"),
             OsStr::new("-c"),
-            OsStr::new("printf x >> \"$1\""),
+            OsStr::new(script),
             OsStr::new("sh"),
             target.as_os_str(),
         ];

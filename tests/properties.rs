@@ -1267,11 +1267,14 @@ proptest! {
         let own = OwnSet { values: pairs.iter().cloned().collect() };
         prop_assert_eq!(own.limits(), Ok(limits));
         // And the lines of user.throttle.effective.
-        let text = xattr::render_effective(&Effective {
-            limits,
-            origin: Origin::Mount,
-            group: None,
-        });
+        let text = xattr::render_effective(
+            &Effective {
+                limits,
+                origin: Origin::Mount,
+                group: None,
+            },
+            0,
+        );
         let mut lines = text.lines();
         prop_assert_eq!(lines.next(), Some("source=mount"));
         let parsed: Vec<(String, String)> = lines

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_throttlefs_global_optspecs
-    string join \n f/foreground bps= bps-rd= bps-wr= iops= iops-rd= iops-wr= o= v io-threads= group= h/help V/version
+    string join \n f/foreground bps= bps-rd= bps-wr= iops= iops-rd= iops-wr= o= v io-threads= group= passthrough h/help V/version
 end
 
 function __fish_throttlefs_needs_command
@@ -35,6 +35,7 @@ complete -c throttlefs -n "__fish_throttlefs_needs_command" -l io-threads -d 'I/
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -l group -d 'limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable' -r
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s f -l foreground -d 'stay in the foreground, logging to stderr, instead of detaching once the mount is live (and logging to syslog)'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s v -d 'more log output; repeat for even more'
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l passthrough -d 'open files without a limit in FUSE passthrough: the kernel reads and writes them itself (needs CAP_SYS_ADMIN; a limit set later applies from the next open)'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s h -l help -d 'Print help'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s V -l version -d 'Print version'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -a "stat" -d 'One snapshot of a mount\'s or a file\'s rates, limits and group'

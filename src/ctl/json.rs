@@ -51,10 +51,11 @@ fn json_activity(a: &Activity) -> String {
 
 fn json_file(f: &FileRow, mount: Option<&str>) -> String {
     format!(
-        "{{\"path\":{},\"mount\":{},\"open\":{},{},\"source\":{},\"limits\":{},\"group\":{},\"group_source\":{}}}",
+        "{{\"path\":{},\"mount\":{},\"open\":{},\"passthrough_handles\":{},{},\"source\":{},\"limits\":{},\"group\":{},\"group_source\":{}}}",
         json_string(&f.path),
         mount.map_or("null".into(), json_string),
         f.open.map_or("null".into(), |n| n.to_string()),
+        f.passthrough,
         json_activity(&f.activity),
         json_string(&f.source),
         json_limits(&f.limits),

@@ -145,6 +145,16 @@ pub fn render(report: &Report) -> String {
             fam.sample(name, l, open);
         }
     }
+    let name = "throttlefs_passthrough_handles";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "Open handles of the file in FUSE passthrough: the kernel reads and writes them without the daemon, so no limit applies to them and their I/O is not counted.",
+    );
+    for (f, l) in files.iter().zip(&file_labels) {
+        fam.sample(name, l, f.passthrough);
+    }
     let name = "throttlefs_limit";
     let mut fam = Family::new(
         &mut out,

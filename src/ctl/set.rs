@@ -14,6 +14,7 @@ use clap::{ArgAction, Parser};
 use super::attr::{get_attr, get_text, io_failure, list_attrs, remove_attr, set_attr};
 use super::failure::{Failure, parse};
 use super::snapshot::{FileRow, is_mount_root, parse_effective, parse_group};
+use super::table::passthrough_note;
 use crate::options::{
     GROUP_NAME_RULE, LimitFlags, canonical_limit_name, given_twice, limit_names, valid_group_name,
 };
@@ -396,6 +397,12 @@ pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
     match (in_force.group, in_force.group_source) {
         (Some(g), Some(s)) => println!("group in force:  {g} (from {s})"),
         _ => println!("group in force:  none"),
+    }
+    if in_force.passthrough > 0 {
+        println!(
+            "passthrough:     {}; the limits apply from the file's next open",
+            passthrough_note(in_force.passthrough)
+        );
     }
     Ok(())
 }

@@ -20,6 +20,8 @@ pub struct FileRow {
     pub path: String,
     /// Open handles; `None` when the file was asked for directly.
     pub open: Option<u64>,
+    /// Open handles in passthrough: not throttled, their I/O not counted.
+    pub passthrough: u64,
     pub activity: Activity,
     /// `file`, `directory:/path` or `mount` (`unknown` if never resolved).
     pub source: String,
@@ -116,6 +118,7 @@ pub fn parse_active(mount: &str, text: &str) -> (Vec<FileRow>, u64) {
                 "source" => row.source = value,
                 "group" => row.group = Some(value),
                 "group_source" => row.group_source = Some(value),
+                xattr::PASSTHROUGH_HANDLES => row.passthrough = value.parse().unwrap_or(0),
                 "limits" => {
                     row.limits = value
                         .split(',')
@@ -166,6 +169,7 @@ pub fn parse_effective(row: &mut FileRow, text: &str) {
             "source" => row.source = value.to_string(),
             "group" => row.group = Some(value.to_string()),
             "group_source" => row.group_source = Some(value.to_string()),
+            xattr::PASSTHROUGH_HANDLES => row.passthrough = value.parse().unwrap_or(0),
             _ if is_limit(name) => row.limits.push((name.to_string(), value.to_string())),
             _ => {}
         }
@@ -283,6 +287,7 @@ mod tests {
         let files = vec![ActiveFile {
             ino: 7,
             open: 2,
+            passthrough: 1,
             activity,
             effective: Some(Effective {
                 limits,
@@ -297,6 +302,7 @@ mod tests {
         let r = &rows[0];
         assert_eq!(r.path, format!("/mnt{odd}"));
         assert_eq!(r.open, Some(2));
+        assert_eq!(r.passthrough, 1);
         assert_eq!(r.activity, activity);
         assert_eq!(r.source, "directory:/dir with space");
         assert_eq!(
@@ -316,6 +322,7 @@ mod tests {
             .map(|i| ActiveFile {
                 ino: i,
                 open: 1,
+                passthrough: 0,
                 activity: Activity {
                     bytes_per_sec: [i, 0],
                     ..Activity::default()

@@ -49,11 +49,15 @@ pub struct Row {
 
 impl Row {
     pub fn file(f: &FileRow) -> Row {
+        let mut limits = describe_limits(&f.limits, &f.source);
+        if f.passthrough > 0 {
+            limits.push_str(&format!("; {}", passthrough_note(f.passthrough)));
+        }
         Row {
             label: f.path.clone(),
             is_group: false,
             group: f.group.clone().unwrap_or_else(|| "-".into()),
-            limits: describe_limits(&f.limits, &f.source),
+            limits,
             activity: f.activity,
             count: f.open,
         }
@@ -91,6 +95,12 @@ pub fn short_value(name: &str, value: &str) -> String {
         }
         _ => value.to_string(),
     }
+}
+
+/// What `n` open handles in passthrough mean for the limits shown.
+pub fn passthrough_note(n: u64) -> String {
+    let handles = if n == 1 { "handle" } else { "handles" };
+    format!("{n} passthrough {handles} not throttled")
 }
 
 fn describe_limits(limits: &[(String, String)], source: &str) -> String {
@@ -199,5 +209,26 @@ mod tests {
         assert_eq!(short_value("iops", "1024"), "1024");
         assert_eq!(short_value("bps_max_length", "0.5"), "0.5s");
         assert_eq!(short_value("iops_size", "4096"), "4K");
+    }
+
+    #[test]
+    fn a_file_with_passthrough_handles_says_so() {
+        let f = FileRow {
+            path: "/mnt/a".into(),
+            open: Some(2),
+            passthrough: 1,
+            source: "file".into(),
+            limits: vec![("bps_rd".into(), "4194304".into())],
+            ..FileRow::default()
+        };
+        assert_eq!(
+            Row::file(&f).limits,
+            "bps_rd=4M (file); 1 passthrough handle not throttled"
+        );
+        let none = FileRow {
+            passthrough: 0,
+            ..f
+        };
+        assert_eq!(Row::file(&none).limits, "bps_rd=4M (file)");
     }
 }

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use fuser::{Errno, FileAttr, INodeNo};
+use fuser::{BackingId, Errno, FileAttr, INodeNo};
 
 use super::{Result, ThrottleFs, check, component, last_errno, stat_fd, to_attr};
 use crate::io::DirectFd;
@@ -66,6 +66,19 @@ pub(super) struct InodeRef {
     /// O_DIRECT descriptors of this file, by DIRECT_SHARE_FLAGS: one per
     /// access mode, alive while a handle holds it.
     pub(super) direct_fds: Mutex<HashMap<i32, Weak<DirectFd>>>,
+    /// How the kernel was told to open this file's handles, for the next
+    /// open to agree (see `ThrottleFs::open_mode`).
+    pub(super) open_modes: Mutex<OpenModes>,
+}
+
+/// The open handles of one file, by how the kernel was told to open them.
+#[derive(Default)]
+pub(super) struct OpenModes {
+    /// The backing id registered with the kernel for the handles opened
+    /// with FOPEN_PASSTHROUGH, alive while one of them is open.
+    pub(super) backing: Weak<BackingId>,
+    /// Handles opened without FOPEN_PASSTHROUGH, not yet released.
+    pub(super) plain: u64,
 }
 
 impl InodeRef {
@@ -89,6 +102,7 @@ impl InodeRef {
             resolved_gen: AtomicU64::new(0),
             resolving: Mutex::new(()),
             direct_fds: Mutex::new(HashMap::new()),
+            open_modes: Mutex::default(),
         }
     }
 

@@ -578,7 +578,8 @@ impl ThrottleFs {
                 }
                 let eff = node.shared.effective.lock().expect("effective").clone();
                 let eff = eff.unwrap_or_else(|| self.resolve(node));
-                Some(xattr::render_effective(&eff).into_bytes())
+                let passthrough = node.shared.passthrough_handles();
+                Some(xattr::render_effective(&eff, passthrough).into_bytes())
             }
             Attr::Stats => Some(node.shared.render_stats().into_bytes()),
             _ => None,
