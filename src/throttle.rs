@@ -458,23 +458,42 @@ impl ThrottleState {
         self.add(dir, u128::from(bytes) * NANO_UNITS_PER_UNIT, nano_ops);
     }
 
-    /// Give back the unspent part of an allowance charged ahead: bytes
-    /// from the bps buckets and nano-ops from the iops buckets.
-    pub fn give_back(&mut self, dir: Direction, bytes: u64, nano_ops: u128, now: Duration) {
+    /// Settle an allowance charged ahead (`charge_ahead`) of which
+    /// `left` is unspent: bytes for the bps buckets and nano-ops for the
+    /// iops buckets, of `charged`. What was spent counts as spent now, at
+    /// the settling: the allowance comes off the buckets whole (as far as
+    /// they still hold it after leaking) and the part spent goes back on.
+    /// So the leak of a bucket that would have stood empty while the
+    /// allowance waited to be spent is never lent to the requests that
+    /// spent it late: never earlier than requests that came to the
+    /// scheduler one by one.
+    pub fn give_back(
+        &mut self,
+        dir: Direction,
+        charged: (u64, u128),
+        left: (u64, u128),
+        now: Duration,
+    ) {
         self.leak(now);
-        let nano_bytes = u128::from(bytes) * NANO_UNITS_PER_UNIT;
         for kind in BucketKind::ALL {
-            if !kind.applies_to(dir) || self.limits.get(kind).avg == 0 {
+            let spec = self.limits.get(kind);
+            if !kind.applies_to(dir) || spec.avg == 0 {
                 continue;
             }
-            let amount = if kind.counts_bytes() {
-                nano_bytes
+            let (charged, left) = if kind.counts_bytes() {
+                (
+                    u128::from(charged.0) * NANO_UNITS_PER_UNIT,
+                    u128::from(left.0) * NANO_UNITS_PER_UNIT,
+                )
             } else {
-                nano_ops
+                (charged.1, left.1)
             };
+            let spent = charged.saturating_sub(left);
             let level = &mut self.levels[kind as usize];
-            level.main = level.main.saturating_sub(amount);
-            level.burst = level.burst.saturating_sub(amount);
+            level.main = level.main.saturating_sub(charged) + spent;
+            if spec.max != 0 {
+                level.burst = level.burst.saturating_sub(charged) + spent;
+            }
         }
     }
 
@@ -799,8 +818,8 @@ mod tests {
         assert_eq!(spent_ops, 3_500_000_000);
         s.give_back(
             Direction::Read,
-            bytes - spent_bytes,
-            nano_ops - spent_ops,
+            (bytes, nano_ops),
+            (bytes - spent_bytes, nano_ops - spent_ops),
             ms(5),
         );
         // As if those two reads had been charged at 5 ms.

@@ -19,10 +19,14 @@
 //!   (`Credit::revoke`, refunded with its `Msg::Submit`), so no request
 //!   spends credit while an earlier one waits, and a barrier (fsync, flush)
 //!   sees every write performed on credit before it in flight.
-//! - A credit lasts `CREDIT_VALID_US`: charged ahead at the grant, it
-//!   leaks while it waits to be spent, so a credit kept long would let
-//!   through more than the buckets would have. Bounded in time, what it
-//!   can add over any window is what the limit admits in that time.
+//! - A credit lasts `CREDIT_VALID_US`, and what was spent of it counts as
+//!   spent when it is settled (`ThrottleState::give_back`), never earlier:
+//!   the leak of a bucket that stood empty while the credit waited is not
+//!   lent to requests that spent it late. So requests on credit are never
+//!   admitted earlier than they would have been one by one through the
+//!   scheduler at the settling; a short validity keeps that delay in the
+//!   accounting small (requests spent early are charged up to 2 ms late,
+//!   in their disfavour).
 //! - Not granted while messages wait in the scheduler's inbox: one of
 //!   them may be a request of the file, which a request spending credit
 //!   would overtake.
@@ -56,6 +60,8 @@ const CREDIT_OPS_MAX: u128 = 1024;
 struct Left {
     bytes: Option<u64>,
     nano_ops: Option<u128>,
+    /// What was charged ahead: (bytes, nano-ops).
+    charged: (u64, u128),
 }
 
 #[derive(Default)]
@@ -77,14 +83,21 @@ pub struct Credit {
     grant: Mutex<Grant>,
 }
 
-/// Credit taken back unspent: charged ahead, to be given back to the
-/// file's buckets by the scheduler. [read, write]: (bytes, nano-ops).
+/// A credit taken back, for the scheduler to settle with the file's
+/// buckets (`ThrottleState::give_back`). [read, write]: what was charged
+/// ahead and what is left of it, each (bytes, nano-ops).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Leftover([(u64, u128); 2]);
+pub struct Leftover([Settle; 2]);
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Settle {
+    charged: (u64, u128),
+    left: (u64, u128),
+}
 
 impl Leftover {
     pub fn is_empty(&self) -> bool {
-        self.0 == [(0, 0); 2]
+        self.0.iter().all(|l| l.charged == (0, 0))
     }
 }
 
@@ -132,7 +145,10 @@ impl Grant {
         let mut back = Leftover::default();
         for (lane, left) in self.lanes.iter_mut().enumerate() {
             if let Some(left) = left.take() {
-                back.0[lane] = (left.bytes.unwrap_or(0), left.nano_ops.unwrap_or(0));
+                back.0[lane] = Settle {
+                    charged: left.charged,
+                    left: (left.bytes.unwrap_or(0), left.nano_ops.unwrap_or(0)),
+                };
             }
         }
         self.until = None;
@@ -188,9 +204,13 @@ impl Scheduler {
             if bytes == Some(0) || nano_ops.is_some_and(|o| o < NANO_UNITS_PER_UNIT) {
                 continue;
             }
-            f.state
-                .charge_ahead(dir, bytes.unwrap_or(0), nano_ops.unwrap_or(0), at);
-            g.lanes[dir as usize] = Some(Left { bytes, nano_ops });
+            let charged = (bytes.unwrap_or(0), nano_ops.unwrap_or(0));
+            f.state.charge_ahead(dir, charged.0, charged.1, at);
+            g.lanes[dir as usize] = Some(Left {
+                bytes,
+                nano_ops,
+                charged,
+            });
         }
         if g.lanes.iter().any(Option::is_some) {
             g.until = Some(now + Duration::from_micros(CREDIT_VALID_US));
@@ -200,12 +220,12 @@ impl Scheduler {
     }
 }
 
-/// Give `back` to `state`'s buckets.
+/// Settle a credit taken back (`back`) with `state`'s buckets.
 pub(super) fn give_back(state: &mut crate::throttle::ThrottleState, back: Leftover, at: Duration) {
     for dir in [Direction::Read, Direction::Write] {
-        let (bytes, nano_ops) = back.0[dir as usize];
-        if bytes != 0 || nano_ops != 0 {
-            state.give_back(dir, bytes, nano_ops, at);
+        let l = back.0[dir as usize];
+        if l.charged != (0, 0) {
+            state.give_back(dir, l.charged, l.left, at);
         }
     }
 }
@@ -233,6 +253,7 @@ mod tests {
         let left = Left {
             bytes: Some(10_000),
             nano_ops: Some(2 * NANO_UNITS_PER_UNIT),
+            charged: (10_000, 2 * NANO_UNITS_PER_UNIT),
         };
         let c = granted(Limits::default(), [Some(left), None], now);
         // No credit for writes.
@@ -262,17 +283,26 @@ mod tests {
         let read = Left {
             bytes: Some(100_000),
             nano_ops: None,
+            charged: (100_000, 0),
         };
         let write = Left {
             bytes: None,
             nano_ops: Some(5 * NANO_UNITS_PER_UNIT),
+            charged: (0, 5 * NANO_UNITS_PER_UNIT),
         };
         let c = granted(l, [Some(read), Some(write)], now);
         assert!(c.take(Direction::Read, 30_000, now).is_some());
         // 8 KiB is two operations of iops_size.
         assert!(c.take(Direction::Write, 8192, now).is_some());
         let back = c.revoke();
-        assert_eq!(back.0, [(70_000, 0), (0, 3 * NANO_UNITS_PER_UNIT)]);
+        let settle = |charged, left| Settle { charged, left };
+        assert_eq!(
+            back.0,
+            [
+                settle((100_000, 0), (70_000, 0)),
+                settle((0, 5 * NANO_UNITS_PER_UNIT), (0, 3 * NANO_UNITS_PER_UNIT))
+            ]
+        );
         assert!(c.revoke().is_empty());
         assert!(c.take(Direction::Read, 1, now).is_none());
     }
@@ -288,7 +318,11 @@ mod tests {
         let room = s.headroom(Direction::Read, Duration::ZERO);
         let (bytes, ops) = (room.bytes.unwrap(), room.nano_ops.unwrap());
         s.charge_ahead(Direction::Read, bytes, ops, Duration::ZERO);
-        give_back(&mut s, Leftover([(bytes, ops), (0, 0)]), Duration::ZERO);
+        let whole = Settle {
+            charged: (bytes, ops),
+            left: (bytes, ops),
+        };
+        give_back(&mut s, Leftover([whole, Settle::default()]), Duration::ZERO);
         assert_eq!(
             s.headroom(Direction::Read, Duration::ZERO),
             before.clone().headroom(Direction::Read, Duration::ZERO)
@@ -296,6 +330,41 @@ mod tests {
         assert_eq!(
             s.wait(Direction::Write, Duration::ZERO),
             before.clone().wait(Direction::Write, Duration::ZERO)
+        );
+    }
+
+    /// Credit spent at the end of its 2 ms, after an idle bucket: settled,
+    /// the bucket holds what was spent as if the requests had come to the
+    /// scheduler at the settling, not less (the leak while the credit
+    /// waited is not lent to them).
+    #[test]
+    fn credit_spent_late_is_charged_as_spent_at_the_settling() {
+        let mut l = Limits::default();
+        l.get_mut(BucketKind::BpsRead).avg = 1_000_000;
+        let grant = Duration::from_secs(1);
+        let settle_at = grant + Duration::from_micros(CREDIT_VALID_US);
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        let room = s.headroom(Direction::Read, grant);
+        let bytes = room.bytes.unwrap();
+        s.charge_ahead(Direction::Read, bytes, 0, grant);
+        // 50 000 bytes spent just before the credit ran out.
+        let spent = 50_000;
+        let back = Settle {
+            charged: (bytes, 0),
+            left: (bytes - spent, 0),
+        };
+        give_back(&mut s, Leftover([back, Settle::default()]), settle_at);
+        let mut direct = ThrottleState::new(l, Duration::ZERO);
+        direct.account(Direction::Read, spent, settle_at);
+        assert_eq!(
+            s.headroom(Direction::Read, settle_at),
+            direct.headroom(Direction::Read, settle_at)
+        );
+        // The bucket had stood empty: without this rule it would hold 2 ms
+        // of leak (2000 bytes at 1 MB/s) less than the requests put in.
+        assert_eq!(
+            s.headroom(Direction::Read, settle_at).bytes,
+            Some(room.bytes.unwrap() - spent)
         );
     }
 }
