@@ -531,6 +531,7 @@ impl Daemon {
     fn start(src: &Path, mnt: &Path, stderr: PathBuf, args: &[&str]) -> Daemon {
         let child = Command::new(binary())
             .arg("-f")
+            .args(common::transport_args(args))
             .args(args)
             .arg(src)
             .arg(mnt)
