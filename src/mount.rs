@@ -38,11 +38,23 @@ const FUSE_THREADS_MAX: usize = 16;
 /// the administrator's decision (as libfuse leaves it too).
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
-/// Ring entries per CPU queue with io_uring: how many requests of the
-/// callers on one CPU the daemon holds at once (more wait, in order, in the
-/// kernel). Each entry has a payload buffer of max_write (1 MiB) plus a
-/// page; see docs/operations.md for the memory this takes.
-const URING_QUEUE_DEPTH: u16 = 16;
+/// Ring entries, with io_uring, for all online CPUs' queues together, and
+/// the least and most per CPU. An entry holds one request from its
+/// arrival to its answer, a throttled one too, and requests beyond a CPU's
+/// entries wait in the kernel whatever their file (see
+/// docs/operations.md), so there are many: 128 per CPU on up to 4 CPUs
+/// (QEMU keeps up to 128 requests of a disk in flight by default), fewer on
+/// more. Each has a payload buffer of max_write (1 MiB) plus a page, as
+/// address space: pages become resident as large requests use them.
+const URING_ENTRIES_TOTAL: usize = 512;
+const URING_QUEUE_DEPTH_MIN: usize = 16;
+const URING_QUEUE_DEPTH_MAX: usize = 128;
+
+fn uring_queue_depth() -> u16 {
+    // SAFETY: sysconf has no preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    (URING_ENTRIES_TOTAL / online).clamp(URING_QUEUE_DEPTH_MIN, URING_QUEUE_DEPTH_MAX) as u16
+}
 
 /// Mount as the command line `args` says; returns once unmounted (in the
 /// foreground) or, detached, in the daemon once unmounted.
@@ -234,7 +246,7 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
     if cfg.io_uring != IoUringMode::Off {
         // Asked for in the INIT reply only if the kernel offers it.
         fuse_cfg.io_uring = Some(UringConfig {
-            queue_depth: URING_QUEUE_DEPTH,
+            queue_depth: uring_queue_depth(),
         });
     }
 

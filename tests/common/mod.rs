@@ -45,6 +45,24 @@ pub fn transport_args(args: &[&str]) -> Vec<String> {
     }
 }
 
+/// Whether the harness mounts with `-o io_uring=on` (`IO_URING_ENV`).
+pub fn ring_mode() -> bool {
+    std::env::var(IO_URING_ENV).is_ok_and(|v| v == "on")
+}
+
+/// With io_uring the daemon holds at most this many requests of the
+/// callers on one CPU (its ring entries there, see src/mount.rs); more
+/// wait in the kernel, where its queue does not count them.
+pub const RING_ENTRIES_PER_CPU: usize = 128;
+
+/// The errno of a request on a file still open after the daemon has gone:
+/// ENOTCONN. With io_uring the kernel tears the rings down after the
+/// process has exited, and a request that comes in that moment, queued for
+/// a ring entry, ends with ECONNABORTED instead.
+pub fn is_gone_errno(e: i32) -> bool {
+    e == libc::ENOTCONN || (ring_mode() && e == libc::ECONNABORTED)
+}
+
 /// The kernel's switch for FUSE over io_uring: `Some(true)` when set,
 /// `None` when the kernel has no such parameter.
 pub fn uring_switch() -> Option<bool> {

@@ -82,6 +82,8 @@ pub use crate::session::SessionUnmounter;
 pub use crate::session::Transport;
 #[cfg(feature = "io-uring")]
 pub use crate::uring::UringConfig;
+#[cfg(feature = "io-uring")]
+pub use crate::uring::ring_backlog;
 
 mod access_flags;
 mod bsd_file_flags;

@@ -108,6 +108,26 @@ thread_local! {
     /// The ring whose thread this is (its address), so that replies made
     /// while it dispatches are submitted with its next wait.
     static RING_THREAD: Cell<usize> = const { Cell::new(0) };
+    /// Requests of the ring thread's current batch not yet dispatched.
+    static BATCH_LEFT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// On a ring thread, while a filesystem method runs: how many requests
+/// have arrived on this thread's ring and wait for the method to return.
+/// A filesystem that would serve a request on the calling thread (say, a
+/// short blocking read) can hand it to a worker instead when others wait.
+/// Always 0 on other threads (a `/dev/fuse` thread cannot know).
+pub fn ring_backlog() -> usize {
+    let ring = RING_THREAD.with(Cell::get) as *const Ring;
+    if ring.is_null() {
+        return 0;
+    }
+    // SAFETY: RING_THREAD is set only on the ring's own thread, by `serve`,
+    // which holds the ring (an Arc) for as long as the thread runs; only
+    // this thread reads the completion queue, and reading its length
+    // consumes nothing.
+    let waiting = unsafe { (*ring).uring.completion_shared().len() };
+    BATCH_LEFT.with(Cell::get) + waiting
 }
 
 /// What the ring side knows of one entry.
@@ -580,7 +600,9 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
             let mut st = ring.sq.lock();
             st.in_kernel = st.in_kernel.saturating_sub(done.len());
         }
-        for (data, res) in done.drain(..) {
+        let batch = done.len();
+        for (i, (data, res)) in done.drain(..).enumerate() {
+            BATCH_LEFT.with(|c| c.set(batch - i - 1));
             let idx = (data & 0xffff_ffff) as usize;
             let op = (data >> 32) as u32;
             if res >= 0 {
