@@ -70,9 +70,12 @@ impl IoUringMode {
     }
 }
 
-/// The transport when `--io-uring` is not given; see docs/operations.md
-/// for the measurements behind it.
-pub const DEFAULT_IO_URING: IoUringMode = IoUringMode::Auto;
+/// The transport when `--io-uring` is not given: `/dev/fuse`. Over
+/// io_uring, requests of throttled files cost more (a reply from an I/O
+/// worker makes the kernel deliver the entry's next request on that
+/// worker), and the daemon holds only as many requests per CPU as it has
+/// ring entries; see docs/operations.md for the measurements.
+pub const DEFAULT_IO_URING: IoUringMode = IoUringMode::Off;
 
 /// `-o group.NAME.LIMIT=VALUE`: one limit of throttle group NAME (a group
 /// spec has commas, which `-o` splits on, so each limit is its own item).
@@ -253,7 +256,7 @@ struct Cli {
     #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
     io_threads: Vec<String>,
     /// FUSE requests over io_uring: auto (when the kernel offers it), on
-    /// (or fail), off (/dev/fuse only)
+    /// (or fail), off (/dev/fuse only, the default)
     #[arg(long, value_name = "auto|on|off", action = ArgAction::Append)]
     io_uring: Vec<String>,
     /// limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable

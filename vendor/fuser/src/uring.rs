@@ -31,9 +31,6 @@
 //! `queues x queue_depth x (max_write + 4 KiB)` in all; the pages are only
 //! touched, and so resident, as large requests use them.
 
-use std::alloc::Layout;
-use std::alloc::alloc_zeroed;
-use std::alloc::dealloc;
 use std::cell::Cell;
 use std::fmt;
 use std::io;
@@ -180,7 +177,8 @@ pub(crate) struct Ring {
     uring: IoUring<squeue::Entry128, cqueue::Entry>,
     dev: Arc<DevFuse>,
     entries: Box<[Entry]>,
-    layout: Layout,
+    /// The entries' buffers, one mapping; `None` once leaked.
+    region: Option<Region>,
     payload_size: usize,
     sq: Mutex<SqState>,
 }
@@ -201,12 +199,52 @@ impl Drop for Ring {
         // had them. Otherwise leak them; this happens only when a session
         // is dropped while its connection is still up.
         let st = self.sq.get_mut();
-        if st.closed || !st.registered {
-            for e in self.entries.iter() {
-                // SAFETY: allocated in `Ring::new` with this layout.
-                unsafe { dealloc(e.buf, self.layout) };
-            }
+        if !st.closed && st.registered {
+            std::mem::forget(self.region.take());
         }
+    }
+}
+
+/// Anonymous memory for the entries' buffers: mapped, not allocated, so
+/// that pages are zero-filled only when first touched (an allocator would
+/// clear the whole aligned block, making every buffer resident at once).
+struct Region {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory; who writes which part is the entries' protocol.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn new(len: usize) -> io::Result<Region> {
+        // SAFETY: a fresh private anonymous mapping.
+        let ptr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Region {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new` with this length.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -253,28 +291,23 @@ pub(crate) fn setup(
     let threads = online_queues.clamp(1, queues.max(1));
     let payload_size = payload_size.max(MIN_PAYLOAD);
     let depth = usize::from(config.queue_depth.max(1));
-    let layout = Layout::from_size_align(HEAD_SIZE + payload_size, HEAD_SIZE)
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    let page = page_size::get();
+    let stride = (HEAD_SIZE + payload_size).div_ceil(page) * page;
     let mut rings = Vec::with_capacity(threads);
     let mut total = 0;
     for t in 0..threads {
         let qids: Vec<usize> = (t..queues).step_by(threads).collect();
-        let mut entries: Vec<Entry> = Vec::new();
-        let free = |entries: &[Entry]| {
-            for e in entries {
-                // SAFETY: allocated below with this layout, never registered.
-                unsafe { dealloc(e.buf, layout) };
-            }
-        };
-        for &q in &qids {
-            let n = if online.contains(&q) { depth } else { 1 };
+        let per_queue: Vec<(usize, usize)> = qids
+            .iter()
+            .map(|&q| (q, if online.contains(&q) { depth } else { 1 }))
+            .collect();
+        let count: usize = per_queue.iter().map(|&(_, n)| n).sum();
+        let region = Region::new(count * stride)?;
+        let mut entries: Vec<Entry> = Vec::with_capacity(count);
+        for &(q, n) in &per_queue {
             for _ in 0..n {
-                // SAFETY: a non-zero size.
-                let buf = unsafe { alloc_zeroed(layout) };
-                if buf.is_null() {
-                    free(&entries);
-                    return Err(io::Error::from(io::ErrorKind::OutOfMemory));
-                }
+                // SAFETY: within the region.
+                let buf = unsafe { region.ptr.add(entries.len() * stride) };
                 entries.push(Entry {
                     // The kernel's qids are u16; CPUs are fewer.
                     qid: q as u16,
@@ -285,7 +318,7 @@ pub(crate) fn setup(
                             iov_len: REQ_HEADER_SIZE,
                         },
                         libc::iovec {
-                            // SAFETY: within the allocation.
+                            // SAFETY: within the entry's part of the region.
                             iov_base: unsafe { buf.add(HEAD_SIZE) }.cast(),
                             iov_len: payload_size,
                         },
@@ -301,18 +334,12 @@ pub(crate) fn setup(
         let uring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_cqsize(slots * 2)
             .build(slots);
-        let uring = match uring {
-            Ok(u) => u,
-            Err(e) => {
-                free(&entries);
-                return Err(e);
-            }
-        };
+        let uring = uring?;
         rings.push(Arc::new(Ring {
             uring,
             dev: dev.clone(),
             entries: entries.into_boxed_slice(),
-            layout,
+            region: Some(region),
             payload_size,
             sq: Mutex::new(SqState::default()),
         }));
