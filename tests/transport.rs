@@ -219,6 +219,8 @@ fn data_through_the_ring_is_intact_at_depth() {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--verify_fatal=1",
+                // No local-*-verify.state file in the working directory.
+                "--verify_state_save=0",
                 "--randrepeat=0",
             ],
         );
