@@ -43,8 +43,7 @@ const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 /// arrival to its answer, a throttled one too, and requests beyond a CPU's
 /// entries wait in the kernel whatever their file (see
 /// docs/operations.md), so there are many: 128 per CPU on up to 4 CPUs
-/// (QEMU keeps up to 128 requests of a disk in flight by default), fewer on
-/// more. Each has a payload buffer of max_write (1 MiB) plus a page, as
+/// (one caller's 128 requests in flight are held whole), fewer on more. Each has a payload buffer of max_write (1 MiB) plus a page, as
 /// address space: pages become resident as large requests use them.
 const URING_ENTRIES_TOTAL: usize = 512;
 const URING_QUEUE_DEPTH_MIN: usize = 16;
