@@ -15,11 +15,11 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fuser::{MountOption, SessionACL};
+use fuser::{MountOption, SessionACL, Transport, UringConfig};
 
 use throttlefs::fs::ThrottleFs;
 use throttlefs::io::IoPool;
-use throttlefs::options::{MountConfig, parse_args};
+use throttlefs::options::{IoUringMode, MountConfig, parse_args};
 use throttlefs::scheduler::{Msg, Scheduler, SchedulerTx};
 
 use crate::daemon::{self, Readiness};
@@ -31,6 +31,29 @@ const SHUTDOWN_IO_GRACE: Duration = Duration::from_secs(30);
 /// FUSE session threads; they only hand throttled requests over, but serve
 /// unthrottled files inline, so a few are kept.
 const FUSE_THREADS_MAX: usize = 16;
+
+/// The kernel's switch for FUSE over io_uring. It is global, for every
+/// FUSE mount of the machine, and only root may change it, so the daemon
+/// reads it and never writes it: whether FUSE daemons may use io_uring is
+/// the administrator's decision (as libfuse leaves it too).
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Ring entries, with io_uring, for all online CPUs' queues together, and
+/// the least and most per CPU. An entry holds one request from its
+/// arrival to its answer, a throttled one too, and requests beyond a CPU's
+/// entries wait in the kernel whatever their file (see
+/// docs/operations.md), so there are many: 128 per CPU on up to 4 CPUs
+/// (one caller's 128 requests in flight are held whole), fewer on more. Each has a payload buffer of max_write (1 MiB) plus a page, as
+/// address space: pages become resident as large requests use them.
+const URING_ENTRIES_TOTAL: usize = 512;
+const URING_QUEUE_DEPTH_MIN: usize = 16;
+const URING_QUEUE_DEPTH_MAX: usize = 128;
+
+fn uring_queue_depth() -> u16 {
+    // SAFETY: sysconf has no preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    (URING_ENTRIES_TOTAL / online).clamp(URING_QUEUE_DEPTH_MIN, URING_QUEUE_DEPTH_MAX) as u16
+}
 
 /// Mount as the command line `args` says; returns once unmounted (in the
 /// foreground) or, detached, in the daemon once unmounted.
@@ -216,9 +239,44 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
     };
     fuse_cfg.n_threads = Some(cfg.io_threads.clamp(2, FUSE_THREADS_MAX));
     fuse_cfg.clone_fd = true;
+    if cfg.io_uring == IoUringMode::On && uring_switch() == Some(false) {
+        // Refuse before mounting when the answer is known.
+        anyhow::bail!("{}", uring_unavailable());
+    }
+    if cfg.io_uring != IoUringMode::Off {
+        // Asked for in the INIT reply only if the kernel offers it.
+        fuse_cfg.io_uring = Some(UringConfig {
+            queue_depth: uring_queue_depth(),
+        });
+    }
 
     let session = fuser::Session::new(fs, &cfg.mountpoint, &fuse_cfg)
         .with_context(|| format!("mounting on '{}'", cfg.mountpoint.display()))?;
+    match session.transport() {
+        Transport::IoUring {
+            queues,
+            entries,
+            entry_payload,
+        } => log::info!(
+            "transport: io_uring, {queues} queues, {entries} ring entries of {} KiB ({} MiB)",
+            entry_payload / 1024,
+            (entries * (entry_payload + 4096)).div_ceil(1 << 20)
+        ),
+        // Dropping the session unmounts.
+        Transport::DevFuseRingFailed(e) if cfg.io_uring == IoUringMode::On => anyhow::bail!(
+            "io_uring=on: setting up the rings failed (kernel {}): {e}",
+            kernel_release()
+        ),
+        _ if cfg.io_uring == IoUringMode::On => anyhow::bail!("{}", uring_unavailable()),
+        Transport::DevFuseNotOffered => log::info!(
+            "transport: /dev/fuse (the kernel does not offer io_uring: {})",
+            uring_switch_text()
+        ),
+        Transport::DevFuseRingFailed(e) => {
+            log::info!("transport: /dev/fuse (setting up io_uring failed: {e})")
+        }
+        _ => log::info!("transport: /dev/fuse"),
+    }
     log::info!(
         "mounted {} on {}",
         cfg.source.display(),
@@ -244,6 +302,49 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
     let _ = scheduler.join();
     pool.join();
     result.context("serving the mount")
+}
+
+/// The kernel's switch: `Some(true)` for Y, `None` without the parameter
+/// (a kernel without `CONFIG_FUSE_IO_URING`, before 6.14, or the fuse
+/// module not loaded yet).
+fn uring_switch() -> Option<bool> {
+    let text = std::fs::read_to_string(ENABLE_URING).ok()?;
+    Some(matches!(text.trim(), "Y" | "y" | "1"))
+}
+
+fn uring_switch_text() -> String {
+    match uring_switch() {
+        Some(true) => format!("{ENABLE_URING} is Y"),
+        Some(false) => format!("{ENABLE_URING} is N"),
+        None => format!("no {ENABLE_URING}"),
+    }
+}
+
+fn kernel_release() -> String {
+    // SAFETY: uname into a local structure.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: uname NUL-terminates release.
+    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The one line `io_uring=on` fails with.
+fn uring_unavailable() -> String {
+    let how = match uring_switch() {
+        Some(false) => format!("root must set it: echo Y > {ENABLE_URING}"),
+        Some(true) => "the kernel did not offer it in INIT".into(),
+        None => "it needs Linux 6.14 or later built with CONFIG_FUSE_IO_URING".into(),
+    };
+    format!(
+        "io_uring=on: FUSE over io_uring is not available ({}, kernel {}): {how}; \
+         or mount with io_uring=auto or off",
+        uring_switch_text(),
+        kernel_release()
+    )
 }
 
 /// The mount is live once it answers a request: statfs goes to the

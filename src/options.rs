@@ -44,6 +44,42 @@ const IO_THREADS_NAME: &str = "io_threads";
 /// `-o passthrough`, the same as `--passthrough`.
 const PASSTHROUGH_NAME: &str = "passthrough";
 
+/// Option name of the FUSE transport choice in `-o`.
+const IO_URING_NAME: &str = "io_uring";
+
+/// How FUSE requests reach the daemon: over io_uring (Linux 6.14+, when
+/// the administrator has set the fuse module parameter `enable_uring`) or
+/// by a read and a write on `/dev/fuse` per request.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum IoUringMode {
+    /// io_uring when the kernel offers it, else `/dev/fuse` (said at -v).
+    Auto,
+    /// io_uring or fail to mount.
+    On,
+    /// `/dev/fuse` only.
+    Off,
+}
+
+impl IoUringMode {
+    fn parse(value: &str) -> Result<IoUringMode, String> {
+        match value {
+            "auto" => Ok(IoUringMode::Auto),
+            "on" => Ok(IoUringMode::On),
+            "off" => Ok(IoUringMode::Off),
+            _ => Err(format!(
+                "{IO_URING_NAME}: expected auto, on or off, got '{value}'"
+            )),
+        }
+    }
+}
+
+/// The transport when `--io-uring` is not given: `/dev/fuse`. Over
+/// io_uring, requests of throttled files cost more (a reply from an I/O
+/// worker makes the kernel deliver the entry's next request on that
+/// worker), and the daemon holds only as many requests per CPU as it has
+/// ring entries; see docs/operations.md for the measurements.
+pub const DEFAULT_IO_URING: IoUringMode = IoUringMode::Off;
+
 /// `-o group.NAME.LIMIT=VALUE`: one limit of throttle group NAME (a group
 /// spec has commas, which `-o` splits on, so each limit is its own item).
 const GROUP_OPTION_PREFIX: &str = "group.";
@@ -115,6 +151,9 @@ pub struct MountConfig {
     /// opened are read and written by the kernel straight from the
     /// underlying file (FUSE passthrough); see docs/limits.md.
     pub passthrough: bool,
+
+    /// `--io-uring` / `-o io_uring=`: the FUSE transport.
+    pub io_uring: IoUringMode,
 }
 
 /// Longest throttle group name.
@@ -224,6 +263,10 @@ struct Cli {
     /// I/O worker threads (1 to 1024, default 8; with io_uring, at most one per core)
     #[arg(long, value_name = "N", allow_negative_numbers = true, action = ArgAction::Append)]
     io_threads: Vec<String>,
+    /// FUSE requests over io_uring: auto (when the kernel offers it), on
+    /// (or fail), off (/dev/fuse only, the default)
+    #[arg(long, value_name = "auto|on|off", action = ArgAction::Append)]
+    io_uring: Vec<String>,
     /// limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable
     #[arg(long, value_name = "NAME:LIMIT=VALUE[,...]", action = ArgAction::Append)]
     group: Vec<String>,
@@ -650,6 +693,7 @@ fn after_help() -> String {
     }
     text.push_str(
         ",\n  fsname=NAME, subtype=NAME, io_threads=N (same as --io-threads),\n  \
+         io_uring=auto|on|off (same as --io-uring),\n  \
          group.NAME.LIMIT=VALUE (same as --group NAME:LIMIT=VALUE, one limit per item),\n  \
          passthrough (same as --passthrough).\n\
          Options for mount(8) and systemd (defaults, auto, noauto, user, users, nofail,\n\
@@ -823,6 +867,7 @@ struct Collected {
     allow_other: bool,
     passthrough: bool,
     io_threads: Option<usize>,
+    io_uring: Option<IoUringMode>,
     /// `-o group.NAME.LIMIT=VALUE` items by group, in order.
     groups: Vec<(String, Vec<String>)>,
 }
@@ -864,6 +909,12 @@ impl Collected {
                 "must be between 1 and {MAX_IO_THREAD_COUNT}, got {value}"
             ))),
         }
+    }
+
+    fn io_uring(&mut self, value: &str) -> Result<(), String> {
+        self.once(IO_URING_NAME)?;
+        self.io_uring = Some(IoUringMode::parse(value)?);
+        Ok(())
     }
 
     /// `group.NAME.LIMIT=VALUE`: collected per group, validated with
@@ -918,6 +969,9 @@ impl Collected {
             if key == IO_THREADS_NAME {
                 return self.io_threads(value);
             }
+            if key == IO_URING_NAME {
+                return self.io_uring(value);
+            }
             let make: fn(String) -> fuser::MountOption = match key {
                 "fsname" => fuser::MountOption::FSName,
                 "subtype" => fuser::MountOption::Subtype,
@@ -942,7 +996,7 @@ impl Collected {
             self.fuse_flag(name, option);
             return Ok(());
         }
-        if opt == IO_THREADS_NAME || canonical_limit_name(opt).is_some() {
+        if opt == IO_THREADS_NAME || opt == IO_URING_NAME || canonical_limit_name(opt).is_some() {
             return Err(format!("{opt}: missing value (use -o {opt}=VALUE)"));
         }
         Err(format!("unknown mount option '{opt}'"))
@@ -987,6 +1041,9 @@ where
     for value in &cli.io_threads {
         collected.io_threads(value).map_err(usage)?;
     }
+    for value in &cli.io_uring {
+        collected.io_uring(value).map_err(usage)?;
+    }
     for group in &cli.options {
         // Empty items ("a,,b") are skipped, as mount(8) does.
         for opt in group.split(',').filter(|o| !o.is_empty()) {
@@ -1017,6 +1074,7 @@ where
         verbose: cli.verbose,
         foreground: cli.foreground,
         io_threads: collected.io_threads.unwrap_or(DEFAULT_IO_THREAD_COUNT),
+        io_uring: collected.io_uring.unwrap_or(DEFAULT_IO_URING),
         groups,
         passthrough: cli.passthrough || collected.passthrough,
     })
@@ -1601,6 +1659,35 @@ mod tests {
             "io_threads: invalid count 'x'"
         );
         assert_eq!(parse(&["--io-threads", "1"]).unwrap().io_threads, 1);
+    }
+
+    #[test]
+    fn io_uring_modes() {
+        assert_eq!(parse(&[]).unwrap().io_uring, DEFAULT_IO_URING);
+        assert_eq!(
+            parse(&["-o", "io_uring=on"]).unwrap().io_uring,
+            IoUringMode::On
+        );
+        assert_eq!(
+            parse(&["--io-uring", "off"]).unwrap().io_uring,
+            IoUringMode::Off
+        );
+        assert_eq!(
+            parse(&["--io-uring=auto"]).unwrap().io_uring,
+            IoUringMode::Auto
+        );
+        assert_eq!(
+            parse_err(&["-o", "io_uring=yes"]),
+            "io_uring: expected auto, on or off, got 'yes'"
+        );
+        assert_eq!(
+            parse_err(&["-o", "io_uring"]),
+            "io_uring: missing value (use -o io_uring=VALUE)"
+        );
+        assert_eq!(
+            parse_err(&["--io-uring", "on", "-o", "io_uring=off"]),
+            "io_uring given twice"
+        );
     }
 
     #[test]

@@ -364,10 +364,9 @@ fn signal_with_crowd(
     // them are refused by the kernel.
     let mut buf = vec![0u8; REQ];
     let e = errno_of(crowd.files[0].read_at(&mut buf, 0), "read after shutdown");
-    assert_eq!(
-        e,
-        libc::ENOTCONN,
-        "read on a still-open file after shutdown"
+    assert!(
+        common::is_gone_errno(e),
+        "read on a still-open file after shutdown: errno {e}, expected ENOTCONN"
     );
 }
 
@@ -375,7 +374,14 @@ fn signal_with_crowd(
 fn sigterm_answers_a_thousand_queued_reads_on_fifty_files() {
     // 50 files x 20 reads of 64 KiB at 16 KiB/s: one read per file goes at
     // once, the next after 3.9 s, a full queue would take 80 s per file.
-    signal_with_crowd(libc::SIGTERM, &["--bps-rd", "16K"], 50, 20, |_| false);
+    // With io_uring the daemon holds at most RING_ENTRIES_PER_CPU requests
+    // of one CPU's callers, so as many files as surely fit (all on one CPU).
+    let files = if common::ring_mode() {
+        common::RING_ENTRIES_PER_CPU / 20
+    } else {
+        50
+    };
+    signal_with_crowd(libc::SIGTERM, &["--bps-rd", "16K"], files, 20, |_| false);
 }
 
 #[test]
@@ -513,7 +519,10 @@ fn busy_fusermount_unmount_is_refused_and_the_mount_keeps_working() {
     m.signal(libc::SIGTERM);
     assert_exits_zero(&mut m, EXIT_TIMEOUT, "SIGTERM");
     let e = errno_of(held.read_at(&mut buf, 0), "read after shutdown");
-    assert_eq!(e, libc::ENOTCONN, "read on a held file after shutdown");
+    assert!(
+        common::is_gone_errno(e),
+        "read on a held file after shutdown: errno {e}, expected ENOTCONN"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -531,6 +540,7 @@ impl Daemon {
     fn start(src: &Path, mnt: &Path, stderr: PathBuf, args: &[&str]) -> Daemon {
         let child = Command::new(binary())
             .arg("-f")
+            .args(common::transport_args(args))
             .args(args)
             .arg(src)
             .arg(mnt)

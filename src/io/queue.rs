@@ -229,9 +229,10 @@ impl DirectSender {
 
     /// Whether `run` hands a job of the handle whose unthrottled requests
     /// `flight` counts to a ring worker: there are ring workers, and others
-    /// of the handle are in flight. (A caller that would copy data only for
-    /// the ring asks first.)
+    /// of the handle are in flight, or (on a FUSE ring thread, with
+    /// `--io-uring`) other requests wait for this thread. (A caller that
+    /// would copy data only for the ring asks first.)
     pub fn to_ring(&self, flight: &Flight) -> bool {
-        self.rings && flight.jobs() > 0
+        self.rings && (flight.jobs() > 0 || fuser::ring_backlog() > 0)
     }
 }

@@ -28,6 +28,48 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// instead of blocking CI; generous because rate tests run in parallel.
 pub const COMMAND_TIMEOUT_SECS: u32 = 120;
 
+/// `THROTTLEFS_TEST_IO_URING=auto|on|off` in the tests' environment: every
+/// mount the harness starts gets `-o io_uring=VALUE` (unless its arguments
+/// choose the transport themselves), so that the same tests check both
+/// transports; `.ci/run` runs the transport-dependent ones again with `on`.
+pub const IO_URING_ENV: &str = "THROTTLEFS_TEST_IO_URING";
+
+/// The arguments `IO_URING_ENV` adds to a mount's `args`.
+pub fn transport_args(args: &[&str]) -> Vec<String> {
+    let chosen = args
+        .iter()
+        .any(|a| a.contains("io_uring") || a.contains("io-uring"));
+    match std::env::var(IO_URING_ENV) {
+        Ok(v) if !v.is_empty() && !chosen => vec!["-o".into(), format!("io_uring={v}")],
+        _ => Vec::new(),
+    }
+}
+
+/// Whether the harness mounts with `-o io_uring=on` (`IO_URING_ENV`).
+pub fn ring_mode() -> bool {
+    std::env::var(IO_URING_ENV).is_ok_and(|v| v == "on")
+}
+
+/// With io_uring the daemon holds at most this many requests of the
+/// callers on one CPU (its ring entries there, see src/mount.rs); more
+/// wait in the kernel, where its queue does not count them.
+pub const RING_ENTRIES_PER_CPU: usize = 128;
+
+/// The errno of a request on a file still open after the daemon has gone:
+/// ENOTCONN. With io_uring the kernel tears the rings down after the
+/// process has exited, and a request that comes in that moment, queued for
+/// a ring entry, ends with ECONNABORTED instead.
+pub fn is_gone_errno(e: i32) -> bool {
+    e == libc::ENOTCONN || (ring_mode() && e == libc::ECONNABORTED)
+}
+
+/// The kernel's switch for FUSE over io_uring: `Some(true)` when set,
+/// `None` when the kernel has no such parameter.
+pub fn uring_switch() -> Option<bool> {
+    let text = fs::read_to_string("/sys/module/fuse/parameters/enable_uring").ok()?;
+    Some(text.trim() == "Y")
+}
+
 /// Path of the binary under test.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_throttlefs")
@@ -122,9 +164,12 @@ impl Mount {
     /// earlier mount) instead of this mount's own source directory.
     pub fn start_from(&mut self, src: &Path, args: &[&str]) {
         let mnt = self.mnt.clone();
+        let extra = transport_args(args);
         self.spawn(
-            args.iter()
+            extra
+                .iter()
                 .map(OsStr::new)
+                .chain(args.iter().map(OsStr::new))
                 .chain([src.as_os_str(), mnt.as_os_str()]),
         );
         let deadline = Instant::now() + MOUNT_TIMEOUT;

@@ -79,6 +79,11 @@ use crate::session::MAX_WRITE_SIZE;
 pub use crate::session::Session;
 pub use crate::session::SessionACL;
 pub use crate::session::SessionUnmounter;
+pub use crate::session::Transport;
+#[cfg(feature = "io-uring")]
+pub use crate::uring::UringConfig;
+#[cfg(feature = "io-uring")]
+pub use crate::uring::ring_backlog;
 
 mod access_flags;
 mod bsd_file_flags;
@@ -101,6 +106,8 @@ mod request;
 mod request_param;
 mod session;
 mod time;
+#[cfg(feature = "io-uring")]
+mod uring;
 
 /// We generally support async reads
 #[cfg(not(target_os = "macos"))]

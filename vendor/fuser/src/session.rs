@@ -129,6 +129,32 @@ impl Drop for UmountOnDrop {
 /// this bounds how long that spins (well under a second).
 const ABORTED_READS_IN_A_ROW_MAX: u32 = 100_000;
 
+/// How a session's requests travel between the kernel and the filesystem.
+#[derive(Debug, Clone, Eq, PartialEq)]
+#[non_exhaustive]
+pub enum Transport {
+    /// `read` and `writev` on `/dev/fuse`; io_uring was not asked for.
+    DevFuse,
+    /// `/dev/fuse`: io_uring was asked for, but the kernel's INIT did not
+    /// offer `FUSE_OVER_IO_URING` (a kernel before 6.14, one built without
+    /// `CONFIG_FUSE_IO_URING`, or the fuse module parameter `enable_uring`
+    /// not set).
+    DevFuseNotOffered,
+    /// `/dev/fuse`: the kernel offered io_uring, but the rings could not be
+    /// set up (the reason), so the INIT reply did not ask for it.
+    DevFuseRingFailed(String),
+    /// FUSE over io_uring: requests come in ring entries, `/dev/fuse`
+    /// carries only INIT, FORGET, INTERRUPT and notifications.
+    IoUring {
+        /// The kernel's queues, one per possible CPU.
+        queues: usize,
+        /// Ring entries in all queues.
+        entries: usize,
+        /// Bytes of payload buffer per entry.
+        entry_payload: usize,
+    },
+}
+
 /// The session data structure
 #[derive(Debug)]
 pub struct Session<FS: Filesystem> {
@@ -147,6 +173,11 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// What the INIT handshake settled.
+    transport: Transport,
+    /// The rings, made before the INIT reply asked for them.
+    #[cfg(feature = "io-uring")]
+    rings: Vec<Arc<crate::uring::Ring>>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -194,6 +225,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            transport: Transport::DevFuse,
+            #[cfg(feature = "io-uring")]
+            rings: Vec::new(),
         };
 
         session.handshake()?;
@@ -222,6 +256,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            transport: Transport::DevFuse,
+            #[cfg(feature = "io-uring")]
+            rings: Vec::new(),
         };
 
         session.handshake()?;
@@ -260,6 +297,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            transport: _,
+            #[cfg(feature = "io-uring")]
+            rings,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -277,6 +317,8 @@ impl<FS: Filesystem> Session<FS> {
 
         let mut filesystem = Arc::new(filesystem);
 
+        #[cfg(feature = "io-uring")]
+        let ch_for_rings = ch.clone();
         let mut channels = Vec::with_capacity(n_threads);
 
         for _ in 0..n_threads_minus_one {
@@ -311,6 +353,23 @@ impl<FS: Filesystem> Session<FS> {
                 thread::Builder::new()
                     .name(thread_name)
                     .spawn(move || event_loop.event_loop())?,
+            );
+        }
+
+        #[cfg(feature = "io-uring")]
+        for (i, ring) in rings.into_iter().enumerate() {
+            let thread_name = format!("fuser-uring-{i}");
+            let event_loop = SessionEventLoop {
+                thread_name: thread_name.clone(),
+                filesystem: filesystem.clone(),
+                ch: ch_for_rings.clone(),
+                allowed,
+                session_owner,
+            };
+            threads.push(
+                thread::Builder::new()
+                    .name(thread_name)
+                    .spawn(move || crate::uring::serve(ring, event_loop))?,
             );
         }
 
@@ -440,6 +499,9 @@ impl<FS: Filesystem> Session<FS> {
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
+            #[cfg(feature = "io-uring")]
+            self.setup_uring(init.capabilities(), &mut config);
+
             // Log capability status for debugging
             for bit in 0..64 {
                 let bitflags = InitFlags::from_bits_retain(1 << bit);
@@ -482,6 +544,52 @@ impl<FS: Filesystem> Session<FS> {
                 .send_ll(&response);
 
             return Ok(());
+        }
+    }
+
+    /// How requests travel: `/dev/fuse`, or io_uring if `Config::io_uring`
+    /// asked for it and the kernel agreed.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Makes the rings if the configuration asks for io_uring and the
+    /// kernel offers it, and then asks for it in the INIT reply. Failing to
+    /// make them leaves the session on `/dev/fuse`: the kernel must not be
+    /// told to use rings that will never be registered, or every request
+    /// would wait for them.
+    #[cfg(feature = "io-uring")]
+    fn setup_uring(&mut self, offered: InitFlags, config: &mut KernelConfig) {
+        let Some(uring) = self.config.io_uring else {
+            return;
+        };
+        if !offered.contains(InitFlags::FUSE_OVER_IO_URING) {
+            self.transport = Transport::DevFuseNotOffered;
+            return;
+        }
+        // The kernel's payload size: max(8 KiB, max_write, max_pages pages).
+        let payload =
+            (config.max_write as usize).max(usize::from(config.max_pages()) * page_size::get());
+        match crate::uring::setup(self.ch.device(), uring, payload) {
+            Ok(rings) => {
+                config.requested |= InitFlags::FUSE_OVER_IO_URING;
+                info!(
+                    "FUSE over io_uring: {} queues, {} entries of {} KiB",
+                    rings.queues,
+                    rings.entries,
+                    rings.payload_size / 1024
+                );
+                self.transport = Transport::IoUring {
+                    queues: rings.queues,
+                    entries: rings.entries,
+                    entry_payload: rings.payload_size,
+                };
+                self.rings = rings.rings;
+            }
+            Err(e) => {
+                warn!("FUSE over io_uring: cannot set up the rings, using /dev/fuse: {e}");
+                self.transport = Transport::DevFuseRingFailed(e.to_string());
+            }
         }
     }
 

@@ -18,6 +18,11 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Ask for FUSE over io_uring (`FUSE_OVER_IO_URING`) with these
+    /// settings. Used when the kernel offers it (the fuse module parameter
+    /// `enable_uring`); `Session::transport` says what was negotiated.
+    #[cfg(feature = "io-uring")]
+    pub io_uring: Option<crate::UringConfig>,
 }
 
 /// Mount options accepted by the FUSE filesystem type
