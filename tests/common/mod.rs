@@ -57,10 +57,11 @@ pub const RING_ENTRIES_PER_CPU: usize = 128;
 
 /// The errno of a request on a file still open after the daemon has gone:
 /// ENOTCONN. With io_uring the kernel tears the rings down after the
-/// process has exited, and a request that comes in that moment, queued for
-/// a ring entry, ends with ECONNABORTED instead.
+/// process has exited, and a request that comes in that moment ends with
+/// ECONNABORTED instead (queued for a ring entry), or ECANCELED (handed to
+/// a ring entry whose thread had exited).
 pub fn is_gone_errno(e: i32) -> bool {
-    e == libc::ENOTCONN || (ring_mode() && e == libc::ECONNABORTED)
+    e == libc::ENOTCONN || (ring_mode() && matches!(e, libc::ECONNABORTED | libc::ECANCELED))
 }
 
 /// The kernel's switch for FUSE over io_uring: `Some(true)` when set,

@@ -85,6 +85,19 @@ const HEAD_SIZE: usize = 4096;
 const MIN_PAYLOAD: usize = 8192;
 /// Times a REGISTER refused with EAGAIN (INIT not yet processed) is retried.
 const REGISTER_RETRIES: u32 = 1000;
+/// How long to wait before a command refused with EOPNOTSUPP is tried
+/// again: the kernel checks the fuse module parameter `enable_uring` on
+/// every command, so an administrator who sets it to N while a connection
+/// uses io_uring makes every reply fail until it is Y again.
+const DISABLED_RETRY_MS: u64 = 100;
+
+/// How often an idle ring thread wakes to submit what may have been
+/// queued without a submit (see `serve`).
+const STRANDED_SUBMIT_MS: u32 = 100;
+
+/// Whether the refusal of commands for `enable_uring=N` was logged (once a
+/// process; cleared when a command goes through again).
+static DISABLED_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// io_uring settings of a session (`Config::io_uring`).
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
@@ -608,10 +621,16 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
     let mut gone = false;
     let mut retries = 0u32;
     let mut done: Vec<(u64, i32)> = Vec::with_capacity(2 * n);
+    // The wait has a timeout so that a command queued but not submitted
+    // (seen once under load: a reply in the submission queue, the ring
+    // thread asleep, a caller waiting for good) goes in at the latest
+    // after STRANDED_SUBMIT_MS instead of never.
+    let stranded = types::Timespec::new().nsec(STRANDED_SUBMIT_MS * 1_000_000);
+    let wait_args = types::SubmitArgs::new().timespec(&stranded);
     loop {
-        match ring.uring.submitter().submit_and_wait(1) {
+        match ring.uring.submitter().submit_with_args(1, &wait_args) {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::ETIME)) => {}
             Err(e) => {
                 error!("FUSE io_uring: waiting for requests failed: {e}");
                 ring.sq.lock().closed = true;
@@ -633,10 +652,37 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
             let idx = (data & 0xffff_ffff) as usize;
             let op = (data >> 32) as u32;
             if res >= 0 {
+                if DISABLED_LOGGED.load(Ordering::Relaxed)
+                    && DISABLED_LOGGED.swap(false, Ordering::Relaxed)
+                {
+                    warn!("FUSE io_uring: the kernel takes replies again (enable_uring is Y)");
+                }
                 ring.dispatch(idx, &se);
                 continue;
             }
             let err = -res;
+            if err == libc::EOPNOTSUPP && !gone {
+                // enable_uring was set to N under a live connection: the
+                // reply is still in the entry (or the entry still waits to
+                // be registered). Nothing can answer the request but this
+                // entry, so try again until the parameter is Y again.
+                if !DISABLED_LOGGED.swap(true, Ordering::Relaxed) {
+                    error!(
+                        "FUSE io_uring: the kernel refuses this mount's replies (EOPNOTSUPP): the fuse module parameter enable_uring was set to N while the mount uses io_uring; its requests wait until it is Y again"
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(DISABLED_RETRY_MS));
+                let sqe = if op == CMD_REGISTER {
+                    ring.sqe(idx, CMD_REGISTER, 0)
+                } else {
+                    let unique = ring.entries[idx].last_commit.load(Ordering::Relaxed);
+                    ring.sqe(idx, CMD_COMMIT_AND_FETCH, unique)
+                };
+                if ring.push(&sqe).is_err() {
+                    alive -= 1;
+                }
+                continue;
+            }
             if op == CMD_REGISTER {
                 if err == libc::EAGAIN && retries < REGISTER_RETRIES {
                     retries += 1;
