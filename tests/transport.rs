@@ -41,35 +41,24 @@ fn kernel_release() -> String {
 /// Voluntary context switches of the daemon's threads whose name starts
 /// with `prefix`: each wake-up for a request counts one.
 fn thread_wakeups(pid: libc::pid_t, prefix: &str) -> u64 {
-    let mut total = 0;
-    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.trim().starts_with(prefix) {
-            continue;
-        }
-        let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        total += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    total
+    wakeups_of(pid, |name| name.starts_with(prefix))
 }
 
 /// `/dev/fuse` session threads are named fuser-0, fuser-1, ...; ring
 /// threads fuser-uring-0, ...
 fn dev_fuse_wakeups(pid: libc::pid_t) -> u64 {
-    (0..16)
-        .map(|i| thread_wakeups_exact(pid, &format!("fuser-{i}")))
-        .sum()
+    wakeups_of(pid, |name| {
+        name.strip_prefix("fuser-")
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+    })
 }
 
-fn thread_wakeups_exact(pid: libc::pid_t, name: &str) -> u64 {
+/// Voluntary context switches of the daemon's threads whose name `pick`s.
+fn wakeups_of(pid: libc::pid_t, pick: impl Fn(&str) -> bool) -> u64 {
     let mut total = 0;
     for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
         let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
+        if !pick(comm.trim()) {
             continue;
         }
         let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
