@@ -40,16 +40,30 @@ fn effective(path: &Path) -> String {
 
 /// `passthrough_handles` of `user.throttle.stats`, checked against
 /// `user.throttle.effective` (which names it only when it is not 0).
+/// The two are read one after the other, so a release that the kernel
+/// sends in between (it sends it after close returned) changes the count
+/// under them: read again until they agree, for at most a second.
 fn passthrough_handles(path: &Path) -> u64 {
-    let n = stats(path)[PASSTHROUGH_HANDLES];
-    let eff = effective(path);
-    let line = format!("{PASSTHROUGH_HANDLES}={n}\n");
-    if n == 0 {
-        assert!(!eff.contains(PASSTHROUGH_HANDLES), "{eff}");
-    } else {
-        assert!(eff.ends_with(&line), "stats say {n}, effective:\n{eff}");
+    let agree = |n: u64, eff: &str| {
+        if n == 0 {
+            !eff.contains(PASSTHROUGH_HANDLES)
+        } else {
+            eff.ends_with(&format!("{PASSTHROUGH_HANDLES}={n}\n"))
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let n = stats(path)[PASSTHROUGH_HANDLES];
+        let eff = effective(path);
+        if agree(n, &eff) {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stats say {n}, effective:\n{eff}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
-    n
 }
 
 /// Waits (up to 5 s) until the file has `n` handles in passthrough: the
