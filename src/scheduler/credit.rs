@@ -160,9 +160,18 @@ impl Grant {
 impl Scheduler {
     /// Give back what `file`'s credit has left, if anything.
     pub(super) fn take_back_credit(&mut self, file: u64, now: Instant) {
+        if let Some(back) = self.files.get(&file).map(|f| f.shared.credit.revoke()) {
+            self.settle_credit(file, back, now);
+        }
+    }
+
+    /// Settle credit of `file` taken back (`back`) with its buckets.
+    pub(super) fn settle_credit(&mut self, file: u64, back: Leftover, now: Instant) {
+        if back.is_empty() {
+            return;
+        }
         let at = self.since_epoch(now);
         if let Some(f) = self.files.get_mut(&file) {
-            let back = f.shared.credit.revoke();
             give_back(&mut f.state, back, at);
         }
     }

@@ -260,12 +260,7 @@ impl Scheduler {
                 job,
                 leftover,
             } => {
-                if !leftover.is_empty() {
-                    let at = self.since_epoch(now);
-                    if let Some(f) = self.files.get_mut(&file) {
-                        credit::give_back(&mut f.state, leftover, at);
-                    }
-                }
+                self.settle_credit(file, leftover, now);
                 let interrupted = self.early_interrupts.remove(&unique);
                 if interrupted && caller_dying(pid) {
                     job.fail(Errno::EINTR);
