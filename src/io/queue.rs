@@ -172,24 +172,28 @@ impl DirectSender {
         let write = job.direction() == Some(Direction::Write);
         let to_ring = self.to_ring(flight);
         flight.start(write);
-        if to_ring {
-            let mut batch = vec![Released {
+        let here = if to_ring {
+            let released = Released {
                 file,
                 flight: flight.clone(),
                 job,
-            }];
-            match self.queue.push_all(&mut batch) {
-                Ok(()) => return,
-                Err(lost) => {
-                    for r in lost {
-                        let _ = r.job.run();
-                    }
-                }
+            };
+            match self.to_ring_worker(released) {
+                None => return,
+                Some(back) => back.job,
             }
         } else {
-            let _ = job.run();
-        }
+            job
+        };
+        let _ = here.run();
         flight.finish(write);
+    }
+
+    /// Hand `released` to a ring worker; it comes back if the queue has
+    /// closed (the workers stopped), to be run here instead.
+    fn to_ring_worker(&self, released: Released) -> Option<Released> {
+        let mut batch = vec![released];
+        self.queue.push_all(&mut batch).err()?.pop()
     }
 
     /// Run `job` of `file`, already counted in the file's `flight` (charged
@@ -204,19 +208,14 @@ impl DirectSender {
         done: &impl Fn(Completion),
     ) {
         let write = job.direction() == Some(Direction::Write);
-        if self.to_ring_counted(&flight) {
-            let mut batch = vec![Released { file, flight, job }];
-            match self.queue.push_all(&mut batch) {
-                Ok(()) => return,
-                Err(lost) => {
-                    for r in lost {
-                        let unmoved = r.job.run();
-                        r.flight.report(file, write, unmoved, done);
-                    }
-                    return;
-                }
+        let (flight, job) = if self.to_ring_counted(&flight) {
+            match self.to_ring_worker(Released { file, flight, job }) {
+                None => return,
+                Some(back) => (back.flight, back.job),
             }
-        }
+        } else {
+            (flight, job)
+        };
         let unmoved = job.run();
         flight.report(file, write, unmoved, done);
     }
