@@ -140,6 +140,7 @@ struct OpenFile {
 }
 
 /// How the kernel was told to open a file (see `ThrottleFs::open_mode`).
+#[derive(Clone)]
 enum OpenMode {
     /// FOPEN_DIRECT_IO: reads and writes come to the daemon. Counted in
     /// the inode's `OpenModes::plain`.
@@ -618,13 +619,7 @@ impl ThrottleFs {
             flags & libc::O_DIRECT == 0 || direct.is_some(),
             register,
         );
-        let answer = match &mode {
-            OpenMode::Plain => OpenMode::Plain,
-            OpenMode::Backed { backing, throttled } => OpenMode::Backed {
-                backing: backing.clone(),
-                throttled: *throttled,
-            },
-        };
+        let answer = mode.clone();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
             fd,
@@ -814,6 +809,22 @@ impl ThrottleFs {
     fn run_credited(&self, file: u64, flight: Arc<Flight>, job: Job) {
         self.unthrottled
             .run_counted(file, flight, job, &|c| self.credited_done(c));
+    }
+
+    /// Write `data` at `offset` on this thread, from the kernel's buffer,
+    /// and answer; the bytes written.
+    fn write_here(handle: &Handle, offset: u64, data: &[u8], reply: ReplyWrite) -> usize {
+        match handle.write_at(offset, data) {
+            Ok(n) => {
+                handle.shared.record_io(Direction::Write, n as u64);
+                reply.written(n as u32);
+                n
+            }
+            Err(e) => {
+                reply.error(Errno::from(e));
+                0
+            }
+        }
     }
 
     fn credited_done(&self, c: Completion) {
@@ -1390,7 +1401,8 @@ impl Filesystem for ThrottleFs {
         let credit = throttled
             .then(|| Self::spend_credit(&handle.shared, Direction::Read, u64::from(size)))
             .flatten();
-        let shared = handle.shared.clone();
+        // For the scheduler, which needs the file's credit back.
+        let to_queue = (throttled && credit.is_none()).then(|| handle.shared.clone());
         let flight = handle.unthrottled.clone();
         let job = Job::Read {
             handle,
@@ -1402,7 +1414,7 @@ impl Filesystem for ThrottleFs {
             // Charged ahead by the scheduler: performed at once, here or,
             // at queue depth, on a ring worker.
             self.run_credited(ino.0, file_flight, job);
-        } else if throttled {
+        } else if let Some(shared) = to_queue {
             self.submit(req, ino.0, job, &shared);
         } else {
             // Here, or at queue depth on a ring worker.
@@ -1449,17 +1461,7 @@ impl Filesystem for ThrottleFs {
                 return;
             }
             // Here, without copying the data.
-            let moved = match handle.write_at(offset, data) {
-                Ok(n) => {
-                    handle.shared.record_io(Direction::Write, n as u64);
-                    reply.written(n as u32);
-                    n
-                }
-                Err(e) => {
-                    reply.error(Errno::from(e));
-                    0
-                }
-            };
+            let moved = Self::write_here(&handle, offset, data, reply);
             let unmoved = fio::unmoved(Direction::Write, data.len() as u64, moved);
             file_flight.report(ino.0, true, unmoved, &|c| self.credited_done(c));
             return;
@@ -1483,13 +1485,7 @@ impl Filesystem for ThrottleFs {
         } else {
             let flight = handle.unthrottled.clone();
             flight.start(true);
-            match handle.write_at(offset, data) {
-                Ok(n) => {
-                    handle.shared.record_io(Direction::Write, n as u64);
-                    reply.written(n as u32)
-                }
-                Err(e) => reply.error(Errno::from(e)),
-            }
+            Self::write_here(&handle, offset, data, reply);
             flight.finish(true);
         }
     }
