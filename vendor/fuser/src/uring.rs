@@ -392,6 +392,13 @@ impl Ring {
         sqe
     }
 
+    /// The commit of entry `idx` once more: its reply is still in the
+    /// entry.
+    fn commit_again(&self, idx: usize) -> squeue::Entry128 {
+        let unique = self.entries[idx].last_commit.load(Ordering::Relaxed);
+        self.sqe(idx, CMD_COMMIT_AND_FETCH, unique)
+    }
+
     /// Queues a command and, unless on this ring's thread (which submits
     /// with its next wait), submits it.
     fn push(&self, sqe: &squeue::Entry128) -> io::Result<()> {
@@ -672,13 +679,12 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
                     );
                 }
                 std::thread::sleep(std::time::Duration::from_millis(DISABLED_RETRY_MS));
-                let sqe = if op == CMD_REGISTER {
+                let again = if op == CMD_REGISTER {
                     ring.sqe(idx, CMD_REGISTER, 0)
                 } else {
-                    let unique = ring.entries[idx].last_commit.load(Ordering::Relaxed);
-                    ring.sqe(idx, CMD_COMMIT_AND_FETCH, unique)
+                    ring.commit_again(idx)
                 };
-                if ring.push(&sqe).is_err() {
+                if ring.push(&again).is_err() {
                     alive -= 1;
                 }
                 continue;
@@ -704,11 +710,7 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
                 alive -= 1;
             } else if matches!(err, libc::EAGAIN | libc::EINTR) {
                 // Not taken: the reply is still in the entry.
-                let unique = ring.entries[idx].last_commit.load(Ordering::Relaxed);
-                if ring
-                    .push(&ring.sqe(idx, CMD_COMMIT_AND_FETCH, unique))
-                    .is_err()
-                {
+                if ring.push(&ring.commit_again(idx)).is_err() {
                     alive -= 1;
                 }
             } else {
