@@ -5,9 +5,10 @@
 //! and compares:
 //!
 //! - every request gets the same result: the same errno (EIO on a read, a
-//!   write or an fsync, ENOSPC on a write) or the same byte count (a short
-//!   read), at queue depth 1 and 32, throttled and
-//!   not, on ring and blocking workers;
+//!   write or an fsync, ENOSPC on a write) or the same byte count (a
+//!   transient short read), at queue depth 1 and 32, throttled and not, on
+//!   ring and blocking workers; a read cut short by a bad sector fails with
+//!   its errno, where the faulty filesystem returns the bytes before it;
 //! - `qemu-io` reports the errors as it does on the faulty filesystem;
 //! - nothing hangs: every request is waited for with a timeout;
 //! - `user.throttle.stats` counts what moved, and a failed request's bytes
@@ -277,6 +278,18 @@ fn scenarios() -> Vec<Scenario> {
             reqs: writes,
             control: Err(libc::ENOSPC),
             partial: None,
+        },
+        Scenario {
+            name: "a short read before a bad sector",
+            rules: vec![Rule::new(
+                FaultOp::Read,
+                "a",
+                BAD_START + 1000..BAD_END,
+                Fault::Partial(libc::EIO),
+            )],
+            reqs: reads,
+            control: Ok(1000),
+            partial: Some((1000, libc::EIO)),
         },
         Scenario {
             name: "EIO on fsync",

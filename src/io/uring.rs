@@ -205,7 +205,8 @@ impl Op {
             }
         }
         // Finished: with all of it, at end of file (0), or with an error,
-        // which after some bytes ends the transfer short, as pread does.
+        // which fails it, also after some bytes (see `transfer` in
+        // handle.rs).
         let Op {
             file,
             flight,
@@ -215,9 +216,11 @@ impl Op {
             ..
         } = self;
         let error = (res < 0).then(|| Errno::from_i32(-res));
+        // What the caller gets, as charged: nothing of a failed request.
+        let moved = if error.is_some() { 0 } else { moved };
         let (write, unmoved) = match kind {
             Kind::Read { buf, reply, .. } => {
-                match error.filter(|_| moved == 0) {
+                match error {
                     Some(e) => reply.error(e),
                     None => {
                         handle.shared.record_io(Direction::Read, moved as u64);
@@ -227,7 +230,7 @@ impl Op {
                 (false, unmoved(Direction::Read, total as u64, moved))
             }
             Kind::Write { reply, .. } => {
-                match error.filter(|_| moved == 0) {
+                match error {
                     Some(e) => reply.error(e),
                     None => {
                         handle.shared.record_io(Direction::Write, moved as u64);
