@@ -821,6 +821,7 @@ impl ThrottleFs {
                 n
             }
             Err(e) => {
+                fio::record_error(handle, fio::IoOp::Write, &e);
                 reply.error(Errno::from(e));
                 0
             }
@@ -2034,7 +2035,10 @@ impl Filesystem for ThrottleFs {
                     dst.shared.record_io(Direction::Write, n as u64);
                     reply.written(n as u32)
                 }
-                Err(e) => reply.error(Errno::from(e)),
+                Err(e) => {
+                    fio::record_error(&dst, fio::IoOp::Copy, &e);
+                    reply.error(Errno::from(e));
+                }
             }
         }
     }

@@ -5,16 +5,17 @@
 //! and compares:
 //!
 //! - every request gets the same result: the same errno (EIO on a read, a
-//!   write or an fsync, ENOSPC on a write) or the same byte count (a
-//!   transient short read), at queue depth 1 and 32, throttled and not, on
-//!   ring and blocking workers; a read cut short by a bad sector fails with
-//!   its errno, where the faulty filesystem returns the bytes before it;
+//!   write or an fsync, ENOSPC on a write) or the same byte count (a short
+//!   read or write at a bad region), at queue depth 1 and 32, throttled and
+//!   not, on ring and blocking workers;
 //! - `qemu-io` reports the errors as it does on the faulty filesystem;
 //! - nothing hangs: every request is waited for with a timeout;
 //! - `user.throttle.stats` counts what moved, and a failed request's bytes
 //!   go back to its buckets (a read after failed ones goes at once), so the
 //!   file and its group keep their rates; another file of the mount keeps
-//!   reading at its limit while one fails.
+//!   reading at its limit while one fails;
+//! - the daemon logs one line per distinct (file, operation, errno), not
+//!   one per request, and counts every error in `io_errors`.
 
 mod common;
 
@@ -511,8 +512,9 @@ fn failing(
 }
 
 /// A failed request moves nothing: it is not in the byte and operation
-/// counts, and its bytes go back to the buckets of its file and group (so
-/// the next request goes at once, however many failed before it). At 1 MiB/s, the failed reads and writes here
+/// counts, its bytes go back to the buckets of its file and group (so the
+/// next request goes at once, however many failed before it), and it is
+/// counted in `io_errors`. At 1 MiB/s, the failed reads and writes here
 /// would take about 8 s each way were they charged.
 #[test]
 fn failed_requests_move_nothing_and_give_their_bytes_back() {
@@ -570,7 +572,14 @@ fn failed_requests_move_nothing_and_give_their_bytes_back() {
             s["write_ops"],
         );
         assert_eq!(moved, (MIB, 1, MIB, 1), "{args:?}: {s:?}");
+        assert_eq!(s["io_errors"], 2 * (4 + 32), "{args:?}: {s:?}");
         assert_eq!(s["waiting"], 0);
+        if group {
+            let g = common::getfattr(r.m.mnt(), "user.throttle.group.g.stats").unwrap_or_default();
+            for (name, value) in [("read_bytes", MIB), ("write_bytes", MIB)] {
+                assert!(g.contains(&format!("{name}={value}\n")), "group stats: {g}");
+            }
+        }
     }
 }
 
@@ -614,5 +623,88 @@ fn another_file_keeps_its_rate_while_one_fails() {
         failed >= 64,
         "only {failed} failed reads of a were answered meanwhile"
     );
+    assert_eq!(stats(&r.m.path("a"))["io_errors"], failed);
     assert_eq!(stats(&r.m.path("b"))["read_bytes"], FILE_BYTES);
+}
+
+/// The daemon logs each distinct (file, operation, errno) once, however
+/// often it recurs, at depth 1 and 32, throttled and not; nothing else
+/// at its default level.
+#[test]
+fn each_distinct_error_is_logged_once() {
+    for args in [&[][..], &["--bps", "64M"]] {
+        let mut r = rig(args, &[]);
+        let bad = BAD_START..BAD_END;
+        r.f.inject(Rule::new(
+            FaultOp::Read,
+            "a",
+            bad.clone(),
+            Fault::Errno(libc::EIO),
+        ));
+        r.f.inject(Rule::new(
+            FaultOp::Write,
+            "a",
+            bad.clone(),
+            Fault::Errno(libc::ENOSPC),
+        ));
+        r.f.inject(Rule::new(
+            FaultOp::Fsync,
+            "a",
+            0..1,
+            Fault::Errno(libc::EIO),
+        ));
+        r.f.inject(Rule::new(
+            FaultOp::Read,
+            "b",
+            bad.clone(),
+            Fault::Errno(libc::EIO),
+        ));
+        let (a, b) = (r.m.path("a"), r.m.path("b"));
+        let len = 4096;
+        let in_bad = |i: usize| BAD_START + (i * len) as u64;
+        let batch = |write: bool, n: usize| -> Vec<Io> {
+            (0..n)
+                .map(|i| match write {
+                    true => Io::Write(in_bad(i), len),
+                    false => Io::Read(in_bad(i), len),
+                })
+                .collect()
+        };
+        let null = Path::new("/dev/null");
+        let mut expected = [0u64; 2];
+        for depth in [1, 32] {
+            for (path, file, write) in [(&a, 0, false), (&a, 0, true), (&b, 1, false)] {
+                let got = run_batch(path, null, depth, &batch(write, 32));
+                assert!(got.iter().all(Result::is_err), "{got:?}");
+                expected[file] += 32;
+            }
+            let got = run_batch(&a, null, depth, &[Io::Fsync, Io::Fsync, Io::Fsync]);
+            assert_eq!(got, vec![Err(libc::EIO); 3]);
+            expected[0] += 3;
+        }
+        assert_eq!(stats(&a)["io_errors"], expected[0], "{args:?}");
+        assert_eq!(stats(&b)["io_errors"], expected[1], "{args:?}");
+        r.m.terminate();
+        let log = r.m.stderr();
+        let loud: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        let (fa, fb) = (r.f.path("a"), r.f.path("b"));
+        let want = [
+            format!("read of {} failed: Input/output error", fa.display()),
+            format!("write of {} failed: No space left on device", fa.display()),
+            format!("fsync of {} failed: Input/output error", fa.display()),
+            format!("read of {} failed: Input/output error", fb.display()),
+        ];
+        for w in &want {
+            let n = loud.iter().filter(|l| l.contains(w.as_str())).count();
+            assert_eq!(n, 1, "{args:?}: {n} lines with {w:?} in the log:\n{log}");
+        }
+        assert_eq!(
+            loud.len(),
+            want.len(),
+            "{args:?}: other lines in the log:\n{log}"
+        );
+    }
 }

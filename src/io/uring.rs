@@ -16,6 +16,7 @@ use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 use io_uring::{IoUring, opcode, squeue, types};
 
 use super::buffer::{AlignedBuf, WriteData};
+use super::errors::{IoOp, record_error};
 use super::flight::{Completion, Flight};
 use super::handle::Handle;
 use super::job::{Job, Released, unmoved};
@@ -221,7 +222,10 @@ impl Op {
         let (write, unmoved) = match kind {
             Kind::Read { buf, reply, .. } => {
                 match error {
-                    Some(e) => reply.error(e),
+                    Some(e) => {
+                        record_error(&handle, IoOp::Read, &io::Error::from_raw_os_error(-res));
+                        reply.error(e);
+                    }
                     None => {
                         handle.shared.record_io(Direction::Read, moved as u64);
                         reply.data(buf.slice(moved));
@@ -231,7 +235,10 @@ impl Op {
             }
             Kind::Write { reply, .. } => {
                 match error {
-                    Some(e) => reply.error(e),
+                    Some(e) => {
+                        record_error(&handle, IoOp::Write, &io::Error::from_raw_os_error(-res));
+                        reply.error(e);
+                    }
                     None => {
                         handle.shared.record_io(Direction::Write, moved as u64);
                         reply.written(moved as u32);
@@ -241,7 +248,10 @@ impl Op {
             }
             Kind::Fsync { reply, .. } => {
                 match error {
-                    Some(e) => reply.error(e),
+                    Some(e) => {
+                        record_error(&handle, IoOp::Fsync, &io::Error::from_raw_os_error(-res));
+                        reply.error(e);
+                    }
                     None => reply.ok(),
                 }
                 (false, None)
