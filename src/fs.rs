@@ -2023,6 +2023,24 @@ impl Filesystem for ThrottleFs {
         reply.error(Errno::ENOTTY);
     }
 
+    fn poll(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        // A regular file is always ready, as on the source. ENOSYS tells
+        // the kernel so for good: it stops asking and answers "ready"
+        // itself. Answered quietly (fuser's default logs a warning, which
+        // a user reading syslog takes for an error).
+        log::debug!("poll of inode {}: not offered (ENOSYS)", ino.0);
+        reply.error(Errno::ENOSYS);
+    }
+
     fn copy_file_range(
         &self,
         req: &Request,
