@@ -103,8 +103,9 @@ fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static)
 }
 
 /// Does `reqs` on `path` opened O_DIRECT: one after the other at depth 1,
-/// else all at once with Linux AIO. Each read's bytes are checked against
-/// the backing file `backing`. The outcomes, in the order of `reqs`.
+/// else all at once with Linux AIO. The bytes each read returned and each
+/// write wrote are checked against the backing file `backing`. The
+/// outcomes, in the order of `reqs`.
 fn run_batch(path: &Path, backing: &Path, depth: usize, reqs: &[Io]) -> Vec<Outcome> {
     let file = OpenOptions::new()
         .read(true)
@@ -188,16 +189,21 @@ fn run_batch(path: &Path, backing: &Path, depth: usize, reqs: &[Io]) -> Vec<Outc
         .into_iter()
         .zip(checked)
         .map(|((out, data), r)| {
-            if let (Io::Read(off, _), Ok(n)) = (r, out) {
-                let mut want = vec![0u8; n];
-                backing.read_exact_at(&mut want, off).unwrap();
-                let first = data.iter().zip(&want).position(|(a, b)| a != b);
-                assert!(
-                    data == want,
-                    "wrong data read at {off} on {}: first wrong byte {first:?} of {n}",
-                    path.display()
-                );
-            }
+            // What a read returned, and what a write wrote, is the backing
+            // file's.
+            let (off, n, got) = match (r, out) {
+                (Io::Read(off, _), Ok(n)) => (off, n, data),
+                (Io::Write(off, len), Ok(n)) => (off, n, write_data(off, len)[..n].to_vec()),
+                _ => return out,
+            };
+            let mut want = vec![0u8; n];
+            backing.read_exact_at(&mut want, off).unwrap();
+            let first = got.iter().zip(&want).position(|(a, b)| a != b);
+            assert!(
+                got == want,
+                "{r:?} on {}: wrong data at byte {first:?} of {n}",
+                path.display()
+            );
             out
         })
         .collect()
