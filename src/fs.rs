@@ -650,6 +650,7 @@ impl ThrottleFs {
         let answer = mode.clone();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
+            sync_reads: fio::on_fuse(fd.as_raw_fd()),
             fd,
             direct,
             file: node.ino,

@@ -29,6 +29,23 @@ pub struct Handle {
     /// Requests of this handle served without the scheduler (the file has
     /// no limits) and not yet answered.
     pub unthrottled: Arc<Flight>,
+    /// Reads go through pread even on a ring worker: the file is on FUSE
+    /// (see `on_fuse`).
+    pub sync_reads: bool,
+}
+
+/// Whether `fd` is a file on a FUSE filesystem. Linux (seen on 6.18)
+/// reads the rest of a short io_uring read of such a file at the old
+/// offset when its filesystem did not ask for FUSE_ASYNC_DIO (libfuse asks
+/// by default, fuser does not), and a read at the end of the file comes
+/// back full of repeated data; pread is right. Which such filesystem
+/// asked cannot be seen from here, so every FUSE source is read with
+/// pread.
+pub fn on_fuse(fd: RawFd) -> bool {
+    // SAFETY: fstatfs fills a zeroed, valid out-structure.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::fstatfs(fd, &mut st) };
+    r == 0 && st.f_type == libc::FUSE_SUPER_MAGIC
 }
 
 /// A descriptor opened with O_DIRECT and the alignment it demands.

@@ -38,7 +38,7 @@ mod uring;
 pub use buffer::{AlignedBuf, WriteData};
 pub use errors::{ErrorLog, IoOp, record_error};
 pub use flight::{Completion, Flight};
-pub use handle::{DirectFd, Handle, copy_range, fsync, pwrite_full};
+pub use handle::{DirectFd, Handle, copy_range, fsync, on_fuse, pwrite_full};
 pub use job::{Job, Released, unmoved};
 use queue::JobQueue;
 pub use queue::{DirectSender, JobSender};

@@ -265,9 +265,17 @@ impl Op {
 
 /// Turn a released job into a ring operation, or perform it here when the
 /// ring has no operation for it (a flush answers at once; a copy is one
-/// copy_file_range call).
+/// copy_file_range call) or must not have one (a read of a file on FUSE,
+/// see `on_fuse` in handle.rs).
 fn start(r: Released, done: &impl Fn(Completion)) -> Option<Op> {
     let Released { file, flight, job } = r;
+    if let Job::Read { handle, .. } = &job
+        && handle.sync_reads
+    {
+        let unmoved = job.run();
+        flight.report(file, false, unmoved, done);
+        return None;
+    }
     let (handle, offset, kind) = match job {
         Job::Read {
             handle,

@@ -144,6 +144,8 @@ struct Open {
 
 struct FaultFs {
     root: PathBuf,
+    /// Ask for FUSE_ASYNC_DIO, as libfuse does by default.
+    async_dio: bool,
     plan: Arc<Mutex<Plan>>,
     /// Path under `root` ("" for the root) of every inode looked up.
     paths: Mutex<HashMap<u64, PathBuf>>,
@@ -293,7 +295,9 @@ impl Filesystem for FaultFs {
         if let Err(nearest) = config.set_max_write(MAX_REQUEST_BYTES) {
             let _ = config.set_max_write(nearest);
         }
-        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        if self.async_dio {
+            let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        }
         Ok(())
     }
 
@@ -720,6 +724,12 @@ pub struct FaultMount {
 impl FaultMount {
     /// Mounts an empty backing directory; `setup(backing)` fills it first.
     pub fn new(setup: impl FnOnce(&Path)) -> FaultMount {
+        FaultMount::with_async_dio(setup, true)
+    }
+
+    /// `new`, asking the kernel for FUSE_ASYNC_DIO only if `async_dio`
+    /// (fuser does not by default; libfuse does).
+    pub fn with_async_dio(setup: impl FnOnce(&Path), async_dio: bool) -> FaultMount {
         let dir = tempfile::Builder::new()
             .prefix("throttlefs-faultfs-")
             .tempdir()
@@ -733,6 +743,7 @@ impl FaultMount {
         let plan = Arc::new(Mutex::new(Plan::default()));
         let fs = FaultFs {
             root: backing.clone(),
+            async_dio,
             plan: plan.clone(),
             paths: Mutex::default(),
             files: Mutex::default(),
