@@ -12,7 +12,10 @@
 //! of the `Plan` can name requests by file, offset range and count. The
 //! kernel offers no direct-I/O alignment for a FUSE file (statx
 //! STATX_DIOALIGN), so throttlefs serves an O_DIRECT caller through its
-//! buffered descriptor here, as on any source without O_DIRECT.
+//! buffered descriptor here, as on any source without O_DIRECT. It asks
+//! for FUSE_ASYNC_DIO, as libfuse does, unless made with
+//! `FaultMount::with_async_dio(.., false)` (see docs/reliability.md, A
+//! source on FUSE).
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
