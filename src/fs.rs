@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -241,6 +241,9 @@ pub struct ThrottleFs {
     /// to us, and asks for it before a passthrough write with a SETATTR
     /// that changes nothing (see `do_setattr`).
     killpriv_v2: bool,
+    /// Sends invalidations to the kernel (`mode_changed`); set by
+    /// `mount.rs` once the session exists.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 /// The /proc status of the process that sent `req`, if it is still there
@@ -437,6 +440,7 @@ impl ThrottleFs {
             passthrough: AtomicBool::new(passthrough),
             passthrough_warned: AtomicBool::new(false),
             killpriv_v2: false,
+            notifier: Arc::default(),
         };
         for group in fs.known_groups() {
             fs.push_group_limits(&group);
@@ -535,12 +539,14 @@ impl ThrottleFs {
     /// before the operation runs or is queued. `fd` is a descriptor of the
     /// file (an `O_PATH` one will do); `flagged`: the kernel said the
     /// caller lacks CAP_FSETID (else it is looked up, only if there is a
-    /// bit to clear).
-    fn kill_suidgid(req: &Request, fd: RawFd, flagged: bool) -> Result<()> {
+    /// bit to clear). Whether it changed the mode: the kernel's cached
+    /// attributes are then stale, and a caller that answers with no
+    /// attributes must say so (`mode_changed`).
+    fn kill_suidgid(req: &Request, fd: RawFd, flagged: bool) -> Result<bool> {
         let st = stat_fd(fd)?;
         let old = st.st_mode & 0o7777;
         if old & (libc::S_ISUID | libc::S_ISGID) == 0 || !flagged && caller_has_fsetid(req) {
-            return Ok(());
+            return Ok(false);
         }
         let mut mode = old & !libc::S_ISUID;
         if mode & libc::S_ISGID != 0
@@ -548,12 +554,34 @@ impl ThrottleFs {
         {
             mode &= !libc::S_ISGID;
         }
-        if mode != old {
-            let path = proc_path(fd);
-            // SAFETY: chmod of the object the descriptor holds.
-            check(unsafe { libc::chmod(path.as_ptr(), mode) })?;
+        if mode == old {
+            return Ok(false);
         }
-        Ok(())
+        let path = proc_path(fd);
+        // SAFETY: chmod of the object the descriptor holds.
+        check(unsafe { libc::chmod(path.as_ptr(), mode) })?;
+        Ok(true)
+    }
+
+    /// The daemon changed the mode of `ino` behind a request that answers
+    /// with no attributes (a write, fallocate, copy): the kernel's copy,
+    /// cached for ATTR_TTL, is invalidated, so a `stat` right after shows
+    /// the mode the source has, as on a local filesystem. Only the
+    /// attributes (offset -1): no page cache is dropped, and no lock the
+    /// kernel holds for the request is needed.
+    fn mode_changed(&self, ino: u64) {
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        if let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0) {
+            log::debug!("inode {ino}: invalidating its attributes: {e}");
+        }
+    }
+
+    /// Where `mount.rs` puts the session's notifier once the session
+    /// exists (after this filesystem was handed to it).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<FileAttr>) {
@@ -622,6 +650,7 @@ impl ThrottleFs {
         let answer = mode.clone();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
+            sync_reads: fio::on_fuse(fd.as_raw_fd()),
             fd,
             direct,
             file: node.ino,
@@ -821,6 +850,7 @@ impl ThrottleFs {
                 n
             }
             Err(e) => {
+                fio::record_error(handle, fio::IoOp::Write, &e);
                 reply.error(Errno::from(e));
                 0
             }
@@ -1438,10 +1468,12 @@ impl Filesystem for ThrottleFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
-            && let Err(e) = Self::kill_suidgid(req, handle.raw(), true)
-        {
-            return reply.error(e);
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            match Self::kill_suidgid(req, handle.raw(), true) {
+                Ok(true) => self.mode_changed(ino.0),
+                Ok(false) => {}
+                Err(e) => return reply.error(e),
+            }
         }
         let throttled = Self::is_throttled(&handle.shared);
         let credit = throttled
@@ -1943,7 +1975,9 @@ impl Filesystem for ThrottleFs {
             let off = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
             let len = libc::off_t::try_from(length).map_err(|_| Errno::EINVAL)?;
             // As for a truncate (see do_setattr).
-            Self::kill_suidgid(req, h.raw(), false)?;
+            if Self::kill_suidgid(req, h.raw(), false)? {
+                self.mode_changed(h.file);
+            }
             // SAFETY: fallocate on an open descriptor.
             check(unsafe { libc::fallocate(h.raw(), mode, off, len) })
         })();
@@ -1990,6 +2024,24 @@ impl Filesystem for ThrottleFs {
         reply.error(Errno::ENOTTY);
     }
 
+    fn poll(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        // A regular file is always ready, as on the source. ENOSYS tells
+        // the kernel so for good: it stops asking and answers "ready"
+        // itself. Answered quietly (fuser's default logs a warning, which
+        // a user reading syslog takes for an error).
+        log::debug!("poll of inode {}: not offered (ENOSYS)", ino.0);
+        reply.error(Errno::ENOSYS);
+    }
+
     fn copy_file_range(
         &self,
         req: &Request,
@@ -2009,8 +2061,10 @@ impl Filesystem for ThrottleFs {
             Err(e) => return reply.error(e),
         };
         // As for a truncate (see do_setattr).
-        if let Err(e) = Self::kill_suidgid(req, dst.raw(), false) {
-            return reply.error(e);
+        match Self::kill_suidgid(req, dst.raw(), false) {
+            Ok(true) => self.mode_changed(dst.file),
+            Ok(false) => {}
+            Err(e) => return reply.error(e),
         }
         // At most one request's worth per call (callers loop on short
         // copies), so a copy is metered like a read and a write of that size.
@@ -2034,7 +2088,10 @@ impl Filesystem for ThrottleFs {
                     dst.shared.record_io(Direction::Write, n as u64);
                     reply.written(n as u32)
                 }
-                Err(e) => reply.error(Errno::from(e)),
+                Err(e) => {
+                    fio::record_error(&dst, fio::IoOp::Copy, &e);
+                    reply.error(Errno::from(e));
+                }
             }
         }
     }

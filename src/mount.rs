@@ -250,8 +250,10 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
         });
     }
 
+    let notifier = fs.notifier_slot();
     let session = fuser::Session::new(fs, &cfg.mountpoint, &fuse_cfg)
         .with_context(|| format!("mounting on '{}'", cfg.mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     match session.transport() {
         Transport::IoUring {
             queues,

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::io::ErrorLog;
 use crate::scheduler::Credit;
 use crate::throttle::{Direction, Limits};
 
@@ -176,6 +177,9 @@ pub struct FileShared {
     /// straight from the underlying file, so they are neither throttled
     /// nor counted here (see docs/limits.md, Passthrough).
     pub passthrough_handles: AtomicU64,
+    /// Requests that failed on the underlying file, and what of them was
+    /// logged (`crate::io::record_error`).
+    pub errors: ErrorLog,
     epoch: Instant,
     bytes: [AtomicU64; 2],
     ops: [AtomicU64; 2],
@@ -205,6 +209,7 @@ impl Default for FileShared {
             effective: Mutex::new(None),
             credit: Credit::default(),
             passthrough_handles: AtomicU64::new(0),
+            errors: ErrorLog::default(),
             epoch: Instant::now(),
             bytes: Default::default(),
             ops: Default::default(),
@@ -316,6 +321,7 @@ impl FileShared {
         line("release_late_p99_ns", late.map_or(0, |l| l.quantile_ns(99)));
         line("release_late_max_ns", late.map_or(0, |l| l.max_ns));
         line("credit_ops", self.credit_ops.load(Ordering::Relaxed));
+        line("io_errors", self.errors.count());
         line("passthrough_handles", self.passthrough_handles());
         out
     }

@@ -29,6 +29,23 @@ pub struct Handle {
     /// Requests of this handle served without the scheduler (the file has
     /// no limits) and not yet answered.
     pub unthrottled: Arc<Flight>,
+    /// Reads go through pread even on a ring worker: the file is on FUSE
+    /// (see `on_fuse`).
+    pub sync_reads: bool,
+}
+
+/// Whether `fd` is a file on a FUSE filesystem. Linux (seen on 6.18)
+/// reads the rest of a short io_uring read of such a file at the old
+/// offset when its filesystem did not ask for FUSE_ASYNC_DIO (libfuse asks
+/// by default, fuser does not), and a read at the end of the file comes
+/// back full of repeated data; pread is right. Which such filesystem
+/// asked cannot be seen from here, so every FUSE source is read with
+/// pread.
+pub fn on_fuse(fd: RawFd) -> bool {
+    // SAFETY: fstatfs fills a zeroed, valid out-structure.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::fstatfs(fd, &mut st) };
+    r == 0 && st.f_type == libc::FUSE_SUPER_MAGIC
 }
 
 /// A descriptor opened with O_DIRECT and the alignment it demands.
@@ -175,8 +192,13 @@ fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
 
 /// Move `len` bytes at `offset` with repeated calls of `op(done, offset)`
 /// (one pread or pwrite of the rest, returning its byte count or -1) until
-/// done, end of file (0), or an error. An error after some bytes ends the
-/// transfer short, as read(2) and write(2) do.
+/// done, end of file (0), or an error. A short call is continued, so a
+/// source that serves a request in pieces is read or written whole. An
+/// error fails the whole transfer, also after some bytes: the kernel would
+/// take a short FUSE read for the end of the file (a caller such as QEMU
+/// with aio=native then reads zeros), and turns a short asynchronous
+/// direct write into EIO, losing the errno (ENOSPC, which QEMU's
+/// `werror=enospc` pauses the VM on); see docs/reliability.md.
 fn transfer(
     len: usize,
     offset: u64,
@@ -197,11 +219,12 @@ fn transfer(
         match n {
             Ok(0) => break,
             Ok(n) => done += n,
-            Err(e) if done > 0 => {
-                log::debug!("short {what} at {offset}+{done}: {e}");
-                break;
+            Err(e) => {
+                if done > 0 {
+                    log::debug!("{what} at {offset} failed after {done} bytes: {e}");
+                }
+                return Err(e);
             }
-            Err(e) => return Err(e),
         }
     }
     Ok(done)
@@ -217,8 +240,8 @@ fn pread_into(fd: RawFd, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result
     })
 }
 
-/// Write all of `data` at `offset`. An error after a partial write reports
-/// the bytes written, as write(2) does; an error before any byte is returned.
+/// Write all of `data` at `offset`; an error fails it, also after some bytes
+/// (see `transfer`).
 pub fn pwrite_full(fd: RawFd, offset: u64, data: &[u8]) -> io::Result<usize> {
     transfer(data.len(), offset, "write", |done, at| {
         let rest = &data[done..];

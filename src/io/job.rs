@@ -7,6 +7,7 @@ use std::sync::Arc;
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 
 use super::buffer::WriteData;
+use super::errors::{IoOp, record_error};
 use super::flight::Flight;
 use super::handle::{Handle, copy_range, fsync};
 use crate::throttle::Direction;
@@ -115,6 +116,7 @@ impl Job {
                     unmoved(Direction::Read, requested, moved)
                 }
                 Err(e) => {
+                    record_error(&handle, IoOp::Read, &e);
                     reply.error(Errno::from(e));
                     unmoved(Direction::Read, requested, 0)
                 }
@@ -131,6 +133,7 @@ impl Job {
                     unmoved(Direction::Write, requested, n)
                 }
                 Err(e) => {
+                    record_error(&handle, IoOp::Write, &e);
                     reply.error(Errno::from(e));
                     unmoved(Direction::Write, requested, 0)
                 }
@@ -142,7 +145,10 @@ impl Job {
             } => {
                 match fsync(handle.raw(), datasync) {
                     Ok(()) => reply.ok(),
-                    Err(e) => reply.error(Errno::from(e)),
+                    Err(e) => {
+                        record_error(&handle, IoOp::Fsync, &e);
+                        reply.error(Errno::from(e));
+                    }
                 }
                 None
             }
@@ -165,7 +171,10 @@ impl Job {
                         dst.shared.record_io(Direction::Write, n as u64);
                         reply.written(n as u32);
                     }
-                    Err(e) => reply.error(Errno::from(e)),
+                    Err(e) => {
+                        record_error(&dst, IoOp::Copy, &e);
+                        reply.error(Errno::from(e));
+                    }
                 }
                 // Completes on the destination's queue; the source's charge
                 // stands (a copy rarely comes up short).

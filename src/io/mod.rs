@@ -11,6 +11,8 @@
 //!   and the plain system calls on it.
 //! - `buffer`: the aligned buffers O_DIRECT needs, each thread's scratch
 //!   buffers, and a queued write's data (`WriteData`).
+//! - `errors`: a failed request of the underlying file, counted in its
+//!   file's `ErrorLog` and logged once per kind (`record_error`).
 //! - `queue`: the queue of released jobs and its senders (`JobSender` for
 //!   the scheduler, `DirectSender` for files without limits).
 //! - `uring` and `blocking`: the two pools that take jobs from the queue,
@@ -26,6 +28,7 @@ use std::thread::JoinHandle;
 
 mod blocking;
 mod buffer;
+mod errors;
 mod flight;
 mod handle;
 mod job;
@@ -33,8 +36,9 @@ mod queue;
 mod uring;
 
 pub use buffer::{AlignedBuf, WriteData};
+pub use errors::{ErrorLog, IoOp, record_error};
 pub use flight::{Completion, Flight};
-pub use handle::{DirectFd, Handle, copy_range, fsync, pwrite_full};
+pub use handle::{DirectFd, Handle, copy_range, fsync, on_fuse, pwrite_full};
 pub use job::{Job, Released, unmoved};
 use queue::JobQueue;
 pub use queue::{DirectSender, JobSender};

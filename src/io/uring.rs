@@ -16,6 +16,7 @@ use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 use io_uring::{IoUring, opcode, squeue, types};
 
 use super::buffer::{AlignedBuf, WriteData};
+use super::errors::{IoOp, record_error};
 use super::flight::{Completion, Flight};
 use super::handle::Handle;
 use super::job::{Job, Released, unmoved};
@@ -205,7 +206,8 @@ impl Op {
             }
         }
         // Finished: with all of it, at end of file (0), or with an error,
-        // which after some bytes ends the transfer short, as pread does.
+        // which fails it, also after some bytes (see `transfer` in
+        // handle.rs).
         let Op {
             file,
             flight,
@@ -215,10 +217,15 @@ impl Op {
             ..
         } = self;
         let error = (res < 0).then(|| Errno::from_i32(-res));
+        // What the caller gets, as charged: nothing of a failed request.
+        let moved = if error.is_some() { 0 } else { moved };
         let (write, unmoved) = match kind {
             Kind::Read { buf, reply, .. } => {
-                match error.filter(|_| moved == 0) {
-                    Some(e) => reply.error(e),
+                match error {
+                    Some(e) => {
+                        record_error(&handle, IoOp::Read, &io::Error::from_raw_os_error(-res));
+                        reply.error(e);
+                    }
                     None => {
                         handle.shared.record_io(Direction::Read, moved as u64);
                         reply.data(buf.slice(moved));
@@ -227,8 +234,11 @@ impl Op {
                 (false, unmoved(Direction::Read, total as u64, moved))
             }
             Kind::Write { reply, .. } => {
-                match error.filter(|_| moved == 0) {
-                    Some(e) => reply.error(e),
+                match error {
+                    Some(e) => {
+                        record_error(&handle, IoOp::Write, &io::Error::from_raw_os_error(-res));
+                        reply.error(e);
+                    }
                     None => {
                         handle.shared.record_io(Direction::Write, moved as u64);
                         reply.written(moved as u32);
@@ -238,7 +248,10 @@ impl Op {
             }
             Kind::Fsync { reply, .. } => {
                 match error {
-                    Some(e) => reply.error(e),
+                    Some(e) => {
+                        record_error(&handle, IoOp::Fsync, &io::Error::from_raw_os_error(-res));
+                        reply.error(e);
+                    }
                     None => reply.ok(),
                 }
                 (false, None)
@@ -252,9 +265,17 @@ impl Op {
 
 /// Turn a released job into a ring operation, or perform it here when the
 /// ring has no operation for it (a flush answers at once; a copy is one
-/// copy_file_range call).
+/// copy_file_range call) or must not have one (a read of a file on FUSE,
+/// see `on_fuse` in handle.rs).
 fn start(r: Released, done: &impl Fn(Completion)) -> Option<Op> {
     let Released { file, flight, job } = r;
+    if let Job::Read { handle, .. } = &job
+        && handle.sync_reads
+    {
+        let unmoved = job.run();
+        flight.report(file, false, unmoved, done);
+        return None;
+    }
     let (handle, offset, kind) = match job {
         Job::Read {
             handle,

@@ -183,7 +183,11 @@ impl Scheduler {
         let f = self.files.get_mut(&file)?;
         f.state.refund(dir, bytes, at);
         let name = f.group.as_ref()?;
-        self.groups.get_mut(name)?.state.refund(dir, bytes, at);
+        let g = self.groups.get_mut(name)?;
+        g.state.refund(dir, bytes, at);
+        // Its statistics count what moved, as the file's do.
+        let lane = &mut g.bytes[dir as usize];
+        *lane = lane.saturating_sub(bytes);
         Some(name.clone())
     }
 

@@ -6,6 +6,7 @@
 
 pub mod aio;
 pub mod attrs;
+pub mod faultfs;
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
