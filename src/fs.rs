@@ -58,6 +58,11 @@ const MAX_REQUEST_BYTES: u32 = 1024 * 1024;
 /// keeps 32-128 requests in flight per disk; the kernel's default is 12.
 const MAX_BACKGROUND_REQUESTS: u16 = 512;
 
+/// The alignment of a FUSE ring entry's payload buffer (a page at least):
+/// an `O_DIRECT` descriptor that demands no more can read into it and
+/// write from it in place.
+const RING_BUFFER_ALIGN_BYTES: usize = 4096;
+
 /// Open flags that give an O_DIRECT descriptor its meaning beyond the
 /// alignment: handles of one inode share one only when these agree.
 /// Not O_APPEND, which no underlying descriptor carries.
@@ -219,7 +224,9 @@ pub struct ThrottleFs {
     fd_shortage: Mutex<FdShortage>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
-    scheduler: SchedulerTx,
+    /// Shared, not cloned, by what outlives a call (a ring I/O's
+    /// completion): dropping a `SchedulerTx` wakes the scheduler.
+    scheduler: Arc<SchedulerTx>,
     /// Where requests of files without limits may go at queue depth.
     unthrottled: DirectSender,
     /// Limits in force for every file (mount options).
@@ -431,7 +438,7 @@ impl ThrottleFs {
             fd_shortage: Mutex::default(),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            scheduler,
+            scheduler: Arc::new(scheduler),
             unthrottled,
             limits,
             // SAFETY: geteuid cannot fail.
@@ -855,6 +862,55 @@ impl ThrottleFs {
                 0
             }
         }
+    }
+
+    /// The descriptor for a read or write on a FUSE ring, into or from the
+    /// ring entry's page-aligned buffer: the `O_DIRECT` one when the
+    /// request meets its alignment, as `Handle::read_with` chooses.
+    fn ring_fd(handle: &Handle, offset: u64, len: usize) -> RawFd {
+        match handle.direct_for(offset, len) {
+            Some(d) if d.mem_align_bytes <= RING_BUFFER_ALIGN_BYTES => d.fd.as_raw_fd(),
+            _ => handle.raw(),
+        }
+    }
+
+    /// What a read or write performed on a FUSE ring does when it
+    /// completes, as `Job::run` and the I/O workers do: record the bytes,
+    /// and count the request out of its handle's unthrottled flight or,
+    /// when it spent credit (`credit`, the file's flight it is counted in),
+    /// report it as a credited request. Owns `handle`, which keeps the
+    /// descriptors open until then.
+    fn ring_io_done(
+        &self,
+        file: u64,
+        dir: Direction,
+        requested: u64,
+        handle: Arc<Handle>,
+        credit: Option<Arc<Flight>>,
+    ) -> fuser::RingIoDone {
+        let write = dir == Direction::Write;
+        let counted = match credit {
+            Some(file_flight) => Ok((file_flight, self.scheduler.clone())),
+            None => {
+                handle.unthrottled.start(write);
+                Err(handle.unthrottled.clone())
+            }
+        };
+        Box::new(move |result: &io::Result<usize>| {
+            let moved = *result.as_ref().unwrap_or(&0);
+            handle.shared.record_io(dir, moved as u64);
+            match counted {
+                Ok((file_flight, scheduler)) => {
+                    let unmoved = fio::unmoved(dir, requested, moved);
+                    file_flight.report(file, write, unmoved, &|c| {
+                        let _ = scheduler.send(Msg::Done(c));
+                    });
+                }
+                Err(flight) => {
+                    flight.finish(write);
+                }
+            }
+        })
     }
 
     fn credited_done(&self, c: Completion) {
@@ -1431,6 +1487,12 @@ impl Filesystem for ThrottleFs {
         let credit = throttled
             .then(|| Self::spend_credit(&handle.shared, Direction::Read, u64::from(size)))
             .flatten();
+        if (!throttled || credit.is_some()) && reply.can_read_on_ring(size as usize) {
+            let fd = Self::ring_fd(&handle, offset, size as usize);
+            let done = self.ring_io_done(ino.0, Direction::Read, u64::from(size), handle, credit);
+            reply.read_on_ring(fd, offset, size as usize, done);
+            return;
+        }
         // For the scheduler, which needs the file's credit back.
         let to_queue = (throttled && credit.is_none()).then(|| handle.shared.clone());
         let flight = handle.unthrottled.clone();
@@ -1479,6 +1541,13 @@ impl Filesystem for ThrottleFs {
         let credit = throttled
             .then(|| Self::spend_credit(&handle.shared, Direction::Write, data.len() as u64))
             .flatten();
+        if (!throttled || credit.is_some()) && reply.can_write_on_ring(data) {
+            let fd = Self::ring_fd(&handle, offset, data.len());
+            let len = data.len();
+            let done = self.ring_io_done(ino.0, Direction::Write, len as u64, handle, credit);
+            reply.write_on_ring(fd, offset, len, done);
+            return;
+        }
         if let Some(file_flight) = credit {
             // Charged ahead by the scheduler: performed at once. At queue
             // depth on a ring worker, which needs its own copy of the data.

@@ -219,3 +219,73 @@ fn data_through_the_ring_is_intact_at_depth() {
         assert!(!m.stderr().contains("ERROR"), "{}", m.daemon_output());
     }
 }
+
+/// Over io_uring, a read or write that needs no scheduler (no limit, or
+/// within credit) goes on the ring that brought it, into or out of the
+/// ring entry's own buffer: the I/O workers stay asleep at depth 32, the
+/// data is intact, and a read across the end of a file is short as on the
+/// source.
+#[test]
+fn io_without_the_scheduler_goes_on_the_ring_itself() {
+    if !switch_is(true) {
+        return;
+    }
+    for limit in [None, Some("bps=1000000000000000")] {
+        let mut args = vec!["-o", "io_uring=on"];
+        if let Some(l) = limit {
+            args.extend(["-o", l]);
+        }
+        let m = Mount::with_setup(
+            |src| {
+                make_file(src, "f", 16 * MIB, 3);
+                make_file(src, "tail", 6000, 4);
+            },
+            &args,
+        );
+        fs::metadata(m.path("f")).unwrap();
+        let pid = m.pid();
+        // One direction at a time: credit is granted per direction, for
+        // the direction that was released last (see credit.rs).
+        for rw in ["randread", "randwrite"] {
+            let workers_before = thread_wakeups(pid, "io-");
+            let ops = 4096;
+            run(
+                "fio",
+                &[
+                    "--name=ring",
+                    &format!("--filename={}", m.path("f").display()),
+                    "--bs=4k",
+                    &format!("--rw={rw}"),
+                    "--ioengine=libaio",
+                    "--iodepth=32",
+                    "--direct=1",
+                    &format!("--number_ios={ops}"),
+                    "--randrepeat=0",
+                    "--output=/dev/null",
+                ],
+            );
+            let workers = thread_wakeups(pid, "io-") - workers_before;
+            // Under a limit, each time the credit runs out (every 2 ms) the
+            // requests that arrive until the scheduler grants it again go
+            // through the scheduler to the workers: under load, up to a
+            // quarter of them was seen.
+            let most = if limit.is_some() { ops / 2 } else { ops / 20 };
+            assert!(
+                workers < most,
+                "{limit:?} {rw}: the I/O workers woke {workers} times for {ops} requests"
+            );
+        }
+        let through = fs::read(m.path("f")).unwrap();
+        let source = fs::read(m.src_path("f")).unwrap();
+        assert!(through == source, "{limit:?}: mount and source differ");
+        // Buffered, so the kernel asks for whole pages: 8 KiB at 0 of a
+        // 6000-byte file.
+        let tail = fs::read(m.path("tail")).unwrap();
+        assert_eq!(tail, fs::read(m.src_path("tail")).unwrap(), "{limit:?}");
+        let f = fs::File::open(m.path("tail")).unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = f.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(n, 6000 - 4096, "{limit:?}: short read at the end");
+        assert!(!m.stderr().contains("ERROR"), "{}", m.daemon_output());
+    }
+}

@@ -8,8 +8,10 @@
 
 use std::convert::AsRef;
 use std::ffi::OsStr;
+use std::io;
 use std::io::IoSlice;
 use std::os::fd::BorrowedFd;
+use std::os::fd::RawFd;
 use std::time::Duration;
 #[cfg(target_os = "macos")]
 use std::time::SystemTime;
@@ -164,7 +166,37 @@ impl ReplyRaw {
     pub(crate) fn error(self, err: ll::Errno) {
         self.send_ll(&ll::ResponseErrno(err));
     }
+
+    /// throttlefs patch: the ring entry this reply goes to, when the
+    /// request came through a FUSE ring and this is that ring's thread,
+    /// still in the filesystem's method for it (see `ReplyData::read_on_ring`).
+    #[cfg(feature = "io-uring")]
+    fn own_ring(&self, len: usize) -> Option<&crate::uring::RingSender> {
+        match &self.sender {
+            Some(ReplySender::Ring(ring)) if ring.can_do_io(len) => Some(ring),
+            _ => None,
+        }
+    }
+
+    /// throttlefs patch: hand the reply to its ring, which answers when the
+    /// I/O it was given completes.
+    #[cfg(feature = "io-uring")]
+    fn start_ring_io(mut self, io: crate::uring::RingIo) {
+        match self.sender.take() {
+            Some(ReplySender::Ring(ring)) => ring.start_io(io),
+            other => {
+                // Callers check `own_ring` first.
+                self.sender = other;
+                self.error(ll::Errno::EIO);
+            }
+        }
+    }
 }
+
+/// throttlefs patch: called on the ring thread when an I/O started with
+/// `ReplyData::read_on_ring` or `ReplyWrite::write_on_ring` is done, with
+/// the bytes moved or the error, just before the reply is committed.
+pub type RingIoDone = Box<dyn FnOnce(&io::Result<usize>) + Send>;
 
 impl Drop for ReplyRaw {
     fn drop(&mut self) {
@@ -226,6 +258,42 @@ impl ReplyData {
     /// Reply to a request with the given data
     pub fn data(self, data: &[u8]) {
         self.reply.send_ll(&ll::ResponseSlice(data));
+    }
+
+    /// throttlefs patch: whether `read_on_ring` can serve a read of `size`
+    /// bytes: the request came through a FUSE ring entry, this is that
+    /// ring's thread, and the entry's buffer holds `size` bytes.
+    pub fn can_read_on_ring(&self, size: usize) -> bool {
+        #[cfg(feature = "io-uring")]
+        return self.reply.own_ring(size).is_some();
+        #[cfg(not(feature = "io-uring"))]
+        {
+            let _ = size;
+            false
+        }
+    }
+
+    /// throttlefs patch: read up to `size` bytes of `fd` at `offset` with an
+    /// io_uring read on the request's own ring, straight into the ring
+    /// entry's buffer (page aligned, so an `O_DIRECT` descriptor may be
+    /// given), and reply with what was read once it completes; the ring
+    /// thread does not block meanwhile. `done` runs first, on the ring
+    /// thread. `fd` must stay open until then: let `done` own it. Check
+    /// `can_read_on_ring` first; otherwise the reply is EIO.
+    pub fn read_on_ring(self, fd: RawFd, offset: u64, size: usize, done: RingIoDone) {
+        #[cfg(feature = "io-uring")]
+        self.reply.start_ring_io(crate::uring::RingIo {
+            write: false,
+            fd,
+            offset,
+            len: size,
+            done,
+        });
+        #[cfg(not(feature = "io-uring"))]
+        {
+            let _ = (fd, offset, size, done);
+            self.error(Errno::EIO);
+        }
     }
 
     /// Reply to a request with the given error code
@@ -449,6 +517,44 @@ impl ReplyWrite {
     /// Reply to a request with the number of bytes written
     pub fn written(self, size: u32) {
         self.reply.send_ll(&ll::ResponseStruct::new_write(size));
+    }
+
+    /// throttlefs patch: whether `write_on_ring` can serve the write of
+    /// `data`, the payload the filesystem's `write` was given: the request
+    /// came through a FUSE ring entry, this is that ring's thread, and
+    /// `data` is the payload in the entry's buffer.
+    pub fn can_write_on_ring(&self, data: &[u8]) -> bool {
+        #[cfg(feature = "io-uring")]
+        return self
+            .reply
+            .own_ring(data.len())
+            .is_some_and(|ring| ring.holds_payload(data));
+        #[cfg(not(feature = "io-uring"))]
+        {
+            let _ = data;
+            false
+        }
+    }
+
+    /// throttlefs patch: write `len` bytes of the request's payload (in the
+    /// ring entry's page-aligned buffer, so an `O_DIRECT` descriptor may be
+    /// given) to `fd` at `offset` with an io_uring write on the request's
+    /// own ring, and reply with the count once it completes; as
+    /// `ReplyData::read_on_ring` otherwise. Check `can_write_on_ring` first.
+    pub fn write_on_ring(self, fd: RawFd, offset: u64, len: usize, done: RingIoDone) {
+        #[cfg(feature = "io-uring")]
+        self.reply.start_ring_io(crate::uring::RingIo {
+            write: true,
+            fd,
+            offset,
+            len,
+            done,
+        });
+        #[cfg(not(feature = "io-uring"))]
+        {
+            let _ = (fd, offset, len, done);
+            self.error(Errno::EIO);
+        }
     }
 
     /// Reply to a request with the given error code

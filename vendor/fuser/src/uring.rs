@@ -37,6 +37,7 @@ use std::io;
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::os::fd::BorrowedFd;
+use std::os::fd::RawFd;
 use std::ptr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -65,6 +66,9 @@ use crate::session::SessionEventLoop;
 const CMD_REGISTER: u32 = 1;
 /// `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`: reply, and wait for the next request.
 const CMD_COMMIT_AND_FETCH: u32 = 2;
+/// Not a FUSE command: the tag of a read or write that the filesystem put
+/// on the ring for an entry's request (`RingSender::start_io`).
+const OP_IO: u32 = 0x100;
 
 /// `struct fuse_uring_req_header`: `in_out[128]` (the `fuse_in_header`
 /// of a request, the `fuse_out_header` of its reply), `op_in[128]` (the
@@ -153,6 +157,34 @@ struct EntryState {
     /// A reply made while `dispatching` would overwrite that payload: it
     /// waits here, and the ring thread writes it once the method returns.
     deferred: Option<Vec<u8>>,
+    /// The read or write on the ring whose completion answers the request.
+    io: Option<PendingIo>,
+}
+
+/// A read or write that the filesystem hands to a request's ring
+/// (`ReplyData::read_on_ring`, `ReplyWrite::write_on_ring`).
+pub(crate) struct RingIo {
+    pub(crate) write: bool,
+    pub(crate) fd: RawFd,
+    pub(crate) offset: u64,
+    pub(crate) len: usize,
+    pub(crate) done: crate::reply::RingIoDone,
+}
+
+/// A `RingIo` on the ring, with the request it answers.
+struct PendingIo {
+    io: RingIo,
+    unique: u64,
+}
+
+impl fmt::Debug for PendingIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingIo")
+            .field("write", &self.io.write)
+            .field("len", &self.io.len)
+            .field("unique", &self.unique)
+            .finish_non_exhaustive()
+    }
 }
 
 struct Entry {
@@ -483,6 +515,65 @@ impl Ring {
         self.push(&self.sqe(idx, CMD_COMMIT_AND_FETCH, unique))
     }
 
+    /// The I/O of entry `idx` completed with `res`: finish it, tell the
+    /// filesystem, and commit the reply.
+    fn finish_io(&self, idx: usize, res: i32) {
+        let ent = &self.entries[idx];
+        let Some(PendingIo { io, unique }) = ent.state.lock().io.take() else {
+            error!("FUSE io_uring: an I/O completed for ring entry {idx}, which has none");
+            return;
+        };
+        // SAFETY: the entry is ours until the commit.
+        let payload = unsafe { ent.buf.add(HEAD_SIZE) };
+        let result = if res >= 0 {
+            let n = res as usize;
+            if n == 0 || n >= io.len {
+                Ok(n)
+            } else {
+                // Short (a read at the end of the file, or cut by a
+                // signal): the rest, as pread and pwrite loops would.
+                rest_of_io(&io, payload, n)
+            }
+        } else if matches!(-res, libc::EAGAIN | libc::EINTR) {
+            rest_of_io(&io, payload, 0)
+        } else {
+            Err(errno(-res))
+        };
+        let mut head = [0u8; OUT_HEADER_SIZE];
+        let payload_len = match &result {
+            Ok(n) if io.write => {
+                // struct fuse_write_out { u32 size; u32 padding; }
+                let mut out = [0u8; 8];
+                out[0..4].copy_from_slice(&(*n as u32).to_ne_bytes());
+                // SAFETY: within the payload, which is at least 8 KiB.
+                unsafe { ptr::copy_nonoverlapping(out.as_ptr(), payload, out.len()) };
+                out.len()
+            }
+            Ok(n) => *n,
+            Err(e) => {
+                let err = e.raw_os_error().unwrap_or(libc::EIO);
+                head[4..8].copy_from_slice(&(-err).to_ne_bytes());
+                0
+            }
+        };
+        head[0..4].copy_from_slice(&((OUT_HEADER_SIZE + payload_len) as u32).to_ne_bytes());
+        head[8..16].copy_from_slice(&unique.to_ne_bytes());
+        (io.done)(&result);
+        // SAFETY: the header, and the payload size field, of an entry that
+        // is ours until the commit.
+        unsafe {
+            ptr::copy_nonoverlapping(head.as_ptr(), ent.buf, OUT_HEADER_SIZE);
+            ptr::write_unaligned(
+                ent.buf.add(PAYLOAD_SZ_OFFSET).cast::<u32>(),
+                payload_len as u32,
+            );
+        }
+        ent.last_commit.store(unique, Ordering::Relaxed);
+        if let Err(e) = self.push(&self.sqe(idx, CMD_COMMIT_AND_FETCH, unique)) {
+            debug!("FUSE reply not delivered: {e}");
+        }
+    }
+
     /// Parses and dispatches the request that arrived in entry `idx`.
     fn dispatch<FS: Filesystem>(self: &Arc<Self>, idx: usize, se: &SessionEventLoop<FS>) {
         let ent = &self.entries[idx];
@@ -597,6 +688,65 @@ impl RingSender {
         self.ring.write_and_commit(self.idx, self.unique, bufs)
     }
 
+    /// Whether this thread may put an I/O of `len` bytes for the request
+    /// on its ring (`start_io`): it is the ring's thread, still in the
+    /// filesystem's method for the request, and the entry's buffer holds
+    /// `len` bytes.
+    pub(crate) fn can_do_io(&self, len: usize) -> bool {
+        RING_THREAD.with(Cell::get) == Arc::as_ptr(&self.ring) as usize
+            && len <= self.ring.payload_size
+            && {
+                let st = self.ring.entries[self.idx].state.lock();
+                st.dispatching && st.awaiting == self.unique
+            }
+    }
+
+    /// Whether `data` is the request's payload, where the kernel put it in
+    /// the entry's buffer.
+    pub(crate) fn holds_payload(&self, data: &[u8]) -> bool {
+        let ent = &self.ring.entries[self.idx];
+        // SAFETY: within the entry's buffer.
+        let payload = unsafe { ent.buf.add(HEAD_SIZE) };
+        ptr::eq(data.as_ptr(), payload) && data.len() == ent.state.lock().request_payload
+    }
+
+    /// Put `io` on the ring, into (or from) the entry's payload buffer; its
+    /// completion answers the request (`Ring::finish_io`). The ring thread
+    /// submits it with its next wait.
+    pub(crate) fn start_io(&self, io: RingIo) {
+        let ent = &self.ring.entries[self.idx];
+        let payload = unsafe { ent.buf.add(HEAD_SIZE) };
+        let len = u32::try_from(io.len).unwrap_or(u32::MAX);
+        let sqe: squeue::Entry128 = if io.write {
+            opcode::Write::new(types::Fd(io.fd), payload, len)
+                .offset(io.offset)
+                .build()
+        } else {
+            opcode::Read::new(types::Fd(io.fd), payload, len)
+                .offset(io.offset)
+                .build()
+        }
+        .user_data((u64::from(OP_IO) << 32) | self.idx as u64)
+        .into();
+        {
+            let mut st = ent.state.lock();
+            // The reply is the ring's to make now.
+            st.awaiting = 0;
+            st.io = Some(PendingIo {
+                io,
+                unique: self.unique,
+            });
+        }
+        if let Err(e) = self.ring.push(&sqe) {
+            // The ring thread has stopped: the connection is gone, nobody
+            // waits for the reply.
+            let pending = ent.state.lock().io.take();
+            if let Some(p) = pending {
+                (p.io.done)(&Err(e));
+            }
+        }
+    }
+
     fn error(&self, err: i32) {
         let mut h = [0u8; OUT_HEADER_SIZE];
         h[0..4].copy_from_slice(&(OUT_HEADER_SIZE as u32).to_ne_bytes());
@@ -658,6 +808,10 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
             BATCH_LEFT.with(|c| c.set(batch - i - 1));
             let idx = (data & 0xffff_ffff) as usize;
             let op = (data >> 32) as u32;
+            if op == OP_IO {
+                ring.finish_io(idx, res);
+                continue;
+            }
             if res >= 0 {
                 if DISABLED_LOGGED.load(Ordering::Relaxed)
                     && DISABLED_LOGGED.swap(false, Ordering::Relaxed)
@@ -736,4 +890,39 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
             }
         }
     }
+}
+
+/// The rest of a ring I/O after `done` bytes, with plain `pread`/`pwrite`
+/// on the ring thread (rare: a short transfer, or EAGAIN), until all of it
+/// is moved, the end of the file, or an error; an error after some bytes
+/// ends it short, as read(2) and write(2) do.
+fn rest_of_io(io: &RingIo, payload: *mut u8, mut done: usize) -> io::Result<usize> {
+    while done < io.len {
+        // SAFETY: within the entry's payload buffer (`io.len` fits it), which
+        // is ours until the commit.
+        let r = unsafe {
+            let at = payload.add(done);
+            let off = (io.offset + done as u64) as libc::off_t;
+            if io.write {
+                libc::pwrite(io.fd, at.cast(), io.len - done, off)
+            } else {
+                libc::pread(io.fd, at.cast(), io.len - done, off)
+            }
+        };
+        match r {
+            0 => break,
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if done == 0 {
+                    return Err(e);
+                }
+                break;
+            }
+        }
+    }
+    Ok(done)
 }
