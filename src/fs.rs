@@ -897,8 +897,21 @@ impl ThrottleFs {
             }
         };
         Box::new(move |result: &io::Result<usize>| {
-            let moved = *result.as_ref().unwrap_or(&0);
-            handle.shared.record_io(dir, moved as u64);
+            let moved = match result {
+                Ok(n) => {
+                    handle.shared.record_io(dir, *n as u64);
+                    *n
+                }
+                Err(e) => {
+                    let op = if write {
+                        fio::IoOp::Write
+                    } else {
+                        fio::IoOp::Read
+                    };
+                    fio::record_error(&handle, op, e);
+                    0
+                }
+            };
             match counted {
                 Ok((file_flight, scheduler)) => {
                     let unmoved = fio::unmoved(dir, requested, moved);
@@ -1487,7 +1500,10 @@ impl Filesystem for ThrottleFs {
         let credit = throttled
             .then(|| Self::spend_credit(&handle.shared, Direction::Read, u64::from(size)))
             .flatten();
-        if (!throttled || credit.is_some()) && reply.can_read_on_ring(size as usize) {
+        if (!throttled || credit.is_some())
+            && !handle.sync_reads
+            && reply.can_read_on_ring(size as usize)
+        {
             let fd = Self::ring_fd(&handle, offset, size as usize);
             let done = self.ring_io_done(ino.0, Direction::Read, u64::from(size), handle, credit);
             reply.read_on_ring(fd, offset, size as usize, done);

@@ -894,8 +894,10 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
 
 /// The rest of a ring I/O after `done` bytes, with plain `pread`/`pwrite`
 /// on the ring thread (rare: a short transfer, or EAGAIN), until all of it
-/// is moved, the end of the file, or an error; an error after some bytes
-/// ends it short, as read(2) and write(2) do.
+/// is moved, the end of the file, or an error, which fails the whole I/O:
+/// a short count would not reach the caller as one (the kernel takes a
+/// short FUSE read for the end of the file, and turns a short asynchronous
+/// direct write into EIO, losing the errno).
 fn rest_of_io(io: &RingIo, payload: *mut u8, mut done: usize) -> io::Result<usize> {
     while done < io.len {
         // SAFETY: within the entry's payload buffer (`io.len` fits it), which
@@ -917,10 +919,7 @@ fn rest_of_io(io: &RingIo, payload: *mut u8, mut done: usize) -> io::Result<usiz
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                if done == 0 {
-                    return Err(e);
-                }
-                break;
+                return Err(e);
             }
         }
     }
