@@ -344,10 +344,7 @@ pub(crate) fn setup(
         total += entries.len();
         let slots = u32::try_from(entries.len().next_power_of_two())
             .map_err(|_| io::Error::other("too many ring entries"))?;
-        let uring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .setup_cqsize(slots * 2)
-            .build(slots);
-        let uring = uring?;
+        let uring = restricted_ring(slots)?;
         rings.push(Arc::new(Ring {
             uring,
             dev: dev.clone(),
@@ -363,6 +360,25 @@ pub(crate) fn setup(
         entries: total,
         payload_size,
     })
+}
+
+/// A ring of `slots` entries that accepts only `IORING_OP_URING_CMD`
+/// (REGISTER and COMMIT_AND_FETCH on `/dev/fuse`), with no SQE flags and no
+/// `io_uring_register` operation once enabled. io_uring submissions do not
+/// pass through a seccomp filter, so a filesystem that confines itself with
+/// one gets rings that cannot do more than this. The ring is made disabled,
+/// as restrictions can only be registered before it is enabled.
+fn restricted_ring(slots: u32) -> io::Result<IoUring<squeue::Entry128, cqueue::Entry>> {
+    let uring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+        .setup_cqsize(slots * 2)
+        .setup_r_disabled()
+        .build(slots)?;
+    let submitter = uring.submitter();
+    submitter.register_restrictions(&mut [io_uring::register::Restriction::sqe_op(
+        opcode::UringCmd80::CODE,
+    )])?;
+    submitter.register_enable_rings()?;
+    Ok(uring)
 }
 
 fn errno(e: i32) -> io::Error {
