@@ -73,6 +73,36 @@ impl IoUringMode {
     }
 }
 
+/// Option name of the sandbox choice in `-o`.
+const SANDBOX_NAME: &str = "sandbox";
+
+/// How the daemon confines itself once mounted (see src/sandbox and
+/// docs/reliability.md): Landlock to the source directory, the capabilities
+/// it needs and no more, and no new privileges.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum SandboxMode {
+    /// Not given: the sandbox, as far as the kernel supports Landlock (a
+    /// kernel without it gets one warning).
+    Default,
+    /// `landlock`, asked for explicitly: a kernel that cannot enforce it
+    /// fully fails the mount.
+    Landlock,
+    /// `none`: no Landlock, every capability kept, as before the sandbox.
+    None,
+}
+
+impl SandboxMode {
+    fn parse(value: &str) -> Result<SandboxMode, String> {
+        match value {
+            "landlock" => Ok(SandboxMode::Landlock),
+            "none" => Ok(SandboxMode::None),
+            _ => Err(format!(
+                "{SANDBOX_NAME}: expected landlock or none, got '{value}'"
+            )),
+        }
+    }
+}
+
 /// The transport when `--io-uring` is not given: `/dev/fuse`. Over
 /// io_uring, requests of throttled files cost more (a reply from an I/O
 /// worker makes the kernel deliver the entry's next request on that
@@ -154,6 +184,9 @@ pub struct MountConfig {
 
     /// `--io-uring` / `-o io_uring=`: the FUSE transport.
     pub io_uring: IoUringMode,
+
+    /// `--sandbox` / `-o sandbox=`: how the daemon confines itself.
+    pub sandbox: SandboxMode,
 }
 
 /// Longest throttle group name.
@@ -267,6 +300,11 @@ struct Cli {
     /// (or fail), off (/dev/fuse only, the default)
     #[arg(long, value_name = "auto|on|off", action = ArgAction::Append)]
     io_uring: Vec<String>,
+    /// confine the daemon once mounted: landlock (the default: only the
+    /// source directory, only the capabilities it needs; asked for
+    /// explicitly, a kernel without Landlock fails the mount), none
+    #[arg(long, value_name = "landlock|none", action = ArgAction::Append)]
+    sandbox: Vec<String>,
     /// limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable
     #[arg(long, value_name = "NAME:LIMIT=VALUE[,...]", action = ArgAction::Append)]
     group: Vec<String>,
@@ -694,6 +732,7 @@ fn after_help() -> String {
     text.push_str(
         ",\n  fsname=NAME, subtype=NAME, io_threads=N (same as --io-threads),\n  \
          io_uring=auto|on|off (same as --io-uring),\n  \
+         sandbox=landlock|none (same as --sandbox),\n  \
          group.NAME.LIMIT=VALUE (same as --group NAME:LIMIT=VALUE, one limit per item),\n  \
          passthrough (same as --passthrough).\n\
          Options for mount(8) and systemd (defaults, auto, noauto, user, users, nofail,\n\
@@ -868,6 +907,7 @@ struct Collected {
     passthrough: bool,
     io_threads: Option<usize>,
     io_uring: Option<IoUringMode>,
+    sandbox: Option<SandboxMode>,
     /// `-o group.NAME.LIMIT=VALUE` items by group, in order.
     groups: Vec<(String, Vec<String>)>,
 }
@@ -914,6 +954,12 @@ impl Collected {
     fn io_uring(&mut self, value: &str) -> Result<(), String> {
         self.once(IO_URING_NAME)?;
         self.io_uring = Some(IoUringMode::parse(value)?);
+        Ok(())
+    }
+
+    fn sandbox(&mut self, value: &str) -> Result<(), String> {
+        self.once(SANDBOX_NAME)?;
+        self.sandbox = Some(SandboxMode::parse(value)?);
         Ok(())
     }
 
@@ -972,6 +1018,9 @@ impl Collected {
             if key == IO_URING_NAME {
                 return self.io_uring(value);
             }
+            if key == SANDBOX_NAME {
+                return self.sandbox(value);
+            }
             let make: fn(String) -> fuser::MountOption = match key {
                 "fsname" => fuser::MountOption::FSName,
                 "subtype" => fuser::MountOption::Subtype,
@@ -996,7 +1045,11 @@ impl Collected {
             self.fuse_flag(name, option);
             return Ok(());
         }
-        if opt == IO_THREADS_NAME || opt == IO_URING_NAME || canonical_limit_name(opt).is_some() {
+        if opt == IO_THREADS_NAME
+            || opt == IO_URING_NAME
+            || opt == SANDBOX_NAME
+            || canonical_limit_name(opt).is_some()
+        {
             return Err(format!("{opt}: missing value (use -o {opt}=VALUE)"));
         }
         Err(format!("unknown mount option '{opt}'"))
@@ -1044,6 +1097,9 @@ where
     for value in &cli.io_uring {
         collected.io_uring(value).map_err(usage)?;
     }
+    for value in &cli.sandbox {
+        collected.sandbox(value).map_err(usage)?;
+    }
     for group in &cli.options {
         // Empty items ("a,,b") are skipped, as mount(8) does.
         for opt in group.split(',').filter(|o| !o.is_empty()) {
@@ -1075,6 +1131,7 @@ where
         foreground: cli.foreground,
         io_threads: collected.io_threads.unwrap_or(DEFAULT_IO_THREAD_COUNT),
         io_uring: collected.io_uring.unwrap_or(DEFAULT_IO_URING),
+        sandbox: collected.sandbox.unwrap_or(SandboxMode::Default),
         groups,
         passthrough: cli.passthrough || collected.passthrough,
     })
@@ -1659,6 +1716,31 @@ mod tests {
             "io_threads: invalid count 'x'"
         );
         assert_eq!(parse(&["--io-threads", "1"]).unwrap().io_threads, 1);
+    }
+
+    #[test]
+    fn sandbox_modes() {
+        assert_eq!(parse(&[]).unwrap().sandbox, SandboxMode::Default);
+        assert_eq!(
+            parse(&["-o", "sandbox=none"]).unwrap().sandbox,
+            SandboxMode::None
+        );
+        assert_eq!(
+            parse(&["--sandbox", "landlock"]).unwrap().sandbox,
+            SandboxMode::Landlock
+        );
+        assert_eq!(
+            parse_err(&["--sandbox=chroot"]),
+            "sandbox: expected landlock or none, got 'chroot'"
+        );
+        assert_eq!(
+            parse_err(&["-o", "sandbox"]),
+            "sandbox: missing value (use -o sandbox=VALUE)"
+        );
+        assert_eq!(
+            parse_err(&["--sandbox", "none", "-o", "sandbox=landlock"]),
+            "sandbox given twice"
+        );
     }
 
     #[test]
