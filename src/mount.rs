@@ -284,6 +284,9 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
     );
 
     let mountpoint = CString::new(cfg.mountpoint.as_os_str().as_bytes())?;
+    // Every io_uring instance exists now (the I/O workers' and the
+    // session's), and the mount is made: the filter may refuse both.
+    throttlefs::sandbox::seccomp::apply(cfg.seccomp)?;
     let signal_tx = sched_tx.clone();
     thread::Builder::new()
         .name("signals".into())

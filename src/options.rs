@@ -103,6 +103,38 @@ impl SandboxMode {
     }
 }
 
+/// Option name of the seccomp choice in `-o`.
+const SECCOMP_NAME: &str = "seccomp";
+
+/// What the daemon's seccomp filter does with a system call it does not
+/// make (see src/sandbox/seccomp.rs and docs/reliability.md).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum SeccompMode {
+    /// Not given: as `Kill` where the kernel has seccomp, else nothing (a
+    /// kernel without it gets one warning).
+    Default,
+    /// `kill`, asked for explicitly: kill the whole daemon; a kernel
+    /// without seccomp fails the mount.
+    Kill,
+    /// `log`: allow it, and have the kernel log it (for diagnosing a kill).
+    Log,
+    /// `none`: no filter.
+    None,
+}
+
+impl SeccompMode {
+    fn parse(value: &str) -> Result<SeccompMode, String> {
+        match value {
+            "kill" => Ok(SeccompMode::Kill),
+            "log" => Ok(SeccompMode::Log),
+            "none" => Ok(SeccompMode::None),
+            _ => Err(format!(
+                "{SECCOMP_NAME}: expected kill, log or none, got '{value}'"
+            )),
+        }
+    }
+}
+
 /// The transport when `--io-uring` is not given: `/dev/fuse`. Over
 /// io_uring, requests of throttled files cost more (a reply from an I/O
 /// worker makes the kernel deliver the entry's next request on that
@@ -187,6 +219,9 @@ pub struct MountConfig {
 
     /// `--sandbox` / `-o sandbox=`: how the daemon confines itself.
     pub sandbox: SandboxMode,
+
+    /// `--seccomp` / `-o seccomp=`: the system call filter.
+    pub seccomp: SeccompMode,
 }
 
 /// Longest throttle group name.
@@ -305,6 +340,10 @@ struct Cli {
     /// explicitly, a kernel without Landlock fails the mount), none
     #[arg(long, value_name = "landlock|none", action = ArgAction::Append)]
     sandbox: Vec<String>,
+    /// system calls the daemon never makes: kill (the default: they kill
+    /// it), log (they are logged by the kernel, for diagnosing), none
+    #[arg(long, value_name = "kill|log|none", action = ArgAction::Append)]
+    seccomp: Vec<String>,
     /// limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable
     #[arg(long, value_name = "NAME:LIMIT=VALUE[,...]", action = ArgAction::Append)]
     group: Vec<String>,
@@ -733,6 +772,7 @@ fn after_help() -> String {
         ",\n  fsname=NAME, subtype=NAME, io_threads=N (same as --io-threads),\n  \
          io_uring=auto|on|off (same as --io-uring),\n  \
          sandbox=landlock|none (same as --sandbox),\n  \
+         seccomp=kill|log|none (same as --seccomp),\n  \
          group.NAME.LIMIT=VALUE (same as --group NAME:LIMIT=VALUE, one limit per item),\n  \
          passthrough (same as --passthrough).\n\
          Options for mount(8) and systemd (defaults, auto, noauto, user, users, nofail,\n\
@@ -908,6 +948,7 @@ struct Collected {
     io_threads: Option<usize>,
     io_uring: Option<IoUringMode>,
     sandbox: Option<SandboxMode>,
+    seccomp: Option<SeccompMode>,
     /// `-o group.NAME.LIMIT=VALUE` items by group, in order.
     groups: Vec<(String, Vec<String>)>,
 }
@@ -960,6 +1001,12 @@ impl Collected {
     fn sandbox(&mut self, value: &str) -> Result<(), String> {
         self.once(SANDBOX_NAME)?;
         self.sandbox = Some(SandboxMode::parse(value)?);
+        Ok(())
+    }
+
+    fn seccomp(&mut self, value: &str) -> Result<(), String> {
+        self.once(SECCOMP_NAME)?;
+        self.seccomp = Some(SeccompMode::parse(value)?);
         Ok(())
     }
 
@@ -1021,6 +1068,9 @@ impl Collected {
             if key == SANDBOX_NAME {
                 return self.sandbox(value);
             }
+            if key == SECCOMP_NAME {
+                return self.seccomp(value);
+            }
             let make: fn(String) -> fuser::MountOption = match key {
                 "fsname" => fuser::MountOption::FSName,
                 "subtype" => fuser::MountOption::Subtype,
@@ -1048,6 +1098,7 @@ impl Collected {
         if opt == IO_THREADS_NAME
             || opt == IO_URING_NAME
             || opt == SANDBOX_NAME
+            || opt == SECCOMP_NAME
             || canonical_limit_name(opt).is_some()
         {
             return Err(format!("{opt}: missing value (use -o {opt}=VALUE)"));
@@ -1100,6 +1151,9 @@ where
     for value in &cli.sandbox {
         collected.sandbox(value).map_err(usage)?;
     }
+    for value in &cli.seccomp {
+        collected.seccomp(value).map_err(usage)?;
+    }
     for group in &cli.options {
         // Empty items ("a,,b") are skipped, as mount(8) does.
         for opt in group.split(',').filter(|o| !o.is_empty()) {
@@ -1132,6 +1186,7 @@ where
         io_threads: collected.io_threads.unwrap_or(DEFAULT_IO_THREAD_COUNT),
         io_uring: collected.io_uring.unwrap_or(DEFAULT_IO_URING),
         sandbox: collected.sandbox.unwrap_or(SandboxMode::Default),
+        seccomp: collected.seccomp.unwrap_or(SeccompMode::Default),
         groups,
         passthrough: cli.passthrough || collected.passthrough,
     })
@@ -1740,6 +1795,35 @@ mod tests {
         assert_eq!(
             parse_err(&["--sandbox", "none", "-o", "sandbox=landlock"]),
             "sandbox given twice"
+        );
+    }
+
+    #[test]
+    fn seccomp_modes() {
+        assert_eq!(parse(&[]).unwrap().seccomp, SeccompMode::Default);
+        assert_eq!(
+            parse(&["-o", "seccomp=log"]).unwrap().seccomp,
+            SeccompMode::Log
+        );
+        assert_eq!(
+            parse(&["--seccomp", "kill"]).unwrap().seccomp,
+            SeccompMode::Kill
+        );
+        assert_eq!(
+            parse(&["--seccomp=none"]).unwrap().seccomp,
+            SeccompMode::None
+        );
+        assert_eq!(
+            parse_err(&["--seccomp=trap"]),
+            "seccomp: expected kill, log or none, got 'trap'"
+        );
+        assert_eq!(
+            parse_err(&["-o", "seccomp"]),
+            "seccomp: missing value (use -o seccomp=VALUE)"
+        );
+        assert_eq!(
+            parse_err(&["--seccomp", "none", "-o", "seccomp=kill"]),
+            "seccomp given twice"
         );
     }
 
