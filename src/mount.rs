@@ -82,6 +82,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         }
     };
     init_logging(cfg.verbose, ready.detached());
+    daemon::connect_systemd();
     match run(cfg, ready.clone()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -380,7 +381,7 @@ fn signal_thread(signals: libc::sigset_t, mountpoint: CString, scheduler: Schedu
             continue;
         }
         log::info!("signal {sig}: shutting down");
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        let _ = daemon::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = scheduler.send(Msg::Drain);
         // SAFETY: unmount of a NUL-terminated path.
         if unsafe { libc::umount2(mountpoint.as_ptr(), 0) } == 0 {

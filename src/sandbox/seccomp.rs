@@ -9,10 +9,11 @@
 //!   library or kernel may use) are allowed;
 //! - a few it deliberately never makes once started, which a bug or an
 //!   intruder would reach for first and which have a clean failure, are
-//!   refused with an errno and the daemon carries on (`refused`): network
-//!   sockets, starting a program or a process, new io_uring instances or
-//!   ring registrations (EPERM), and `clone3` (ENOSYS, so that the C
-//!   library falls back to `clone`, whose flags the filter can see);
+//!   refused with an errno and the daemon carries on (`refused`): new
+//!   sockets and connections of any kind, starting a program or a
+//!   process, new io_uring instances or ring registrations (EPERM), and
+//!   `clone3` (ENOSYS, so that the C library falls back to `clone`, whose
+//!   flags the filter can see);
 //! - anything else kills the whole process (`--seccomp=kill`, the default,
 //!   as virtiofsd), or is allowed and logged by the kernel
 //!   (`--seccomp=log`, for diagnosing a kill).
@@ -178,11 +179,6 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_umask,
     // Shutdown: the signal thread unmounts.
     libc::SYS_umount2,
-    // Logging to syslog and telling systemd (Unix sockets only, see
-    // `socket` below).
-    libc::SYS_connect,
-    libc::SYS_sendto,
-    libc::SYS_sendmsg,
 ];
 
 /// The older path-based spellings, which x86_64 still has and some C
@@ -278,24 +274,31 @@ fn allowed_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>> {
             thread,
         )?])?],
     ));
-    rules.push((libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?));
+    // Logging to syslog and telling systemd, on the sockets connected
+    // before the filter (`send`: no destination address).
+    rules.push((
+        libc::SYS_sendto,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            4,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::Eq,
+            0,
+        )?])?],
+    ));
     Ok(rules)
 }
 
-/// What the daemon never does once started, refused with EPERM: a
-/// network socket, a new process or program, a new io_uring instance or
-/// any registration on one.
+/// What the daemon never does once started, refused with EPERM: a new
+/// socket or connection of any kind (syslog's and systemd's sockets are
+/// connected before the filter; a daemon that could connect to any Unix
+/// socket could talk to every local service as root), a new process or
+/// program, a new io_uring instance or any registration on one.
 fn refused_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>> {
     let thread = libc::CLONE_THREAD as u64;
     Ok(vec![
-        (
-            libc::SYS_socket,
-            vec![SeccompRule::new(vec![arg32(
-                0,
-                SeccompCmpOp::Ne,
-                libc::AF_UNIX as u64,
-            )?])?],
-        ),
+        (libc::SYS_socket, Vec::new()),
+        (libc::SYS_socketpair, Vec::new()),
+        (libc::SYS_connect, Vec::new()),
         (
             libc::SYS_clone,
             vec![SeccompRule::new(vec![arg32(
@@ -511,9 +514,24 @@ mod tests {
                 libc::AF_UNIX,
                 libc::SOCK_DGRAM,
                 0,
-            )) != 0
+            )) != libc::EPERM
             {
                 return 2;
+            }
+            let fd = socket_made_before();
+            let addr: libc::sockaddr_un = std::mem::zeroed();
+            let addr_len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if errno_of(
+                libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), addr_len)
+                    as libc::c_long,
+            ) != libc::EPERM
+            {
+                return 10;
+            }
+            // A send on a socket connected before the filter, as syslog's
+            // and systemd's are.
+            if libc::send(fd, b"x".as_ptr().cast(), 1, 0) != 1 {
+                return 11;
             }
             if errno_of(libc::syscall(
                 libc::SYS_socket,
@@ -562,6 +580,40 @@ mod tests {
         0
     }
 
+    /// One end of a connected pair of Unix datagram sockets, made before
+    /// the fork (and so before the filter).
+    fn socket_made_before() -> libc::c_int {
+        SOCKET_BEFORE.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    static SOCKET_BEFORE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+    fn make_socket_before() {
+        let mut pair = [0; 2];
+        // SAFETY: socketpair fills a two-element array; the descriptors
+        // stay open for the test process's life.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, pair.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        SOCKET_BEFORE.store(pair[0], std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A datagram sent to an address (not on the connected socket).
+    fn sendto_an_address() -> i32 {
+        let addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: sendto from a local buffer to a local (empty) address.
+        unsafe {
+            libc::sendto(
+                socket_made_before(),
+                b"x".as_ptr().cast(),
+                1,
+                0,
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        };
+        0
+    }
+
     /// A system call the daemon never makes, with no side effect:
     /// `personality(0xffffffff)` only reads the current persona.
     fn unlisted() -> i32 {
@@ -580,6 +632,7 @@ mod tests {
 
     #[test]
     fn allowed_calls_work_and_refused_ones_fail_with_an_errno() {
+        make_socket_before();
         assert_eq!(
             under_filter(SeccompMode::Kill, allowed_and_refused),
             End::Exit(0)
@@ -598,6 +651,11 @@ mod tests {
         );
         assert_eq!(
             under_filter(SeccompMode::Kill, other_ioctl),
+            End::Signal(libc::SIGSYS)
+        );
+        make_socket_before();
+        assert_eq!(
+            under_filter(SeccompMode::Kill, sendto_an_address),
             End::Signal(libc::SIGSYS)
         );
         assert_eq!(under_filter(SeccompMode::Log, unlisted), End::Exit(0));
