@@ -753,3 +753,53 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Submits `sqe` and returns its completion's result.
+    fn complete_one(
+        ring: &IoUring<squeue::Entry128, cqueue::Entry>,
+        sqe: &squeue::Entry128,
+    ) -> i32 {
+        // SAFETY: the entry points at nothing that outlives the wait.
+        unsafe { ring.submission_shared().push(sqe) }.expect("room in a fresh ring");
+        ring.submitter().submit_and_wait(1).expect("submit");
+        // SAFETY: this thread alone reads the completion queue.
+        unsafe { ring.completion_shared() }
+            .next()
+            .expect("a completion")
+            .result()
+    }
+
+    /// A FUSE ring passes IORING_OP_URING_CMD to the device (here
+    /// /dev/null) and refuses any other
+    /// operation, SQE flag or registration with EACCES.
+    #[test]
+    fn a_ring_accepts_only_uring_cmd() {
+        let Ok(ring) = restricted_ring(4) else {
+            eprintln!("no io_uring here: nothing to check");
+            return;
+        };
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let cmd = opcode::UringCmd80::new(types::Fd(null.as_raw_fd()), CMD_REGISTER).build();
+        // Whatever the device makes of it, the ring let it through.
+        assert_ne!(complete_one(&ring, &cmd), -libc::EACCES);
+        let nop: squeue::Entry128 = opcode::Nop::new().build().into();
+        assert_eq!(complete_one(&ring, &nop), -libc::EACCES);
+        let mut buf = [0u8; 8];
+        let read: squeue::Entry128 =
+            opcode::Read::new(types::Fd(null.as_raw_fd()), buf.as_mut_ptr(), 8)
+                .build()
+                .into();
+        assert_eq!(complete_one(&ring, &read), -libc::EACCES);
+        let linked = cmd.clone().flags(squeue::Flags::IO_LINK);
+        assert_eq!(complete_one(&ring, &linked), -libc::EACCES);
+        let err = ring
+            .submitter()
+            .register_files(&[null.as_raw_fd()])
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+    }
+}
