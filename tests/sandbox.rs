@@ -278,3 +278,36 @@ fn device_nodes_are_refused_through_the_mount_fifos_are_not() {
             .is_char_device()
     );
 }
+
+/// setxattr(2) of `name` on `path`, the errno on failure.
+fn setxattr(path: &Path, name: &str, value: &[u8]) -> Result<(), i32> {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    // SAFETY: setxattr with NUL-terminated strings and a valid buffer.
+    match unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error().raw_os_error().unwrap()),
+    }
+}
+
+#[test]
+fn trusted_attributes_need_the_capability_the_sandbox_drops() {
+    // trusted.* attributes need CAP_SYS_ADMIN in the daemon: without it
+    // the source refuses them (EPERM), user.* attributes work as before.
+    let m = Mount::with_setup(|src| fs::write(src.join("f"), "x").unwrap(), &[]);
+    assert_eq!(setxattr(&m.path("f"), "trusted.a", b"1"), Err(libc::EPERM));
+    setxattr(&m.path("f"), "user.a", b"1").unwrap();
+    let none = Mount::with_setup(
+        |src| fs::write(src.join("f"), "x").unwrap(),
+        &["--sandbox=none"],
+    );
+    setxattr(&none.path("f"), "trusted.a", b"1").unwrap();
+}
