@@ -14,6 +14,7 @@
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -21,10 +22,10 @@ use anyhow::{Context, Result};
 use fuser::{MountOption, SessionACL, Transport, UringConfig};
 
 use throttlefs::fs::ThrottleFs;
-use throttlefs::io::IoPool;
+use throttlefs::io::{IoPool, PreparedPool};
 use throttlefs::options::{IoUringMode, MountConfig, parse_args};
 use throttlefs::sandbox::{self, Unmounter};
-use throttlefs::scheduler::{Msg, Scheduler, SchedulerTx};
+use throttlefs::scheduler::{Msg, Scheduler, SchedulerRx, SchedulerTx};
 
 use crate::daemon::{self, Readiness};
 
@@ -286,8 +287,40 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
 
     // Everything that needs the old privileges is done: the source and
     // /dev/fuse are open, the mount is made, the rings are set up.
-    let unmounter = sandbox::enter(&cfg, ready.detached())?;
+    let unmounter = Arc::new(sandbox::enter(&cfg, ready.detached())?);
+    let result = serve(
+        session,
+        &cfg,
+        ready,
+        signals,
+        unmounter.clone(),
+        sched_tx,
+        sched_rx,
+        scheduler,
+        pool,
+    );
+    if result.is_err() {
+        // fuser could not unmount from the sandbox: the helper detaches
+        // the mount, so that it is not left dead.
+        let _ = unmounter.unmount(true);
+    }
+    result
+}
 
+/// Starts the threads (in the sandbox, which they inherit) and serves the
+/// mount until it goes away, then answers what is still queued.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    session: fuser::Session<ThrottleFs>,
+    cfg: &MountConfig,
+    ready: Readiness,
+    signals: libc::sigset_t,
+    unmounter: Arc<Unmounter>,
+    sched_tx: SchedulerTx,
+    sched_rx: SchedulerRx,
+    scheduler: Scheduler,
+    pool: PreparedPool,
+) -> Result<()> {
     let done_tx = sched_tx.clone();
     let scheduler = scheduler
         .spawn(sched_rx)
@@ -304,7 +337,7 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
     let signal_tx = sched_tx.clone();
     thread::Builder::new()
         .name("signals".into())
-        .spawn(move || signal_thread(signals, unmounter, signal_tx))
+        .spawn(move || signal_thread(signals, &unmounter, signal_tx))
         .context("starting the signal thread")?;
     let probe = cfg.mountpoint.clone();
     thread::Builder::new()
@@ -386,7 +419,7 @@ fn report_when_live(mountpoint: &std::path::Path, ready: &Readiness) {
 
 /// Waits for SIGINT/SIGTERM/SIGHUP and shuts down without losing a request:
 /// queued requests are released at once, then the mount goes away.
-fn signal_thread(signals: libc::sigset_t, unmounter: Unmounter, scheduler: SchedulerTx) {
+fn signal_thread(signals: libc::sigset_t, unmounter: &Unmounter, scheduler: SchedulerTx) {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: waits on a valid, blocked signal set.
