@@ -200,6 +200,9 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0) };
 
+    // The unmount helper first, before anything of the mount is open.
+    let unmounter = Arc::new(sandbox::unmounter(&cfg, ready.detached())?);
+
     // Nothing starts a thread before the sandbox (src/sandbox), which the
     // threads then inherit: the I/O rings are made here, the scheduler and
     // the workers start after the mount.
@@ -287,7 +290,7 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
 
     // Everything that needs the old privileges is done: the source and
     // /dev/fuse are open, the mount is made, the rings are set up.
-    let unmounter = Arc::new(sandbox::enter(&cfg, ready.detached())?);
+    sandbox::enter(&cfg)?;
     let result = serve(
         session,
         &cfg,

@@ -1,14 +1,15 @@
 //! Unmounting from the sandbox. A sandboxed daemon cannot unmount: Landlock
-//! denies every unmount, and the capability for it is gone. So before it
-//! enters the sandbox the daemon forks a small helper, the keeper, that
-//! keeps the old privileges and does one thing: unmount the mount point it
-//! was given, when the daemon asks over a socket. It holds nothing else
-//! (every other descriptor is closed, the FUSE device included, so the
-//! connection still ends with the daemon), ignores the termination signals
-//! (they are the daemon's to handle) and exits when the daemon's end of the
-//! socket closes, whether the daemon exited or was killed. A killed daemon
-//! therefore leaves its mount as it did before the sandbox, and a restart
-//! detaches it.
+//! denies every unmount, and the capability for it is gone. So the daemon
+//! first forks a small helper, the keeper, that keeps the old privileges
+//! and does one thing: unmount the mount point it was given, when the
+//! daemon asks over a socket. It is forked before the daemon opens
+//! anything of the mount and closes every descriptor but its socket, so it
+//! holds nothing else (not the FUSE device, nor a mapping of a ring: the
+//! connection still ends with the daemon). It ignores the termination
+//! signals (they are the daemon's to handle) and exits when the daemon's
+//! end of the socket closes, whether the daemon exited or was killed. A
+//! killed daemon therefore leaves its mount as it did before the sandbox,
+//! and a restart detaches it.
 //!
 //! The daemon stays the main process (systemd's main pid, the pid the
 //! caller started); the keeper is its child.

@@ -20,8 +20,8 @@
 //! inherited by the threads it starts, so `enter` runs while the daemon
 //! has one thread, after everything that needs the old privileges (the
 //! mount, /dev/fuse, the source, RLIMIT_NOFILE, syslog, the I/O rings) and
-//! before any thread starts. Unmounting needs them too: `keeper` forks a
-//! small unsandboxed helper first that unmounts when asked.
+//! before any thread starts. Unmounting needs them too: `unmounter` forks
+//! a small unsandboxed helper first (`keeper`) that unmounts when asked.
 
 use std::collections::HashSet;
 use std::io;
@@ -62,23 +62,33 @@ const KEPT_CAPS: [Capability; 4] = [
 /// acts only in the sandbox.
 static SANDBOXED: AtomicBool = AtomicBool::new(false);
 
-/// Enters the sandbox `cfg.sandbox` asks for and returns how to unmount
-/// from it. `quiet`: the daemon is detached, its keeper must not hold the
-/// caller's output open. Fails, before any change, when the process has
-/// more than one thread, and when `--sandbox=landlock` was asked for
-/// explicitly and the kernel cannot enforce it.
-pub fn enter(cfg: &MountConfig, quiet: bool) -> Result<Unmounter> {
+/// How the daemon will unmount, for the sandbox `cfg.sandbox` asks for:
+/// by itself without one, else through the keeper, forked here. Called
+/// first thing, while the process has a single thread and has opened
+/// nothing of the mount yet, so that the keeper holds nothing of it (no
+/// source, no /dev/fuse, no ring mapping). `quiet`: the daemon is
+/// detached, the keeper must not hold the caller's output open.
+pub fn unmounter(cfg: &MountConfig, quiet: bool) -> Result<Unmounter> {
+    if cfg.sandbox == SandboxMode::None {
+        return Ok(Unmounter::direct(&cfg.mountpoint)?);
+    }
+    Unmounter::keeper(&cfg.mountpoint, quiet).context("starting the unmount helper")
+}
+
+/// Enters the sandbox `cfg.sandbox` asks for (nothing for `none`). Fails,
+/// before any change, when the process has more than one thread, and when
+/// `--sandbox=landlock` was asked for explicitly and the kernel cannot
+/// enforce it.
+pub fn enter(cfg: &MountConfig) -> Result<()> {
     if cfg.sandbox == SandboxMode::None {
         log::info!("sandbox: none; every capability kept, no Landlock");
-        return Ok(Unmounter::direct(&cfg.mountpoint)?);
+        return Ok(());
     }
     let threads = thread_count();
     if threads != Some(1) {
         bail!("internal error: {threads:?} threads before the sandbox, which needs exactly one");
     }
     let ruleset = landlock_ruleset(cfg)?;
-    let unmounter =
-        Unmounter::keeper(&cfg.mountpoint, quiet).context("starting the unmount helper")?;
     let kept = drop_capabilities(cfg.passthrough).context("dropping capabilities")?;
     // SAFETY: prctl with plain values.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -90,7 +100,7 @@ pub fn enter(cfg: &MountConfig, quiet: bool) -> Result<Unmounter> {
     report(cfg, &status, &kept)?;
     // seccomp is applied here, after Landlock and capabilities.
     SANDBOXED.store(true, Ordering::SeqCst);
-    Ok(unmounter)
+    Ok(())
 }
 
 /// Drops CAP_SYS_NICE from the calling thread, in the sandbox: the
