@@ -234,8 +234,14 @@ fn every_thread_is_sandboxed() {
 
 #[test]
 fn passthrough_keeps_cap_sys_admin_only() {
-    let m = Mount::start_with(&["--passthrough"]);
+    // Also with the sandbox asked for explicitly, which this kernel has.
+    let m = Mount::start_with(&["--passthrough", "-o", "sandbox=landlock", "-v"]);
     check_threads(&m, KEPT_CAPS_MASK | CAP_SYS_ADMIN_MASK);
+    assert!(
+        m.stderr().contains("CAP_SYS_ADMIN for --passthrough"),
+        "-v does not say why CAP_SYS_ADMIN is kept:\n{}",
+        m.stderr()
+    );
 }
 
 /// mknod(2) of `path`, the errno on failure.
@@ -310,4 +316,98 @@ fn trusted_attributes_need_the_capability_the_sandbox_drops() {
         &["--sandbox=none"],
     );
     setxattr(&none.path("f"), "trusted.a", b"1").unwrap();
+}
+
+/// landlock_create_ruleset, the same number on every architecture.
+const SYS_LANDLOCK_CREATE_RULESET: u32 = 444;
+
+/// In the daemon's process before exec: a seccomp filter that fails
+/// landlock_create_ruleset with ENOSYS, as a kernel without Landlock does.
+/// Root may install it without no_new_privs (CAP_SYS_ADMIN).
+fn hide_landlock() -> std::io::Result<()> {
+    const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    // Offset of `nr` in struct seccomp_data.
+    const NR_OFFSET: u32 = 0;
+    let filter = [
+        libc::sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: NR_OFFSET,
+        },
+        libc::sock_filter {
+            code: BPF_JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: SYS_LANDLOCK_CREATE_RULESET,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with a valid filter program that outlives the call.
+    if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[test]
+fn without_landlock_the_default_warns_once_and_an_explicit_request_fails() {
+    // Asked for explicitly, the mount fails with one line and leaves no
+    // mount behind.
+    let mut m = Mount::new();
+    m.daemon_pre_exec = Some(hide_landlock);
+    let src = m.src().to_path_buf();
+    let mnt = m.mnt().to_path_buf();
+    let status = m
+        .run_to_exit(
+            &[
+                "--sandbox=landlock",
+                src.to_str().unwrap(),
+                mnt.to_str().unwrap(),
+            ],
+            common::EXIT_TIMEOUT,
+        )
+        .expect("the daemon did not exit");
+    assert_eq!(status.code(), Some(1), "{}", m.daemon_output());
+    let stderr = m.stderr();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("throttlefs: sandbox=landlock: the kernel has no Landlock"),
+        "{stderr}"
+    );
+    assert!(!m.is_mounted());
+
+    // Not given: one warning, and a daemon without Landlock but with the
+    // rest of its sandbox (no CAP_MKNOD).
+    let mut m = Mount::new();
+    m.daemon_pre_exec = Some(hide_landlock);
+    let out = outside(&m);
+    m.start(&[]);
+    let secret = out.join("secret");
+    assert_eq!(probe(&m, &format!("open:{}", path_arg(&secret))), 0);
+    assert_eq!(
+        probe(&m, &format!("mknod:{}", path_arg(&m.src_path("null")))),
+        libc::EPERM
+    );
+    check_threads(&m, KEPT_CAPS_MASK);
+    let warnings = m.stderr().matches("sandbox: no Landlock").count();
+    assert_eq!(warnings, 1, "{}", m.stderr());
 }

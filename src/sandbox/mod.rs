@@ -97,7 +97,7 @@ pub fn enter(cfg: &MountConfig) -> Result<()> {
     let status = ruleset
         .restrict_self()
         .map_err(|e| anyhow::anyhow!("sandbox: applying the Landlock ruleset: {e}"))?;
-    report(cfg, &status, &kept)?;
+    report(cfg, &status, &kept);
     // seccomp is applied here, after Landlock and capabilities.
     SANDBOXED.store(true, Ordering::SeqCst);
     Ok(())
@@ -137,9 +137,56 @@ fn tree_access() -> landlock::BitFlags<AccessFs> {
         & !(AccessFs::Execute | AccessFs::MakeChar | AccessFs::MakeBlock | AccessFs::IoctlDev)
 }
 
+/// landlock_create_ruleset's flag that asks for the kernel's ABI version.
+const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+
+/// Why the sandbox cannot have Landlock on this kernel, or None when it
+/// can (ABI 2 or later, for Refer).
+fn landlock_missing() -> Option<String> {
+    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns the
+    // ABI version or fails.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    match abi {
+        2.. => None,
+        1 => Some(
+            "the kernel has only its first version (Linux 5.13 to 5.18), under which \
+             no file could be renamed or linked across directories"
+                .into(),
+        ),
+        _ => Some(match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EOPNOTSUPP) => {
+                "Landlock is not enabled at boot (see the kernel's lsm=)".into()
+            }
+            _ => "the kernel has no Landlock (it needs Linux 5.19 or later built with \
+                  CONFIG_SECURITY_LANDLOCK)"
+                .into(),
+        }),
+    }
+}
+
 /// The ruleset, created but not applied yet.
 fn landlock_ruleset(cfg: &MountConfig) -> Result<RulesetCreated> {
     let explicit = cfg.sandbox == SandboxMode::Landlock;
+    if let Some(why) = landlock_missing() {
+        if explicit {
+            bail!(
+                "sandbox=landlock: {why}; mount with sandbox=none, or without the option \
+                 to run without Landlock"
+            );
+        }
+        log::warn!(
+            "sandbox: no Landlock ({why}): the daemon is not confined to '{}'; it runs \
+             with reduced capabilities and no new privileges",
+            cfg.source.display()
+        );
+    }
     let fail = |e: &dyn std::fmt::Display| {
         if explicit {
             anyhow::anyhow!(
@@ -234,43 +281,26 @@ fn drop_capabilities(passthrough: bool) -> Result<HashSet<Capability>> {
     Ok(kept.intersection(&permitted).copied().collect())
 }
 
-/// Says what the sandbox enforces: at -v, and as a warning when the
-/// kernel has no Landlock (then the daemon runs without it, as
-/// `--sandbox` was not given explicitly; explicitly it has failed
-/// already).
-fn report(cfg: &MountConfig, status: &RestrictionStatus, kept: &HashSet<Capability>) -> Result<()> {
-    let abi = match status.landlock {
-        LandlockStatus::Available { effective_abi, .. } => effective_abi as i32,
-        _ => 0,
-    };
-    // Partly: rights of later ABIs than the kernel's (UDP, for one) are
-    // left out; said at -v with the ABI.
-    let landlock = match status.ruleset {
-        RulesetStatus::FullyEnforced | RulesetStatus::PartiallyEnforced => {
-            format!("Landlock (ABI {abi})")
-        }
-        RulesetStatus::NotEnforced => {
-            if cfg.sandbox == SandboxMode::Landlock {
-                bail!(
-                    "sandbox=landlock: the kernel does not enforce Landlock ({:?}); \
-                     mount with sandbox=none, or without the option to run unconfined",
-                    status.landlock
-                );
-            }
-            log::warn!(
-                "sandbox: the kernel does not enforce Landlock ({:?}): the daemon is not \
-                 confined to '{}'; it runs with reduced capabilities and no new privileges",
-                status.landlock,
-                cfg.source.display()
-            );
-            "no Landlock".to_string()
-        }
+/// Says at -v what the sandbox enforces (a kernel without Landlock got
+/// its warning from `landlock_ruleset`).
+fn report(cfg: &MountConfig, status: &RestrictionStatus, kept: &HashSet<Capability>) {
+    let landlock = match (&status.ruleset, status.landlock) {
+        // Partly: rights of later ABIs than the kernel's (UDP, for one)
+        // are left out, which the ABI says.
+        (
+            RulesetStatus::FullyEnforced | RulesetStatus::PartiallyEnforced,
+            LandlockStatus::Available { effective_abi, .. },
+        ) => format!(
+            "Landlock (ABI {}) confines the daemon to '{}'",
+            effective_abi as i32,
+            cfg.source.display()
+        ),
+        _ => "no Landlock".to_string(),
     };
     let mut names: Vec<String> = kept.iter().map(|c| c.to_string()).collect();
     names.sort();
     log::info!(
-        "sandbox: {landlock} confines the daemon to '{}'; capabilities kept: {}{}; no new privileges",
-        cfg.source.display(),
+        "sandbox: {landlock}; capabilities kept: {}{}; no new privileges",
         if names.is_empty() {
             "none".to_string()
         } else {
@@ -282,5 +312,4 @@ fn report(cfg: &MountConfig, status: &RestrictionStatus, kept: &HashSet<Capabili
             ""
         }
     );
-    Ok(())
 }
