@@ -65,13 +65,13 @@ impl Wake for RingWake {
     }
 }
 
-/// Ring workers, one per core up to `threads`, or the error that says
-/// io_uring is not to be had here (then none was started).
-pub(crate) fn start_workers(
-    threads: usize,
-    queue: &Arc<JobQueue>,
-    done: impl Fn(Completion) + Send + Clone + 'static,
-) -> io::Result<Vec<JoinHandle<()>>> {
+/// A ring worker's ring and how the queue wakes it.
+pub(crate) type WorkerRing = (IoUring, Arc<RingWake>);
+
+/// Rings for ring workers, one per core up to `threads`, registered with
+/// `queue`; or the error that says io_uring is not to be had here (then
+/// none was made).
+pub(crate) fn make_rings(threads: usize, queue: &JobQueue) -> io::Result<Vec<WorkerRing>> {
     let cores = thread::available_parallelism().map_or(1, |n| n.get());
     let n = threads.min(cores).max(1);
     let mut rings = Vec::with_capacity(n);
@@ -84,7 +84,16 @@ pub(crate) fn start_workers(
             .map(|(_, w)| w.clone() as Arc<dyn Wake>)
             .collect(),
     );
-    let mut workers = Vec::with_capacity(n);
+    Ok(rings)
+}
+
+/// A ring worker on each of `rings`.
+pub(crate) fn start_workers(
+    rings: Vec<WorkerRing>,
+    queue: &Arc<JobQueue>,
+    done: impl Fn(Completion) + Send + Clone + 'static,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    let mut workers = Vec::with_capacity(rings.len());
     for (i, (ring, wake)) in rings.into_iter().enumerate() {
         let queue = queue.clone();
         let done = done.clone();

@@ -105,9 +105,12 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_tgkill,
     libc::SYS_exit,
     libc::SYS_exit_group,
-    // The scheduler's priority (CAP_SYS_NICE).
+    // The scheduler's priority (CAP_SYS_NICE), and dropping that
+    // capability afterwards (src/sandbox `drop_sys_nice`).
     libc::SYS_setpriority,
     libc::SYS_getpriority,
+    libc::SYS_capget,
+    libc::SYS_capset,
     // Descriptors.
     libc::SYS_read,
     libc::SYS_write,
@@ -274,17 +277,20 @@ fn allowed_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>> {
             thread,
         )?])?],
     ));
-    // Logging to syslog and telling systemd, on the sockets connected
-    // before the filter (`send`: no destination address).
-    rules.push((
-        libc::SYS_sendto,
-        vec![SeccompRule::new(vec![SeccompCondition::new(
-            4,
-            SeccompCmpArgLen::Qword,
-            SeccompCmpOp::Eq,
-            0,
-        )?])?],
-    ));
+    // Logging to syslog, telling systemd and asking the unmount helper,
+    // on sockets connected before the filter: `send` and `recv`, with no
+    // address.
+    for nr in [libc::SYS_sendto, libc::SYS_recvfrom] {
+        rules.push((
+            nr,
+            vec![SeccompRule::new(vec![SeccompCondition::new(
+                4,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::Eq,
+                0,
+            )?])?],
+        ));
+    }
     Ok(rules)
 }
 
