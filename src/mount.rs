@@ -295,18 +295,19 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
     // Every io_uring instance exists (the I/O workers' and the session's)
     // and the sockets to syslog and systemd are connected: the filter
     // refuses new ones.
-    sandbox::seccomp::apply(cfg.seccomp)?;
-    let result = serve(
-        session,
-        &cfg,
-        ready,
-        signals,
-        unmounter.clone(),
-        sched_tx,
-        sched_rx,
-        scheduler,
-        pool,
-    );
+    let result = sandbox::seccomp::apply(cfg.seccomp).and_then(|()| {
+        serve(
+            session,
+            &cfg,
+            ready,
+            signals,
+            unmounter.clone(),
+            sched_tx,
+            sched_rx,
+            scheduler,
+            pool,
+        )
+    });
     if result.is_err() {
         // fuser could not unmount from the sandbox: the helper detaches
         // the mount, so that it is not left dead.

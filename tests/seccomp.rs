@@ -19,6 +19,41 @@ use std::os::unix::process::ExitStatusExt;
 
 use common::{EXIT_TIMEOUT, Mount};
 
+/// The `seccomp` system call's number on x86_64, where the tests run.
+const SYS_SECCOMP: u32 = 317;
+
+/// In the daemon's process before exec: a filter (installed with prctl,
+/// which it leaves alone) that fails the `seccomp` system call with
+/// ENOSYS, as a kernel without seccomp filters does. Root may install it
+/// without no_new_privs.
+fn hide_seccomp() -> std::io::Result<()> {
+    const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        // Offset 0 of struct seccomp_data: the system call's number.
+        insn(BPF_LD_W_ABS, 0, 0, 0),
+        insn(BPF_JEQ_K, 0, 1, SYS_SECCOMP),
+        insn(
+            BPF_RET_K,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        ),
+        insn(BPF_RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with a valid filter program that outlives the call.
+    if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The errno the daemon's probe `request` ended with (0 for success), or
 /// the errno of the getxattr itself when the daemon did not answer.
 fn probe(m: &Mount, request: &str) -> Result<i32, i32> {
@@ -148,4 +183,54 @@ fn log_mode_only_logs_an_unlisted_system_call() {
     assert_eq!(probe(&m, "unlisted"), Ok(0));
     assert_eq!(fs::read(m.path("f")).unwrap(), b"still served");
     assert!(m.try_wait().is_none(), "{}", m.daemon_output());
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn without_seccomp_the_default_warns_once_and_an_explicit_request_fails() {
+    // Asked for explicitly, the mount fails with one line and leaves no
+    // mount behind.
+    for mode in ["kill", "log"] {
+        let mut m = Mount::new();
+        m.daemon_pre_exec = Some(hide_seccomp);
+        let src = m.src().to_path_buf();
+        let mnt = m.mnt().to_path_buf();
+        let status = m
+            .run_to_exit(
+                &[
+                    &format!("--seccomp={mode}"),
+                    src.to_str().unwrap(),
+                    mnt.to_str().unwrap(),
+                ],
+                EXIT_TIMEOUT,
+            )
+            .expect("the daemon did not exit");
+        assert_eq!(status.code(), Some(1), "{}", m.daemon_output());
+        let stderr = m.stderr();
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(
+            lines[0].starts_with(&format!(
+                "throttlefs: seccomp={mode}: this kernel cannot filter system calls"
+            )),
+            "{stderr}"
+        );
+        assert!(!m.is_mounted());
+    }
+
+    // Not given: one warning, and a daemon that serves without the filter
+    // (its threads have only the test's).
+    let mut m = Mount::new();
+    m.daemon_pre_exec = Some(hide_seccomp);
+    fs::write(m.src_path("f"), b"served").unwrap();
+    m.start(&[]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"served");
+    for (name, _, filters) in thread_seccomp(m.pid()) {
+        assert_eq!(filters, "1", "thread {name}: only the test's filter");
+    }
+    let warnings = m
+        .stderr()
+        .matches("seccomp: this kernel cannot filter system calls")
+        .count();
+    assert_eq!(warnings, 1, "{}", m.stderr());
 }

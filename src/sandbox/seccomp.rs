@@ -434,7 +434,10 @@ pub fn apply(mode: SeccompMode) -> Result<()> {
         } else {
             "kill"
         };
-        bail!("seccomp={name}: this kernel cannot filter system calls ({e})");
+        bail!(
+            "seccomp={name}: this kernel cannot filter system calls ({e}); mount with \
+             seccomp=none, or without the option to run unfiltered"
+        );
     }
     let allowed = allowed_rules()?.len();
     let program = program(mode)?;
