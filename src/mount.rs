@@ -450,9 +450,15 @@ fn signal_thread(signals: libc::sigset_t, unmounter: &Unmounter, scheduler: Sche
         // Busy (files still open): detach the mount so no new opens reach
         // us, let every released request finish, then exit; the kernel
         // answers anything later with ENOTCONN when our device closes.
-        log::warn!("mount busy ({err}); detaching it lazily");
-        if let Err(err) = unmounter.unmount(true) {
-            log::warn!("lazy unmount failed: {err}");
+        // Without the unmount helper (killed), the same, and the mount
+        // stays as a killed daemon's does.
+        if sandbox::is_helper_gone(&err) {
+            log::warn!("cannot unmount: {err}; exiting once released I/O is done");
+        } else {
+            log::warn!("mount busy ({err}); detaching it lazily");
+            if let Err(err) = unmounter.unmount(true) {
+                log::warn!("lazy unmount failed: {err}");
+            }
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
         if scheduler.send(Msg::WhenIdle(tx)).is_ok() {

@@ -309,14 +309,32 @@ fn setxattr(path: &Path, name: &str, value: &[u8]) -> Result<(), i32> {
 fn trusted_attributes_need_the_capability_the_sandbox_drops() {
     // trusted.* attributes need CAP_SYS_ADMIN in the daemon: without it
     // the source refuses them (EPERM), user.* attributes work as before.
-    let m = Mount::with_setup(|src| fs::write(src.join("f"), "x").unwrap(), &[]);
+    // One set on the source directly is not seen (ENODATA).
+    let setup = |src: &Path| {
+        fs::write(src.join("f"), "x").unwrap();
+        setxattr(&src.join("f"), "trusted.b", b"2").unwrap();
+    };
+    let m = Mount::with_setup(setup, &[]);
     assert_eq!(setxattr(&m.path("f"), "trusted.a", b"1"), Err(libc::EPERM));
+    assert_eq!(getxattr(&m.path("f"), "trusted.b"), Err(libc::ENODATA));
     setxattr(&m.path("f"), "user.a", b"1").unwrap();
-    let none = Mount::with_setup(
-        |src| fs::write(src.join("f"), "x").unwrap(),
-        &["--sandbox=none"],
-    );
+    assert_eq!(getxattr(&m.path("f"), "user.a"), Ok(b"1".to_vec()));
+    let none = Mount::with_setup(setup, &["--sandbox=none"]);
     setxattr(&none.path("f"), "trusted.a", b"1").unwrap();
+    assert_eq!(getxattr(&none.path("f"), "trusted.b"), Ok(b"2".to_vec()));
+}
+
+/// getxattr(2) of `name` on `path`: the value, or the errno.
+fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = [0u8; 256];
+    // SAFETY: getxattr into a local buffer of the given length.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    Ok(buf[..r as usize].to_vec())
 }
 
 /// landlock_create_ruleset, the same number on every architecture.

@@ -103,7 +103,7 @@ impl Unmounter {
                     )
                 } != 1
                 {
-                    return Err(io::Error::last_os_error());
+                    return Err(helper_gone());
                 }
                 let mut answer = [0u8; 4];
                 // SAFETY: as above.
@@ -116,7 +116,7 @@ impl Unmounter {
                     )
                 };
                 if n != answer.len() as isize {
-                    return Err(io::Error::other("the unmount helper has gone"));
+                    return Err(helper_gone());
                 }
                 match i32::from_ne_bytes(answer) {
                     0 => Ok(()),
@@ -125,6 +125,16 @@ impl Unmounter {
             }
         }
     }
+}
+
+/// The error when the keeper is not there to answer (it was killed).
+fn helper_gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the unmount helper has gone")
+}
+
+/// Whether `err` says that the keeper has gone.
+pub fn is_helper_gone(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::NotConnected && err.raw_os_error().is_none()
 }
 
 fn path_cstring(path: &Path) -> io::Result<CString> {

@@ -39,7 +39,7 @@ use landlock::{
 use crate::options::{MountConfig, SandboxMode};
 
 mod keeper;
-pub use keeper::Unmounter;
+pub use keeper::{Unmounter, is_helper_gone};
 
 pub mod seccomp;
 
