@@ -44,6 +44,12 @@ impl Readiness {
         self.detached
     }
 
+    /// Whether anyone waits for the report: a parent (detached) or systemd
+    /// (NOTIFY_SOCKET).
+    pub fn awaited(&self) -> bool {
+        self.detached || std::env::var_os("NOTIFY_SOCKET").is_some()
+    }
+
     /// The mount is live: let the parent return 0, drop the caller's
     /// terminal (a caller capturing our output waits for its end), and
     /// tell systemd.

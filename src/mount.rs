@@ -348,11 +348,15 @@ fn serve(
         .name("signals".into())
         .spawn(move || signal_thread(signals, &unmounter, signal_tx))
         .context("starting the signal thread")?;
-    let probe = cfg.mountpoint.clone();
-    thread::Builder::new()
-        .name("ready".into())
-        .spawn(move || report_when_live(&probe, &ready))
-        .context("starting the readiness thread")?;
+    // Only for someone waiting: the probe holds the mount point while the
+    // session starts, and an unmount in that moment would find it busy.
+    if ready.awaited() {
+        let probe = cfg.mountpoint.clone();
+        thread::Builder::new()
+            .name("ready".into())
+            .spawn(move || report_when_live(&probe, &ready))
+            .context("starting the readiness thread")?;
+    }
 
     let result = session.run();
     log::info!("unmounted; answering what is still queued");
