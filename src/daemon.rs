@@ -9,7 +9,8 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
-use std::sync::{Arc, Mutex};
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// What the child sends up the pipe when the mount is live; anything else
 /// is the one-line error.
@@ -43,6 +44,12 @@ impl Readiness {
         self.detached
     }
 
+    /// Whether anyone waits for the report: a parent (detached) or systemd
+    /// (NOTIFY_SOCKET).
+    pub fn awaited(&self) -> bool {
+        self.detached || std::env::var_os("NOTIFY_SOCKET").is_some()
+    }
+
     /// The mount is live: let the parent return 0, drop the caller's
     /// terminal (a caller capturing our output waits for its end), and
     /// tell systemd.
@@ -51,7 +58,7 @@ impl Readiness {
             redirect_stdio_to_null();
             let _ = pipe.write_all(READY_WORD.as_bytes());
         }
-        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        if let Err(e) = notify(&[sd_notify::NotifyState::Ready]) {
             log::warn!("could not notify systemd of readiness: {e}");
         }
         log::info!("ready");
@@ -69,6 +76,43 @@ impl Readiness {
     fn take(&self) -> Option<File> {
         self.parent.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
+}
+
+/// The socket to systemd (`NOTIFY_SOCKET`), connected once at start:
+/// `None` without the variable, else the socket or why it could not be
+/// connected. Connected before the seccomp filter is installed, which
+/// then refuses every new socket and connect (a daemon that could connect
+/// to any Unix socket could talk to any local service as root).
+static SYSTEMD: OnceLock<Option<Result<UnixDatagram, String>>> = OnceLock::new();
+
+/// Connects to systemd's notification socket if `NOTIFY_SOCKET` names one.
+/// Call once, before the seccomp filter.
+pub fn connect_systemd() {
+    SYSTEMD.get_or_init(|| {
+        let path = std::env::var_os("NOTIFY_SOCKET")?;
+        let socket = UnixDatagram::unbound().and_then(|s| s.connect(&path).map(|()| s));
+        Some(socket.map_err(|e| format!("connecting to {}: {e}", path.to_string_lossy())))
+    });
+}
+
+/// Sends `states` to systemd, as `sd_notify::notify` does, on the socket
+/// `connect_systemd` connected; nothing without `NOTIFY_SOCKET`.
+pub fn notify(states: &[sd_notify::NotifyState]) -> std::io::Result<()> {
+    let Some(Some(socket)) = SYSTEMD.get() else {
+        return Ok(());
+    };
+    let socket = socket
+        .as_ref()
+        .map_err(|e| std::io::Error::other(e.clone()))?;
+    let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let sent = socket.send(msg.as_bytes())?;
+    if sent != msg.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            "incomplete write",
+        ));
+    }
+    Ok(())
 }
 
 /// Forks. The parent waits for the child's report and exits with 0 once

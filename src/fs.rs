@@ -1882,6 +1882,10 @@ impl Filesystem for ThrottleFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        #[cfg(feature = "sandbox-probe")]
+        if let Some(errno) = crate::sandbox::probe::run(name.as_bytes()) {
+            return Self::xattr_reply(reply, size, Ok(errno.to_string().into_bytes()));
+        }
         let name = &*xattr::canonical_name(name); // libvirt/QEMU limit names
         let node = match self.inode(ino) {
             Ok(n) => n,

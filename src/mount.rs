@@ -1,16 +1,20 @@
-//! The mount: parse the command line, detach, set up the scheduler, the
-//! I/O pool and the FUSE session, serve until unmounted or signalled, then
-//! answer everything still queued.
+//! The mount: parse the command line, detach, set up the I/O rings and the
+//! FUSE session (the mount), enter the sandbox, start the scheduler, the
+//! I/O workers and the session threads, serve until unmounted or
+//! signalled, then answer everything still queued.
 //!
 //! Order matters here: `daemon::detach` forks, so it runs before any
-//! thread starts (the I/O pool, the scheduler, the session, the signal
-//! thread); and the termination signals are blocked before the first
-//! thread starts, so every thread inherits the mask and only the signal
-//! thread receives them.
+//! thread starts; the sandbox (src/sandbox) belongs to the thread that
+//! enters it and is inherited by the threads it starts, so it comes after
+//! everything that needs the old privileges and before the first thread;
+//! and the termination signals are blocked before the first thread
+//! starts, so every thread inherits the mask and only the signal thread
+//! receives them.
 
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -18,9 +22,10 @@ use anyhow::{Context, Result};
 use fuser::{MountOption, SessionACL, Transport, UringConfig};
 
 use throttlefs::fs::ThrottleFs;
-use throttlefs::io::IoPool;
+use throttlefs::io::{IoPool, PreparedPool};
 use throttlefs::options::{IoUringMode, MountConfig, parse_args};
-use throttlefs::scheduler::{Msg, Scheduler, SchedulerTx};
+use throttlefs::sandbox::{self, Unmounter};
+use throttlefs::scheduler::{Msg, Scheduler, SchedulerRx, SchedulerTx};
 
 use crate::daemon::{self, Readiness};
 
@@ -82,6 +87,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         }
     };
     init_logging(cfg.verbose, ready.detached());
+    daemon::connect_systemd();
     match run(cfg, ready.clone()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -195,16 +201,16 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0) };
 
+    // The unmount helper first, before anything of the mount is open.
+    let unmounter = Arc::new(sandbox::unmounter(&cfg, ready.detached())?);
+
+    // Nothing starts a thread before the sandbox (src/sandbox), which the
+    // threads then inherit: the I/O rings are made here, the scheduler and
+    // the workers start after the mount.
     let (sched_tx, sched_rx) = throttlefs::scheduler::channel();
-    let done_tx = sched_tx.clone();
-    let (pool, job_tx) = IoPool::start(cfg.io_threads, move |c| {
-        let _ = done_tx.send(Msg::Done(c));
-    })
-    .context("starting I/O threads")?;
+    let (pool, job_tx) = IoPool::prepare(cfg.io_threads).context("setting up I/O")?;
     let unthrottled = job_tx.direct();
-    let scheduler = Scheduler::new(cfg.limits, job_tx)
-        .spawn(sched_rx)
-        .context("starting the scheduler")?;
+    let scheduler = Scheduler::new(cfg.limits, job_tx);
 
     let fs = ThrottleFs::new(
         &cfg.source,
@@ -285,17 +291,74 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
         cfg.mountpoint.display()
     );
 
-    let mountpoint = CString::new(cfg.mountpoint.as_os_str().as_bytes())?;
+    // Everything that needs the old privileges is done: the source and
+    // /dev/fuse are open, the mount is made, the rings are set up.
+    sandbox::enter(&cfg)?;
+    // Every io_uring instance exists (the I/O workers' and the session's)
+    // and the sockets to syslog and systemd are connected: the filter
+    // refuses new ones.
+    let result = sandbox::seccomp::apply(cfg.seccomp).and_then(|()| {
+        serve(
+            session,
+            &cfg,
+            ready,
+            signals,
+            unmounter.clone(),
+            sched_tx,
+            sched_rx,
+            scheduler,
+            pool,
+        )
+    });
+    if result.is_err() {
+        // fuser could not unmount from the sandbox: the helper detaches
+        // the mount, so that it is not left dead.
+        let _ = unmounter.unmount(true);
+    }
+    result
+}
+
+/// Starts the threads (in the sandbox, which they inherit) and serves the
+/// mount until it goes away, then answers what is still queued.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    session: fuser::Session<ThrottleFs>,
+    cfg: &MountConfig,
+    ready: Readiness,
+    signals: libc::sigset_t,
+    unmounter: Arc<Unmounter>,
+    sched_tx: SchedulerTx,
+    sched_rx: SchedulerRx,
+    scheduler: Scheduler,
+    pool: PreparedPool,
+) -> Result<()> {
+    let done_tx = sched_tx.clone();
+    let scheduler = scheduler
+        .spawn(sched_rx)
+        .context("starting the scheduler")?;
+    // The scheduler thread has its nice value from here on (it drops the
+    // capability itself); no other thread needs it.
+    sandbox::drop_sys_nice();
+    let pool = pool
+        .start(move |c| {
+            let _ = done_tx.send(Msg::Done(c));
+        })
+        .context("starting I/O threads")?;
+
     let signal_tx = sched_tx.clone();
     thread::Builder::new()
         .name("signals".into())
-        .spawn(move || signal_thread(signals, mountpoint, signal_tx))
+        .spawn(move || signal_thread(signals, &unmounter, signal_tx))
         .context("starting the signal thread")?;
-    let probe = cfg.mountpoint.clone();
-    thread::Builder::new()
-        .name("ready".into())
-        .spawn(move || report_when_live(&probe, &ready))
-        .context("starting the readiness thread")?;
+    // Only for someone waiting: the probe holds the mount point while the
+    // session starts, and an unmount in that moment would find it busy.
+    if ready.awaited() {
+        let probe = cfg.mountpoint.clone();
+        thread::Builder::new()
+            .name("ready".into())
+            .spawn(move || report_when_live(&probe, &ready))
+            .context("starting the readiness thread")?;
+    }
 
     let result = session.run();
     log::info!("unmounted; answering what is still queued");
@@ -371,7 +434,7 @@ fn report_when_live(mountpoint: &std::path::Path, ready: &Readiness) {
 
 /// Waits for SIGINT/SIGTERM/SIGHUP and shuts down without losing a request:
 /// queued requests are released at once, then the mount goes away.
-fn signal_thread(signals: libc::sigset_t, mountpoint: CString, scheduler: SchedulerTx) {
+fn signal_thread(signals: libc::sigset_t, unmounter: &Unmounter, scheduler: SchedulerTx) {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: waits on a valid, blocked signal set.
@@ -379,14 +442,13 @@ fn signal_thread(signals: libc::sigset_t, mountpoint: CString, scheduler: Schedu
             continue;
         }
         log::info!("signal {sig}: shutting down");
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        let _ = daemon::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = scheduler.send(Msg::Drain);
-        // SAFETY: unmount of a NUL-terminated path.
-        if unsafe { libc::umount2(mountpoint.as_ptr(), 0) } == 0 {
+        let err = match unmounter.unmount(false) {
             // The session sees the unmount and main finishes the shutdown.
-            continue;
-        }
-        let err = std::io::Error::last_os_error();
+            Ok(()) => continue,
+            Err(err) => err,
+        };
         if err.raw_os_error() == Some(libc::EINVAL) {
             // Already unmounted: the session is ending.
             continue;
@@ -394,11 +456,15 @@ fn signal_thread(signals: libc::sigset_t, mountpoint: CString, scheduler: Schedu
         // Busy (files still open): detach the mount so no new opens reach
         // us, let every released request finish, then exit; the kernel
         // answers anything later with ENOTCONN when our device closes.
-        log::warn!("mount busy ({err}); detaching it lazily");
-        // SAFETY: as above.
-        if unsafe { libc::umount2(mountpoint.as_ptr(), libc::MNT_DETACH) } != 0 {
-            let err = std::io::Error::last_os_error();
-            log::warn!("lazy unmount failed: {err}");
+        // Without the unmount helper (killed), the same, and the mount
+        // stays as a killed daemon's does.
+        if sandbox::is_helper_gone(&err) {
+            log::warn!("cannot unmount: {err}; exiting once released I/O is done");
+        } else {
+            log::warn!("mount busy ({err}); detaching it lazily");
+            if let Err(err) = unmounter.unmount(true) {
+                log::warn!("lazy unmount failed: {err}");
+            }
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
         if scheduler.send(Msg::WhenIdle(tx)).is_ok() {

@@ -73,6 +73,68 @@ impl IoUringMode {
     }
 }
 
+/// Option name of the sandbox choice in `-o`.
+const SANDBOX_NAME: &str = "sandbox";
+
+/// How the daemon confines itself once mounted (see src/sandbox and
+/// docs/reliability.md): Landlock to the source directory, the capabilities
+/// it needs and no more, and no new privileges.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum SandboxMode {
+    /// Not given: the sandbox, as far as the kernel supports Landlock (a
+    /// kernel without it gets one warning).
+    Default,
+    /// `landlock`, asked for explicitly: a kernel that cannot enforce it
+    /// fully fails the mount.
+    Landlock,
+    /// `none`: no Landlock, every capability kept, as before the sandbox.
+    None,
+}
+
+impl SandboxMode {
+    fn parse(value: &str) -> Result<SandboxMode, String> {
+        match value {
+            "landlock" => Ok(SandboxMode::Landlock),
+            "none" => Ok(SandboxMode::None),
+            _ => Err(format!(
+                "{SANDBOX_NAME}: expected landlock or none, got '{value}'"
+            )),
+        }
+    }
+}
+
+/// Option name of the seccomp choice in `-o`.
+const SECCOMP_NAME: &str = "seccomp";
+
+/// What the daemon's seccomp filter does with a system call it does not
+/// make (see src/sandbox/seccomp.rs and docs/reliability.md).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum SeccompMode {
+    /// Not given: as `Kill` where the kernel has seccomp, else nothing (a
+    /// kernel without it gets one warning).
+    Default,
+    /// `kill`, asked for explicitly: kill the whole daemon; a kernel
+    /// without seccomp fails the mount.
+    Kill,
+    /// `log`: allow it, and have the kernel log it (for diagnosing a kill).
+    Log,
+    /// `none`: no filter.
+    None,
+}
+
+impl SeccompMode {
+    fn parse(value: &str) -> Result<SeccompMode, String> {
+        match value {
+            "kill" => Ok(SeccompMode::Kill),
+            "log" => Ok(SeccompMode::Log),
+            "none" => Ok(SeccompMode::None),
+            _ => Err(format!(
+                "{SECCOMP_NAME}: expected kill, log or none, got '{value}'"
+            )),
+        }
+    }
+}
+
 /// The transport when `--io-uring` is not given: `/dev/fuse`. Over
 /// io_uring, requests of throttled files cost more (a reply from an I/O
 /// worker makes the kernel deliver the entry's next request on that
@@ -154,6 +216,12 @@ pub struct MountConfig {
 
     /// `--io-uring` / `-o io_uring=`: the FUSE transport.
     pub io_uring: IoUringMode,
+
+    /// `--sandbox` / `-o sandbox=`: how the daemon confines itself.
+    pub sandbox: SandboxMode,
+
+    /// `--seccomp` / `-o seccomp=`: the system call filter.
+    pub seccomp: SeccompMode,
 }
 
 /// Longest throttle group name.
@@ -267,6 +335,15 @@ struct Cli {
     /// (or fail), off (/dev/fuse only, the default)
     #[arg(long, value_name = "auto|on|off", action = ArgAction::Append)]
     io_uring: Vec<String>,
+    /// confine the daemon once mounted: landlock (the default: only the
+    /// source directory, only the capabilities it needs; asked for
+    /// explicitly, a kernel without Landlock fails the mount), none
+    #[arg(long, value_name = "landlock|none", action = ArgAction::Append)]
+    sandbox: Vec<String>,
+    /// system calls the daemon never makes: kill (the default: they kill
+    /// it), log (they are logged by the kernel, for diagnosing), none
+    #[arg(long, value_name = "kill|log|none", action = ArgAction::Append)]
+    seccomp: Vec<String>,
     /// limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable
     #[arg(long, value_name = "NAME:LIMIT=VALUE[,...]", action = ArgAction::Append)]
     group: Vec<String>,
@@ -694,6 +771,8 @@ fn after_help() -> String {
     text.push_str(
         ",\n  fsname=NAME, subtype=NAME, io_threads=N (same as --io-threads),\n  \
          io_uring=auto|on|off (same as --io-uring),\n  \
+         sandbox=landlock|none (same as --sandbox),\n  \
+         seccomp=kill|log|none (same as --seccomp),\n  \
          group.NAME.LIMIT=VALUE (same as --group NAME:LIMIT=VALUE, one limit per item),\n  \
          passthrough (same as --passthrough).\n\
          Options for mount(8) and systemd (defaults, auto, noauto, user, users, nofail,\n\
@@ -868,6 +947,8 @@ struct Collected {
     passthrough: bool,
     io_threads: Option<usize>,
     io_uring: Option<IoUringMode>,
+    sandbox: Option<SandboxMode>,
+    seccomp: Option<SeccompMode>,
     /// `-o group.NAME.LIMIT=VALUE` items by group, in order.
     groups: Vec<(String, Vec<String>)>,
 }
@@ -914,6 +995,18 @@ impl Collected {
     fn io_uring(&mut self, value: &str) -> Result<(), String> {
         self.once(IO_URING_NAME)?;
         self.io_uring = Some(IoUringMode::parse(value)?);
+        Ok(())
+    }
+
+    fn sandbox(&mut self, value: &str) -> Result<(), String> {
+        self.once(SANDBOX_NAME)?;
+        self.sandbox = Some(SandboxMode::parse(value)?);
+        Ok(())
+    }
+
+    fn seccomp(&mut self, value: &str) -> Result<(), String> {
+        self.once(SECCOMP_NAME)?;
+        self.seccomp = Some(SeccompMode::parse(value)?);
         Ok(())
     }
 
@@ -972,6 +1065,12 @@ impl Collected {
             if key == IO_URING_NAME {
                 return self.io_uring(value);
             }
+            if key == SANDBOX_NAME {
+                return self.sandbox(value);
+            }
+            if key == SECCOMP_NAME {
+                return self.seccomp(value);
+            }
             let make: fn(String) -> fuser::MountOption = match key {
                 "fsname" => fuser::MountOption::FSName,
                 "subtype" => fuser::MountOption::Subtype,
@@ -996,7 +1095,12 @@ impl Collected {
             self.fuse_flag(name, option);
             return Ok(());
         }
-        if opt == IO_THREADS_NAME || opt == IO_URING_NAME || canonical_limit_name(opt).is_some() {
+        if opt == IO_THREADS_NAME
+            || opt == IO_URING_NAME
+            || opt == SANDBOX_NAME
+            || opt == SECCOMP_NAME
+            || canonical_limit_name(opt).is_some()
+        {
             return Err(format!("{opt}: missing value (use -o {opt}=VALUE)"));
         }
         Err(format!("unknown mount option '{opt}'"))
@@ -1044,6 +1148,12 @@ where
     for value in &cli.io_uring {
         collected.io_uring(value).map_err(usage)?;
     }
+    for value in &cli.sandbox {
+        collected.sandbox(value).map_err(usage)?;
+    }
+    for value in &cli.seccomp {
+        collected.seccomp(value).map_err(usage)?;
+    }
     for group in &cli.options {
         // Empty items ("a,,b") are skipped, as mount(8) does.
         for opt in group.split(',').filter(|o| !o.is_empty()) {
@@ -1075,6 +1185,8 @@ where
         foreground: cli.foreground,
         io_threads: collected.io_threads.unwrap_or(DEFAULT_IO_THREAD_COUNT),
         io_uring: collected.io_uring.unwrap_or(DEFAULT_IO_URING),
+        sandbox: collected.sandbox.unwrap_or(SandboxMode::Default),
+        seccomp: collected.seccomp.unwrap_or(SeccompMode::Default),
         groups,
         passthrough: cli.passthrough || collected.passthrough,
     })
@@ -1659,6 +1771,60 @@ mod tests {
             "io_threads: invalid count 'x'"
         );
         assert_eq!(parse(&["--io-threads", "1"]).unwrap().io_threads, 1);
+    }
+
+    #[test]
+    fn sandbox_modes() {
+        assert_eq!(parse(&[]).unwrap().sandbox, SandboxMode::Default);
+        assert_eq!(
+            parse(&["-o", "sandbox=none"]).unwrap().sandbox,
+            SandboxMode::None
+        );
+        assert_eq!(
+            parse(&["--sandbox", "landlock"]).unwrap().sandbox,
+            SandboxMode::Landlock
+        );
+        assert_eq!(
+            parse_err(&["--sandbox=chroot"]),
+            "sandbox: expected landlock or none, got 'chroot'"
+        );
+        assert_eq!(
+            parse_err(&["-o", "sandbox"]),
+            "sandbox: missing value (use -o sandbox=VALUE)"
+        );
+        assert_eq!(
+            parse_err(&["--sandbox", "none", "-o", "sandbox=landlock"]),
+            "sandbox given twice"
+        );
+    }
+
+    #[test]
+    fn seccomp_modes() {
+        assert_eq!(parse(&[]).unwrap().seccomp, SeccompMode::Default);
+        assert_eq!(
+            parse(&["-o", "seccomp=log"]).unwrap().seccomp,
+            SeccompMode::Log
+        );
+        assert_eq!(
+            parse(&["--seccomp", "kill"]).unwrap().seccomp,
+            SeccompMode::Kill
+        );
+        assert_eq!(
+            parse(&["--seccomp=none"]).unwrap().seccomp,
+            SeccompMode::None
+        );
+        assert_eq!(
+            parse_err(&["--seccomp=trap"]),
+            "seccomp: expected kill, log or none, got 'trap'"
+        );
+        assert_eq!(
+            parse_err(&["-o", "seccomp"]),
+            "seccomp: missing value (use -o seccomp=VALUE)"
+        );
+        assert_eq!(
+            parse_err(&["--seccomp", "none", "-o", "seccomp=kill"]),
+            "seccomp given twice"
+        );
     }
 
     #[test]

@@ -75,9 +75,13 @@ fn use_binary_under_test_for_mount(scratch: &Path) {
     }
 }
 
+/// The name of the daemon's unmount helper (src/sandbox/keeper.rs), a
+/// child with the daemon's command line.
+const UNMOUNT_HELPER_COMM: &str = "throttlefs-umnt";
+
 /// Processes of the binary under test whose command line names `mnt`:
-/// the daemons serving (or trying to serve) it.
-fn daemons_on(mnt: &Path) -> Vec<libc::pid_t> {
+/// the daemons serving (or trying to serve) it and their unmount helpers.
+fn processes_on(mnt: &Path) -> Vec<libc::pid_t> {
     let exe = fs::canonicalize(binary()).unwrap();
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
@@ -98,10 +102,41 @@ fn daemons_on(mnt: &Path) -> Vec<libc::pid_t> {
     pids
 }
 
-/// Waits until no daemon serves `mnt`; false if one is left after `timeout`.
+fn is_unmount_helper(pid: libc::pid_t) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == UNMOUNT_HELPER_COMM)
+}
+
+/// The daemons serving (or trying to serve) `mnt`, without their unmount
+/// helpers.
+fn daemons_on(mnt: &Path) -> Vec<libc::pid_t> {
+    processes_on(mnt)
+        .into_iter()
+        .filter(|&pid| !is_unmount_helper(pid))
+        .collect()
+}
+
+/// The unmount helpers of the daemons on `mnt`, with their parents.
+fn helpers_on(mnt: &Path) -> Vec<(libc::pid_t, libc::pid_t)> {
+    processes_on(mnt)
+        .into_iter()
+        .filter(|&pid| is_unmount_helper(pid))
+        .map(|pid| {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let ppid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0);
+            (pid, ppid)
+        })
+        .collect()
+}
+
+/// Waits until no daemon serves `mnt` and no unmount helper is left;
+/// false if one is left after `timeout`.
 fn daemons_gone(mnt: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
-    while !daemons_on(mnt).is_empty() {
+    while !processes_on(mnt).is_empty() {
         if Instant::now() > deadline {
             return false;
         }
@@ -120,7 +155,7 @@ struct Detached {
 impl Drop for Detached {
     fn drop(&mut self) {
         for signal in [libc::SIGTERM, libc::SIGKILL] {
-            for pid in daemons_on(self.m.mnt()) {
+            for pid in processes_on(self.m.mnt()) {
                 // SAFETY: kill(2) on a daemon of the binary under test that
                 // serves this test's own mountpoint.
                 unsafe { libc::kill(pid, signal) };
@@ -392,6 +427,15 @@ fn without_f_it_detaches_once_live_and_keeps_serving() {
     // Its own session, away from ours.
     // SAFETY: getsid on a live pid.
     assert_eq!(unsafe { libc::getsid(daemons[0]) }, daemons[0]);
+    // Its unmount helper is its child, and let go of the pipes too.
+    assert_eq!(
+        helpers_on(m.m.mnt())
+            .iter()
+            .map(|&(_, ppid)| ppid)
+            .collect::<Vec<_>>(),
+        vec![daemons[0]],
+        "the unmount helper"
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert!(fs::read(m.m.path("disk.img")).unwrap() == data);
     umount_and_wait(&m.m);
@@ -404,6 +448,15 @@ fn f_stays_in_the_foreground() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(m.try_wait().is_none(), "the -f daemon exited");
     assert_eq!(daemons_on(m.mnt()), vec![m.pid()], "the -f daemon forked");
+    // Its one child is the unmount helper of its sandbox.
+    assert_eq!(
+        helpers_on(m.mnt())
+            .iter()
+            .map(|&(_, ppid)| ppid)
+            .collect::<Vec<_>>(),
+        vec![m.pid()],
+        "the unmount helper"
+    );
     assert!(m.terminate().success());
 }
 

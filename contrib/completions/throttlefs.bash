@@ -41,7 +41,7 @@ _throttlefs() {
 
     case "${cmd}" in
         throttlefs)
-            opts="-f -o -v -h -V --foreground --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --io-threads --io-uring --group --passthrough --help --version stat top set get unset completions"
+            opts="-f -o -v -h -V --foreground --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --io-threads --io-uring --sandbox --seccomp --group --passthrough --help --version stat top set get unset completions"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -80,6 +80,14 @@ _throttlefs() {
                     return 0
                     ;;
                 --io-uring)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --sandbox)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --seccomp)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_throttlefs_global_optspecs
-    string join \n f/foreground bps= bps-rd= bps-wr= iops= iops-rd= iops-wr= o= v io-threads= io-uring= group= passthrough h/help V/version
+    string join \n f/foreground bps= bps-rd= bps-wr= iops= iops-rd= iops-wr= o= v io-threads= io-uring= sandbox= seccomp= group= passthrough h/help V/version
 end
 
 function __fish_throttlefs_needs_command
@@ -33,6 +33,8 @@ complete -c throttlefs -n "__fish_throttlefs_needs_command" -l iops-wr -d 'limit
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s o -d 'limit (NAME=VALUE, see below) or FUSE mount option; repeatable' -r
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -l io-threads -d 'I/O worker threads (1 to 1024, default 8; with io_uring, at most one per core)' -r
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -l io-uring -d 'FUSE requests over io_uring: auto (when the kernel offers it), on (or fail), off (/dev/fuse only, the default)' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l sandbox -d 'confine the daemon once mounted: landlock (the default: only the source directory, only the capabilities it needs; asked for explicitly, a kernel without Landlock fails the mount), none' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l seccomp -d 'system calls the daemon never makes: kill (the default: they kill it), log (they are logged by the kernel, for diagnosing), none' -r
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -l group -d 'limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable' -r
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s f -l foreground -d 'stay in the foreground, logging to stderr, instead of detaching once the mount is live (and logging to syslog)'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s v -d 'more log output; repeat for even more'

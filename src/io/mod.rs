@@ -54,35 +54,59 @@ pub struct IoPool {
     workers: Vec<JoinHandle<()>>,
 }
 
+/// The pool before its threads start: the queue and, where io_uring
+/// works, the rings. The rings are set up here, before the daemon enters
+/// its sandbox (src/sandbox), and the threads start after it, so that
+/// they inherit it.
+pub struct PreparedPool {
+    threads: usize,
+    queue: Arc<JobQueue>,
+    rings: Vec<uring::WorkerRing>,
+}
+
 impl IoPool {
-    /// Start `threads` workers, each reporting through `done` the
-    /// completions the scheduler must hear of. Returns the pool and the one
-    /// sender of its queue.
-    pub fn start(
-        threads: usize,
-        done: impl Fn(Completion) + Send + Clone + 'static,
-    ) -> io::Result<(IoPool, JobSender)> {
+    /// Set up the queue and the rings for `threads` workers, starting no
+    /// thread. Returns them and the one sender of the queue.
+    pub fn prepare(threads: usize) -> io::Result<(PreparedPool, JobSender)> {
         let queue = Arc::new(JobQueue::default());
         let rings = if std::env::var_os(NO_URING_ENV).is_some() {
             Err(io::Error::other(format!("{NO_URING_ENV} is set")))
         } else {
-            uring::start_workers(threads, &queue, done.clone())
+            uring::make_rings(threads, &queue)
         };
-        match rings {
-            Ok(workers) if !workers.is_empty() => {
-                log::info!("I/O on io_uring, {} ring workers", workers.len());
-                return Ok((IoPool { workers }, JobSender::new(queue)));
+        let rings = match rings {
+            Ok(rings) => rings,
+            Err(e) => {
+                log::info!("no io_uring ({e}): I/O on {threads} blocking workers");
+                Vec::new()
             }
-            Ok(_) => {}
-            Err(e) => log::info!("no io_uring ({e}): I/O on {threads} blocking workers"),
-        }
-        let workers = blocking::start_workers(threads, &queue, done)?;
-        Ok((IoPool { workers }, JobSender::new(queue)))
+        };
+        let prepared = PreparedPool {
+            threads,
+            queue: queue.clone(),
+            rings,
+        };
+        Ok((prepared, JobSender::new(queue)))
     }
 
     pub fn join(self) {
         for w in self.workers {
             let _ = w.join();
         }
+    }
+}
+
+impl PreparedPool {
+    /// Start the workers: one per ring, or `threads` blocking ones without
+    /// rings; each reports through `done` the completions the scheduler
+    /// must hear of.
+    pub fn start(self, done: impl Fn(Completion) + Send + Clone + 'static) -> io::Result<IoPool> {
+        if self.rings.is_empty() {
+            let workers = blocking::start_workers(self.threads, &self.queue, done)?;
+            return Ok(IoPool { workers });
+        }
+        log::info!("I/O on io_uring, {} ring workers", self.rings.len());
+        let workers = uring::start_workers(self.rings, &self.queue, done)?;
+        Ok(IoPool { workers })
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, opcode, register, squeue, types};
 
 use super::buffer::{AlignedBuf, WriteData};
 use super::errors::{IoOp, record_error};
@@ -66,13 +66,13 @@ impl Wake for RingWake {
     }
 }
 
-/// Ring workers, one per core up to `threads`, or the error that says
-/// io_uring is not to be had here (then none was started).
-pub(crate) fn start_workers(
-    threads: usize,
-    queue: &Arc<JobQueue>,
-    done: impl Fn(Completion) + Send + Clone + 'static,
-) -> io::Result<Vec<JoinHandle<()>>> {
+/// A ring worker's ring and how the queue wakes it.
+pub(crate) type WorkerRing = (IoUring, Arc<RingWake>);
+
+/// Rings for ring workers, one per core up to `threads`, registered with
+/// `queue`; or the error that says io_uring is not to be had here (then
+/// none was made).
+pub(crate) fn make_rings(threads: usize, queue: &JobQueue) -> io::Result<Vec<WorkerRing>> {
     let cores = thread::available_parallelism().map_or(1, |n| n.get());
     let n = threads.min(cores).max(1);
     let mut rings = Vec::with_capacity(n);
@@ -85,7 +85,16 @@ pub(crate) fn start_workers(
             .map(|(_, w)| w.clone() as Arc<dyn Wake>)
             .collect(),
     );
-    let mut workers = Vec::with_capacity(n);
+    Ok(rings)
+}
+
+/// A ring worker on each of `rings`.
+pub(crate) fn start_workers(
+    rings: Vec<WorkerRing>,
+    queue: &Arc<JobQueue>,
+    done: impl Fn(Completion) + Send + Clone + 'static,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    let mut workers = Vec::with_capacity(rings.len());
     for (i, (ring, wake)) in rings.into_iter().enumerate() {
         let queue = queue.clone();
         let done = done.clone();
@@ -98,10 +107,28 @@ pub(crate) fn start_workers(
     Ok(workers)
 }
 
-/// A ring for one worker, or the error that says io_uring is not to be had
-/// (not built in, disabled by sysctl, refused by a seccomp filter).
-pub fn new_ring() -> io::Result<IoUring> {
-    IoUring::new(RING_ENTRIES)
+/// The only operations a worker's ring accepts: the reads, writes and
+/// fsyncs of jobs (and the eventfd's read). io_uring submissions do not
+/// pass through the seccomp filter, so the ring itself is restricted to
+/// them, with no SQE flags and no later `io_uring_register` operation.
+const RING_OPCODES: [u8; 3] = [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE];
+
+/// A ring for one worker, restricted to `RING_OPCODES`, or the error that
+/// says io_uring is not to be had (not built in, disabled by sysctl,
+/// refused by a seccomp filter, or a kernel before 5.10 without ring
+/// restrictions).
+fn new_ring() -> io::Result<IoUring> {
+    // Made disabled: restrictions can only be registered before the ring
+    // is enabled, and nothing can be submitted until then.
+    let ring = IoUring::builder().setup_r_disabled().build(RING_ENTRIES)?;
+    let mut allowed: Vec<register::Restriction> = RING_OPCODES
+        .iter()
+        .map(|&op| register::Restriction::sqe_op(op))
+        .collect();
+    let submitter = ring.submitter();
+    submitter.register_restrictions(&mut allowed)?;
+    submitter.register_enable_rings()?;
+    Ok(ring)
 }
 
 /// Buffer a read lands in: aligned for the O_DIRECT descriptor.
@@ -429,5 +456,52 @@ fn submit(ring: &IoUring, want: usize) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Submits `entry` to `ring` and returns its completion's result.
+    fn complete_one(ring: &mut IoUring, entry: squeue::Entry) -> i32 {
+        // SAFETY: the entry's buffers outlive the wait below.
+        unsafe { ring.submission().push(&entry) }.expect("room in a fresh ring");
+        ring.submit_and_wait(1).expect("submit");
+        ring.completion().next().expect("a completion").result()
+    }
+
+    /// A worker's ring performs its own operations and refuses any other
+    /// (EACCES), and registers nothing more once enabled.
+    #[test]
+    fn worker_ring_is_restricted() {
+        let Ok(mut ring) = new_ring() else {
+            eprintln!("no io_uring here: nothing to check");
+            return;
+        };
+        let file = tempfile::tempfile().unwrap();
+        let fd = types::Fd(file.as_raw_fd());
+        let data = *b"restricted";
+        let write = opcode::Write::new(fd, data.as_ptr(), data.len() as u32).build();
+        assert_eq!(complete_one(&mut ring, write), data.len() as i32);
+        let mut back = [0u8; 10];
+        let read = opcode::Read::new(fd, back.as_mut_ptr(), 10).build();
+        assert_eq!(complete_one(&mut ring, read), 10);
+        assert_eq!(back, data);
+        assert_eq!(complete_one(&mut ring, opcode::Fsync::new(fd).build()), 0);
+
+        // Allowed by the opcode, refused by its flags: no SQE flag is.
+        let linked = opcode::Fsync::new(fd).build().flags(squeue::Flags::IO_LINK);
+        assert_eq!(complete_one(&mut ring, linked), -libc::EACCES);
+        for refused in [
+            opcode::Nop::new().build(),
+            opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), c"/".as_ptr()).build(),
+            opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM, 0).build(),
+            opcode::UnlinkAt::new(types::Fd(libc::AT_FDCWD), c"x".as_ptr()).build(),
+        ] {
+            assert_eq!(complete_one(&mut ring, refused), -libc::EACCES);
+        }
+        let err = ring.submitter().register_files(&[fd.0]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
     }
 }

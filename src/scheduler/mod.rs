@@ -428,4 +428,6 @@ fn tune_scheduler_thread() {
             );
         }
     }
+    // Needed only for the line above.
+    crate::sandbox::drop_sys_nice();
 }

@@ -95,6 +95,9 @@ pub struct Mount {
     stdout_path: PathBuf,
     /// Extra environment of the daemon.
     pub daemon_env: Vec<(String, String)>,
+    /// Run in the daemon's process before it execs (e.g. to install a
+    /// seccomp filter that hides a kernel feature from it).
+    pub daemon_pre_exec: Option<fn() -> std::io::Result<()>>,
 }
 
 impl Default for Mount {
@@ -127,6 +130,7 @@ impl Mount {
             child: None,
             status: None,
             daemon_env: Vec::new(),
+            daemon_pre_exec: None,
         }
     }
 
@@ -207,15 +211,19 @@ impl Mount {
         assert!(self.child.is_none(), "daemon already started");
         let stderr = File::create(&self.stderr_path).expect("create stderr file");
         let stdout = File::create(&self.stdout_path).expect("create stdout file");
-        let child = Command::new(binary())
-            .arg("-f")
+        let mut cmd = Command::new(binary());
+        cmd.arg("-f")
             .args(args)
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn throttlefs");
+            .stderr(stderr);
+        if let Some(f) = self.daemon_pre_exec {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the hooks the tests pass make plain syscalls only.
+            unsafe { cmd.pre_exec(f) };
+        }
+        let child = cmd.spawn().expect("spawn throttlefs");
         self.child = Some(child);
         self.status = None;
     }
