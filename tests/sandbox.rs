@@ -19,31 +19,15 @@ use std::path::Path;
 
 use common::Mount;
 
-/// The errno the daemon's probe `request` (`ACTION[:ARG]`, see
-/// src/sandbox/probe.rs) ended with, 0 for success.
+/// The errno the daemon's probe `request` ended with, 0 for success.
 fn probe(m: &Mount, request: &str) -> i32 {
-    let path = CString::new(m.mnt().as_os_str().as_bytes()).unwrap();
-    let name = CString::new(format!("user.probe.sandbox.{request}")).unwrap();
-    let mut buf = [0u8; 32];
-    // SAFETY: getxattr into a local buffer of the given length.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
+    common::probe(m, request).unwrap_or_else(|e| {
+        panic!(
+            "probe {request}: getxattr failed: {}\n{}",
+            std::io::Error::from_raw_os_error(e),
+            m.daemon_output()
         )
-    };
-    assert!(
-        n > 0,
-        "probe {request}: getxattr failed: {}\n{}",
-        std::io::Error::last_os_error(),
-        m.daemon_output()
-    );
-    std::str::from_utf8(&buf[..n as usize])
-        .unwrap()
-        .parse()
-        .unwrap()
+    })
 }
 
 /// The errno name of `e`, for messages.
@@ -161,35 +145,12 @@ fn the_sandbox_blocks_every_probe() {
 const KEPT_CAPS_MASK: u64 = 0x1b;
 const CAP_SYS_ADMIN_MASK: u64 = 1 << 21;
 
-/// Each thread of process `pid` as (name, its /proc status).
-fn threads(pid: libc::pid_t) -> Vec<(String, String)> {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| {
-            let t = t.ok()?.path();
-            let name = fs::read_to_string(t.join("comm")).ok()?;
-            Some((
-                name.trim().to_string(),
-                fs::read_to_string(t.join("status")).ok()?,
-            ))
-        })
-        .collect()
-}
-
 fn status_hex(status: &str, field: &str) -> u64 {
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {field} in\n{status}"));
-    u64::from_str_radix(line.trim(), 16).unwrap()
+    u64::from_str_radix(status_field(status, field), 16).unwrap()
 }
 
 fn status_field<'a>(status: &'a str, field: &str) -> &'a str {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {field} in\n{status}"))
-        .trim()
+    common::status_field(status, field).unwrap_or_else(|| panic!("no {field} in\n{status}"))
 }
 
 /// Checks every thread of the daemon of `m` against the capability mask
@@ -199,7 +160,7 @@ fn check_threads(m: &Mount, caps: u64) {
     // all started and served.
     fs::write(m.path("touch"), "x").unwrap();
     assert_eq!(fs::read(m.path("touch")).unwrap(), b"x");
-    let all = threads(m.pid());
+    let all = common::threads(m.pid());
     assert!(all.len() > 4, "only {} threads: {all:?}", all.len());
     for (name, status) in &all {
         assert_eq!(status_field(status, "NoNewPrivs"), "1", "thread {name}");
@@ -225,7 +186,7 @@ fn every_thread_is_sandboxed() {
     // check above would see a thread that escaped it (the seccomp filter
     // sets no_new_privs too: off here).
     let none = Mount::start_with(&["--sandbox=none", "--seccomp=none"]);
-    let all = threads(none.pid());
+    let all = common::threads(none.pid());
     assert!(
         all.iter().all(|(_, s)| status_field(s, "NoNewPrivs") == "0"
             && status_hex(s, "CapEff") & (1 << 21) != 0),
@@ -288,21 +249,7 @@ fn device_nodes_are_refused_through_the_mount_fifos_are_not() {
 
 /// setxattr(2) of `name` on `path`, the errno on failure.
 fn setxattr(path: &Path, name: &str, value: &[u8]) -> Result<(), i32> {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    // SAFETY: setxattr with NUL-terminated strings and a valid buffer.
-    match unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error().raw_os_error().unwrap()),
-    }
+    common::attrs::setxattr(path, name, value).map_err(|e| e.raw_os_error().unwrap())
 }
 
 #[test]
@@ -326,15 +273,7 @@ fn trusted_attributes_need_the_capability_the_sandbox_drops() {
 
 /// getxattr(2) of `name` on `path`: the value, or the errno.
 fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    let mut buf = [0u8; 256];
-    // SAFETY: getxattr into a local buffer of the given length.
-    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
-    }
-    Ok(buf[..r as usize].to_vec())
+    common::attrs::getxattr(path, name).map_err(|e| e.raw_os_error().unwrap())
 }
 
 /// landlock_create_ruleset, the same number on every architecture.
@@ -344,46 +283,7 @@ const SYS_LANDLOCK_CREATE_RULESET: u32 = 444;
 /// landlock_create_ruleset with ENOSYS, as a kernel without Landlock does.
 /// Root may install it without no_new_privs (CAP_SYS_ADMIN).
 fn hide_landlock() -> std::io::Result<()> {
-    const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    // Offset of `nr` in struct seccomp_data.
-    const NR_OFFSET: u32 = 0;
-    let filter = [
-        libc::sock_filter {
-            code: BPF_LD_W_ABS,
-            jt: 0,
-            jf: 0,
-            k: NR_OFFSET,
-        },
-        libc::sock_filter {
-            code: BPF_JEQ_K,
-            jt: 0,
-            jf: 1,
-            k: SYS_LANDLOCK_CREATE_RULESET,
-        },
-        libc::sock_filter {
-            code: BPF_RET_K,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
-        },
-        libc::sock_filter {
-            code: BPF_RET_K,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_ALLOW,
-        },
-    ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr().cast_mut(),
-    };
-    // SAFETY: prctl with a valid filter program that outlives the call.
-    if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    common::fail_with_enosys(SYS_LANDLOCK_CREATE_RULESET)
 }
 
 #[test]

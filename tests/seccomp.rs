@@ -11,13 +11,11 @@
 
 mod common;
 
-use std::ffi::CString;
 use std::fs;
 use std::net::TcpListener;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 
-use common::{EXIT_TIMEOUT, Mount};
+use common::{EXIT_TIMEOUT, Mount, probe};
 
 /// The `seccomp` system call's number on x86_64, where the tests run.
 const SYS_SECCOMP: u32 = 317;
@@ -27,75 +25,23 @@ const SYS_SECCOMP: u32 = 317;
 /// ENOSYS, as a kernel without seccomp filters does. Root may install it
 /// without no_new_privs.
 fn hide_seccomp() -> std::io::Result<()> {
-    const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let filter = [
-        // Offset 0 of struct seccomp_data: the system call's number.
-        insn(BPF_LD_W_ABS, 0, 0, 0),
-        insn(BPF_JEQ_K, 0, 1, SYS_SECCOMP),
-        insn(
-            BPF_RET_K,
-            0,
-            0,
-            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
-        ),
-        insn(BPF_RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
-    ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr().cast_mut(),
-    };
-    // SAFETY: prctl with a valid filter program that outlives the call.
-    if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The errno the daemon's probe `request` ended with (0 for success), or
-/// the errno of the getxattr itself when the daemon did not answer.
-fn probe(m: &Mount, request: &str) -> Result<i32, i32> {
-    let path = CString::new(m.mnt().as_os_str().as_bytes()).unwrap();
-    let name = CString::new(format!("user.probe.sandbox.{request}")).unwrap();
-    let mut buf = [0u8; 32];
-    // SAFETY: getxattr into a local buffer of the given length.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
-    }
-    Ok(std::str::from_utf8(&buf[..n as usize])
-        .unwrap()
-        .parse()
-        .unwrap())
+    common::fail_with_enosys(SYS_SECCOMP)
 }
 
 /// The seccomp fields of every thread of `pid`: (thread name, Seccomp,
 /// Seccomp_filters).
 fn thread_seccomp(pid: libc::pid_t) -> Vec<(String, String, String)> {
-    let mut threads = Vec::new();
-    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let Ok(status) = fs::read_to_string(task.unwrap().path().join("status")) else {
-            continue; // the thread has just exited
-        };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        threads.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
-    }
-    threads
+    common::threads(pid)
+        .into_iter()
+        .map(|(name, status)| {
+            let field = |f| {
+                common::status_field(&status, f)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            (name, field("Seccomp"), field("Seccomp_filters"))
+        })
+        .collect()
 }
 
 #[test]

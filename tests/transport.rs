@@ -55,20 +55,15 @@ fn dev_fuse_wakeups(pid: libc::pid_t) -> u64 {
 
 /// Voluntary context switches of the daemon's threads whose name `pick`s.
 fn wakeups_of(pid: libc::pid_t, pick: impl Fn(&str) -> bool) -> u64 {
-    let mut total = 0;
-    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !pick(comm.trim()) {
-            continue;
-        }
-        let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        total += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    total
+    common::threads(pid)
+        .iter()
+        .filter(|(name, _)| pick(name))
+        .map(|(_, status)| {
+            common::status_field(status, "voluntary_ctxt_switches")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 #[test]

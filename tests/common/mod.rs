@@ -757,3 +757,69 @@ pub fn rejected(args: &[&str], needles: &[&str]) {
     let mut m = Mount::new();
     assert_rejected(&mut m, args, needles);
 }
+
+/// Each thread of process `pid` as (name, its `/proc` status); a thread
+/// that exits meanwhile is left out.
+pub fn threads(pid: libc::pid_t) -> Vec<(String, String)> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            let name = fs::read_to_string(t.join("comm")).ok()?;
+            Some((
+                name.trim().to_string(),
+                fs::read_to_string(t.join("status")).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// The value of `field` (e.g. `NoNewPrivs`) in a `/proc` status text.
+pub fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// The errno the daemon's probe `request` (`ACTION[:ARG]`, see
+/// src/sandbox/probe.rs; test-only feature `sandbox-probe`) ended with, 0
+/// for success, or the errno of the getxattr itself when the daemon did not
+/// answer.
+pub fn probe(m: &Mount, request: &str) -> Result<i32, i32> {
+    let answer = attrs::getxattr(m.mnt(), &format!("user.probe.sandbox.{request}"))
+        .map_err(|e| e.raw_os_error().unwrap())?;
+    Ok(std::str::from_utf8(&answer).unwrap().parse().unwrap())
+}
+
+/// For `Mount::daemon_pre_exec`: a seccomp filter that fails system call
+/// `nr` with ENOSYS, as a kernel without the feature behind it does. Root
+/// may install it without no_new_privs (CAP_SYS_ADMIN); installed with
+/// prctl, which the daemon leaves alone.
+pub fn fail_with_enosys(nr: u32) -> std::io::Result<()> {
+    const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        // Offset 0 of struct seccomp_data: the system call's number.
+        insn(BPF_LD_W_ABS, 0, 0, 0),
+        insn(BPF_JEQ_K, 0, 1, nr),
+        insn(
+            BPF_RET_K,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        ),
+        insn(BPF_RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with a valid filter program that outlives the call.
+    if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
