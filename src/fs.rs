@@ -850,18 +850,13 @@ impl ThrottleFs {
     /// Write `data` at `offset` on this thread, from the kernel's buffer,
     /// and answer; the bytes written.
     fn write_here(handle: &Handle, offset: u64, data: &[u8], reply: ReplyWrite) -> usize {
-        match handle.write_at(offset, data) {
-            Ok(n) => {
-                handle.shared.record_io(Direction::Write, n as u64);
-                reply.written(n as u32);
-                n
-            }
-            Err(e) => {
-                fio::record_error(handle, fio::IoOp::Write, &e);
-                reply.error(Errno::from(e));
-                0
-            }
+        let r = handle.write_at(offset, data);
+        let moved = fio::record_outcome(handle, Direction::Write, r.as_ref().copied());
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(Errno::from(e)),
         }
+        moved
     }
 
     /// The descriptor for a read or write on a FUSE ring, into or from the
@@ -897,21 +892,7 @@ impl ThrottleFs {
             }
         };
         Box::new(move |result: &io::Result<usize>| {
-            let moved = match result {
-                Ok(n) => {
-                    handle.shared.record_io(dir, *n as u64);
-                    *n
-                }
-                Err(e) => {
-                    let op = if write {
-                        fio::IoOp::Write
-                    } else {
-                        fio::IoOp::Read
-                    };
-                    fio::record_error(&handle, op, e);
-                    0
-                }
-            };
+            let moved = fio::record_outcome(&handle, dir, result.as_ref().copied());
             match counted {
                 Ok((file_flight, scheduler)) => {
                     let unmoved = fio::unmoved(dir, requested, moved);

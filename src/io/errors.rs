@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::handle::Handle;
+use crate::throttle::Direction;
 
 /// An error already logged for a file is logged again, with the count of
 /// its repeats, at most this often.
@@ -102,6 +103,25 @@ fn is_answer(errno: i32) -> bool {
         errno,
         libc::EINVAL | libc::EFBIG | libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS
     )
+}
+
+/// A read or write of `handle` going `dir` ended with `result`: count the
+/// bytes it moved, or record its failure (`record_error`). The bytes moved.
+pub fn record_outcome(handle: &Handle, dir: Direction, result: Result<usize, &io::Error>) -> usize {
+    match result {
+        Ok(n) => {
+            handle.shared.record_io(dir, n as u64);
+            n
+        }
+        Err(e) => {
+            let op = match dir {
+                Direction::Read => IoOp::Read,
+                Direction::Write => IoOp::Write,
+            };
+            record_error(handle, op, e);
+            0
+        }
+    }
 }
 
 /// `op` on the underlying file of `handle` failed with `e`, and the

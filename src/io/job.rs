@@ -7,7 +7,7 @@ use std::sync::Arc;
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 
 use super::buffer::WriteData;
-use super::errors::{IoOp, record_error};
+use super::errors::{IoOp, record_error, record_outcome};
 use super::flight::Flight;
 use super::handle::{Handle, copy_range, fsync};
 use crate::throttle::Direction;
@@ -108,36 +108,28 @@ impl Job {
                 offset,
                 size,
                 reply,
-            } => handle.read_with(offset, size as usize, |r| match r {
-                Ok(data) => {
-                    handle.shared.record_io(Direction::Read, data.len() as u64);
-                    let moved = data.len();
-                    reply.data(data);
-                    unmoved(Direction::Read, requested, moved)
+            } => handle.read_with(offset, size as usize, |r| {
+                let moved = record_outcome(&handle, Direction::Read, r.as_ref().map(|d| d.len()));
+                match r {
+                    Ok(data) => reply.data(data),
+                    Err(e) => reply.error(Errno::from(e)),
                 }
-                Err(e) => {
-                    record_error(&handle, IoOp::Read, &e);
-                    reply.error(Errno::from(e));
-                    unmoved(Direction::Read, requested, 0)
-                }
+                unmoved(Direction::Read, requested, moved)
             }),
             Job::Write {
                 handle,
                 offset,
                 data,
                 reply,
-            } => match handle.write_queued(offset, &data) {
-                Ok(n) => {
-                    handle.shared.record_io(Direction::Write, n as u64);
-                    reply.written(n as u32);
-                    unmoved(Direction::Write, requested, n)
+            } => {
+                let r = handle.write_queued(offset, &data);
+                let moved = record_outcome(&handle, Direction::Write, r.as_ref().copied());
+                match r {
+                    Ok(n) => reply.written(n as u32),
+                    Err(e) => reply.error(Errno::from(e)),
                 }
-                Err(e) => {
-                    record_error(&handle, IoOp::Write, &e);
-                    reply.error(Errno::from(e));
-                    unmoved(Direction::Write, requested, 0)
-                }
-            },
+                unmoved(Direction::Write, requested, moved)
+            }
             Job::Fsync {
                 handle,
                 datasync,
