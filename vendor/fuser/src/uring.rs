@@ -200,6 +200,14 @@ struct Entry {
     last_commit: AtomicU64,
 }
 
+impl Entry {
+    /// The payload buffer, `HEAD_SIZE` into `buf` (page aligned), as
+    /// REGISTER handed it to the kernel.
+    fn payload(&self) -> *mut u8 {
+        self.iov[1].iov_base.cast()
+    }
+}
+
 // SAFETY: `buf` is written only by whoever owns the entry at the time (the
 // kernel while it has a command for it, the ring thread while it dispatches,
 // the one reply after), as the protocol hands it over; `state` is locked.
@@ -543,8 +551,7 @@ impl Ring {
             error!("FUSE io_uring: an I/O completed for ring entry {idx}, which has none");
             return;
         };
-        // SAFETY: the entry is ours until the commit.
-        let payload = unsafe { ent.buf.add(HEAD_SIZE) };
+        let payload = ent.payload();
         let result = if res >= 0 {
             let n = res as usize;
             if n == 0 || n >= io.len {
@@ -725,8 +732,7 @@ impl RingSender {
     /// the entry's buffer.
     pub(crate) fn holds_payload(&self, data: &[u8]) -> bool {
         let ent = &self.ring.entries[self.idx];
-        // SAFETY: within the entry's buffer.
-        let payload = unsafe { ent.buf.add(HEAD_SIZE) };
+        let payload = ent.payload();
         ptr::eq(data.as_ptr(), payload) && data.len() == ent.state.lock().request_payload
     }
 
@@ -735,7 +741,7 @@ impl RingSender {
     /// submits it with its next wait.
     pub(crate) fn start_io(&self, io: RingIo) {
         let ent = &self.ring.entries[self.idx];
-        let payload = unsafe { ent.buf.add(HEAD_SIZE) };
+        let payload = ent.payload();
         let len = u32::try_from(io.len).unwrap_or(u32::MAX);
         let sqe: squeue::Entry128 = if io.write {
             opcode::Write::new(types::Fd(io.fd), payload, len)
