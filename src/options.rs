@@ -62,15 +62,30 @@ pub enum IoUringMode {
 
 impl IoUringMode {
     fn parse(value: &str) -> Result<IoUringMode, String> {
-        match value {
-            "auto" => Ok(IoUringMode::Auto),
-            "on" => Ok(IoUringMode::On),
-            "off" => Ok(IoUringMode::Off),
-            _ => Err(format!(
-                "{IO_URING_NAME}: expected auto, on or off, got '{value}'"
-            )),
-        }
+        choose(
+            IO_URING_NAME,
+            value,
+            &[
+                ("auto", IoUringMode::Auto),
+                ("on", IoUringMode::On),
+                ("off", IoUringMode::Off),
+            ],
+        )
     }
+}
+
+/// `value` of option `option` as one of `choices` (its word, its value),
+/// or an error naming the option and the words it takes.
+fn choose<T: Copy>(option: &str, value: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    if let Some(&(_, v)) = choices.iter().find(|(word, _)| *word == value) {
+        return Ok(v);
+    }
+    let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
+    let expected = match words.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => words.concat(),
+    };
+    Err(format!("{option}: expected {expected}, got '{value}'"))
 }
 
 /// Option name of the sandbox choice in `-o`.
@@ -93,13 +108,14 @@ pub enum SandboxMode {
 
 impl SandboxMode {
     fn parse(value: &str) -> Result<SandboxMode, String> {
-        match value {
-            "landlock" => Ok(SandboxMode::Landlock),
-            "none" => Ok(SandboxMode::None),
-            _ => Err(format!(
-                "{SANDBOX_NAME}: expected landlock or none, got '{value}'"
-            )),
-        }
+        choose(
+            SANDBOX_NAME,
+            value,
+            &[
+                ("landlock", SandboxMode::Landlock),
+                ("none", SandboxMode::None),
+            ],
+        )
     }
 }
 
@@ -124,22 +140,23 @@ pub enum SeccompMode {
 
 impl SeccompMode {
     fn parse(value: &str) -> Result<SeccompMode, String> {
-        match value {
-            "kill" => Ok(SeccompMode::Kill),
-            "log" => Ok(SeccompMode::Log),
-            "none" => Ok(SeccompMode::None),
-            _ => Err(format!(
-                "{SECCOMP_NAME}: expected kill, log or none, got '{value}'"
-            )),
-        }
+        choose(
+            SECCOMP_NAME,
+            value,
+            &[
+                ("kill", SeccompMode::Kill),
+                ("log", SeccompMode::Log),
+                ("none", SeccompMode::None),
+            ],
+        )
     }
 }
 
-/// The transport when `--io-uring` is not given: `/dev/fuse`. Over
-/// io_uring, requests of throttled files cost more (a reply from an I/O
-/// worker makes the kernel deliver the entry's next request on that
-/// worker), and the daemon holds only as many requests per CPU as it has
-/// ring entries; see docs/operations.md for the measurements.
+/// The transport when `--io-uring` is not given: `/dev/fuse`. io_uring
+/// costs less CPU, but every request holds a ring entry of its caller's
+/// CPU until answered, so a throttled file with a deep queue can make
+/// other files' requests from that CPU wait in the kernel; over
+/// `/dev/fuse` only its own requests wait. See docs/operations.md.
 pub const DEFAULT_IO_URING: IoUringMode = IoUringMode::Off;
 
 /// `-o group.NAME.LIMIT=VALUE`: one limit of throttle group NAME (a group
