@@ -884,24 +884,21 @@ impl ThrottleFs {
         credit: Option<Arc<Flight>>,
     ) -> fuser::RingIoDone {
         let write = dir == Direction::Write;
-        let counted = match credit {
-            Some(file_flight) => Ok((file_flight, self.scheduler.clone())),
-            None => {
-                handle.unthrottled.start(write);
-                Err(handle.unthrottled.clone())
-            }
-        };
+        let credited = credit.map(|file_flight| (file_flight, self.scheduler.clone()));
+        if credited.is_none() {
+            handle.unthrottled.start(write);
+        }
         Box::new(move |result: &io::Result<usize>| {
             let moved = fio::record_outcome(&handle, dir, result.as_ref().copied());
-            match counted {
-                Ok((file_flight, scheduler)) => {
+            match credited {
+                Some((file_flight, scheduler)) => {
                     let unmoved = fio::unmoved(dir, requested, moved);
                     file_flight.report(file, write, unmoved, &|c| {
                         let _ = scheduler.send(Msg::Done(c));
                     });
                 }
-                Err(flight) => {
-                    flight.finish(write);
+                None => {
+                    handle.unthrottled.finish(write);
                 }
             }
         })
