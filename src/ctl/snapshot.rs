@@ -293,6 +293,7 @@ mod tests {
                 limits,
                 origin: Origin::Directory("/dir with space".into()),
                 group: Some(("g.1".into(), Origin::File)),
+                qos: Default::default(),
             }),
         }];
         let text = render_active(files, |_| odd.to_string(), &[], 64 * 1024);
