@@ -117,6 +117,22 @@ impl QosSettings {
         }
     }
 
+    /// `weight:W` and each reservation set, comma-separated: the `qos=`
+    /// field of `user.throttle.active`.
+    pub fn compact(&self) -> String {
+        let qos = self.qos();
+        let mut out = format!("{WEIGHT}:{}", qos.weight);
+        for (name, value) in [
+            (RESERVE_IOPS, qos.reserve_iops),
+            (RESERVE_BPS, qos.reserve_bps),
+        ] {
+            if value > 0 {
+                let _ = write!(out, ",{name}:{value}");
+            }
+        }
+        out
+    }
+
     /// The lines of `user.throttle.effective`: for a member of a group, or
     /// a file that sets any of them, `weight=` and `weight_source=`
     /// (`default` when none is set), then each reservation set (non-zero)

@@ -364,6 +364,9 @@ pub fn render_active(
                         escape_value(&origin.describe())
                     );
                 }
+                if e.group.is_some() || !e.qos.is_empty() {
+                    let _ = write!(line, " qos={}", e.qos.compact());
+                }
             }
             None => line.push_str(" source=unknown"),
         }
