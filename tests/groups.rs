@@ -4,7 +4,8 @@
 //! depths, a member capped by its own limit leaves the rest to its mates,
 //! membership and group limits change live and survive a remount, a
 //! group of a thousand members keeps its rate, and bad names, values and
-//! command lines are refused.
+//! command lines are refused; weights and reservations change the shares
+//! and are validated, inherited and persisted like the membership.
 //!
 //! Reads use O_DIRECT and requests of at most 512 KiB, so each one reaches
 //! throttlefs as a single FUSE request. Reader threads count what they

@@ -12,8 +12,8 @@
 //! - `queue.rs`: a file's buckets and FIFO, and the one walk of the
 //!   ordering rules (arrival order, directions, barriers) that both the
 //!   release of requests and a group's choice of candidates use;
-//! - `group.rs`: a throttle group's turns (least service first, O(log
-//!   members) a turn);
+//! - `group.rs`: a throttle group's turns (a due reservation first, else
+//!   least service for the weight; O(log members) a turn);
 //! - `release.rs`: from a queue to the I/O pool, and back to bypassing;
 //! - `deadline.rs`: the heap of wake-ups and what each is for;
 //! - `interrupt.rs`: interrupted requests and their callers;
