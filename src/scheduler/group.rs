@@ -42,16 +42,17 @@ pub(super) struct Member {
     /// next request is due under `reserve_iops` and `reserve_bps`.
     pub(super) due_ns: [u64; 2],
     /// Its weight and reservations, as its queue had them when it was last
-    /// sorted.
-    pub(super) qos: Qos,
+    /// sorted (`None` before that).
+    pub(super) qos: Option<Qos>,
 }
 
 impl Member {
     /// Its key in the reservation sets: the earlier of its tags for the
     /// reservations it has; `None` without any.
     fn due_key(&self) -> Option<u64> {
-        let iops = (self.qos.reserve_iops > 0).then_some(self.due_ns[0]);
-        let bps = (self.qos.reserve_bps > 0).then_some(self.due_ns[1]);
+        let qos = self.qos?;
+        let iops = (qos.reserve_iops > 0).then_some(self.due_ns[0]);
+        let bps = (qos.reserve_bps > 0).then_some(self.due_ns[1]);
         iops.into_iter().chain(bps).min()
     }
 
@@ -148,23 +149,29 @@ impl Group {
         let Some(m) = self.members.get_mut(&member) else {
             return;
         };
-        let key = m.due_key();
-        for lane in 0..LANES {
-            if m.lanes[lane] {
-                self.ready[lane].remove(&(m.served, member));
-                if let Some(k) = key {
-                    self.reserved[lane].remove(&(k, member));
-                }
-            }
-        }
+        let (served, key, lanes) = (m.served, m.due_key(), m.lanes);
         change(m);
-        let key = m.due_key();
-        for lane in 0..LANES {
-            if m.lanes[lane] {
-                self.ready[lane].insert((m.served, member));
-                if let Some(k) = key {
-                    self.reserved[lane].insert((k, member));
-                }
+        let (new_served, new_key) = (m.served, m.due_key());
+        let moved = served != new_served;
+        let rekeyed = new_key != key;
+        for (lane, (was, is)) in lanes.into_iter().zip(m.lanes).enumerate() {
+            if was && (!is || moved) {
+                self.ready[lane].remove(&(served, member));
+            }
+            if is && (!was || moved) {
+                self.ready[lane].insert((new_served, member));
+            }
+            if let Some(k) = key
+                && was
+                && (!is || rekeyed)
+            {
+                self.reserved[lane].remove(&(k, member));
+            }
+            if let Some(k) = new_key
+                && is
+                && (!was || rekeyed)
+            {
+                self.reserved[lane].insert((k, member));
             }
         }
     }
@@ -220,14 +227,18 @@ impl Group {
         let now_ns = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
         self.update(member, |m| {
             let becomes_ready = !m.is_ready() && lanes.iter().any(|l| *l);
-            if m.qos != qos {
+            if m.qos.is_some_and(|old| old != qos) {
                 // A new weight or reservation starts from the group's
                 // level: service it got under the old one (above its
                 // weighted share, by a reservation) does not hold it back.
                 m.served = m.served.min(vtime);
                 m.due_ns = m.due_ns.map(|d| d.max(now_ns));
-                m.qos = qos;
             }
+            if m.qos.is_none() {
+                // New to the group: no reservation credit from before.
+                m.due_ns = [now_ns; 2];
+            }
+            m.qos = Some(qos);
             if becomes_ready {
                 // Time it had nothing the group could release earns no
                 // reservation credit (mClock's max(R + 1/r, now)).
@@ -927,6 +938,25 @@ mod tests {
         let first = seen.iter().filter(|m| **m == 1).count();
         // 400 requests at weights 300:100: about 300 for the first.
         assert!((280..=320).contains(&first), "{first} of {}", seen.len());
+    }
+
+    #[test]
+    fn a_forgotten_weighted_member_resumes_where_it_was_too() {
+        // Being sorted again with the weight it had is no change of
+        // weight: it does not bring the member back to the group's level.
+        let mut files = HashMap::new();
+        files.insert(1, weighted_queue(1, 4 * KIB, qos(200, 10, 0)));
+        let mut g = group_of(Limits::default(), &[1]);
+        g.vtime = 100;
+        g.set_served(1, 150);
+        g.depart(1);
+        g.rejoin(1);
+        g.classify(1, files.get_mut(&1).unwrap(), Duration::ZERO, false);
+        assert_eq!(g.members[&1].served, 150);
+        // A real change does.
+        files.get_mut(&1).unwrap().qos = qos(300, 10, 0);
+        g.classify(1, files.get_mut(&1).unwrap(), Duration::ZERO, false);
+        assert_eq!(g.members[&1].served, 100);
     }
 
     #[test]
