@@ -1834,6 +1834,9 @@ impl Filesystem for ThrottleFs {
                     return self.set_limit(&node, &cname, &limit, value, flags);
                 }
                 Some(Attr::Group) => return self.set_group(&node, &cname, value, flags),
+                Some(Attr::Qos(setting)) => {
+                    return self.set_qos(&node, &cname, &setting, value, flags);
+                }
                 Some(Attr::GroupLimit { group, limit }) => {
                     return self.set_group_limit(&node, &cname, &group, &limit, value, flags);
                 }
@@ -1944,7 +1947,7 @@ impl Filesystem for ThrottleFs {
                 Some(Attr::Effective | Attr::Stats | Attr::Active | Attr::GroupStats(_)) => {
                     return Err(Errno::EPERM);
                 }
-                Some(Attr::Group) => {
+                Some(Attr::Group | Attr::Qos(_)) => {
                     remove_raw(node.fd, &cname)?;
                     self.after_change(&node);
                     return Ok(());

@@ -5,6 +5,7 @@ pub mod ctl;
 pub mod fs;
 pub mod io;
 pub mod options;
+pub mod qos;
 pub mod sandbox;
 pub mod scheduler;
 pub mod stats;

@@ -39,6 +39,8 @@ pub struct Effective {
     pub origin: Origin,
     /// The throttle group, and where membership came from.
     pub group: Option<(String, Origin)>,
+    /// Weight and reservations within the group, each where it came from.
+    pub qos: crate::qos::QosSettings,
 }
 
 /// Width of one slot of the rate window.

@@ -49,6 +49,9 @@ pub enum Attr {
     },
     /// `user.throttle.group.NAME.stats` on the mount root (read-only).
     GroupStats(String),
+    /// `user.throttle.weight`, `reserve_iops` or `reserve_bps` (see
+    /// `crate::qos`), inherited like `Group`.
+    Qos(String),
     /// Under `user.throttle.` but not a name we know.
     Unknown,
 }
@@ -127,6 +130,7 @@ pub fn classify(name: &[u8]) -> Option<Attr> {
         "stats" => Attr::Stats,
         "active" => Attr::Active,
         "group" => Attr::Group,
+        _ if crate::qos::is_name(rest) => Attr::Qos(rest.to_string()),
         _ if limit_names().iter().any(|n| n == rest) => Attr::Limit(rest.to_string()),
         _ => Attr::Unknown,
     })
@@ -180,7 +184,8 @@ pub fn set_limits(limits: &Limits) -> Vec<(String, String)> {
 
 /// `user.throttle.effective`: `source=` (file, directory:PATH or mount),
 /// one `name=value` a line for each limit in force, then `group=NAME` and
-/// `group_source=` when the file belongs to a throttle group, then
+/// `group_source=` when the file belongs to a throttle group, then its
+/// weight and reservations (`QosSettings::render`), then
 /// `passthrough_handles=N` when `passthrough` handles (opened in FUSE
 /// passthrough, which no limit reaches) are open.
 pub fn render_effective(e: &Effective, passthrough: u64) -> String {
@@ -192,6 +197,7 @@ pub fn render_effective(e: &Effective, passthrough: u64) -> String {
         let _ = writeln!(out, "group={group}");
         let _ = writeln!(out, "group_source={}", origin.describe());
     }
+    out.push_str(&e.qos.render(e.group.is_some()));
     if passthrough > 0 {
         let _ = writeln!(out, "{PASSTHROUGH_HANDLES}={passthrough}");
     }
@@ -358,6 +364,9 @@ pub fn render_active(
                         escape_value(&origin.describe())
                     );
                 }
+                if e.group.is_some() || !e.qos.is_empty() {
+                    let _ = write!(line, " qos={}", e.qos.compact());
+                }
             }
             None => line.push_str(" source=unknown"),
         }
@@ -397,6 +406,14 @@ mod tests {
         assert_eq!(classify(b"user.throttle.stats"), Some(Attr::Stats));
         assert_eq!(classify(b"user.throttle.bogus"), Some(Attr::Unknown));
         assert_eq!(classify(b"user.throttle.group"), Some(Attr::Group));
+        assert_eq!(
+            classify(b"user.throttle.weight"),
+            Some(Attr::Qos("weight".into()))
+        );
+        assert_eq!(
+            classify(b"user.throttle.reserve_bps"),
+            Some(Attr::Qos("reserve_bps".into()))
+        );
         assert_eq!(
             classify(b"user.throttle.group.tenant.a.bps_rd_max"),
             Some(Attr::GroupLimit {
@@ -537,6 +554,7 @@ mod tests {
                 limits,
                 origin: Origin::Directory("/vms".into()),
                 group: None,
+                qos: Default::default(),
             },
             0,
         );
@@ -549,12 +567,14 @@ mod tests {
                 limits: Limits::default(),
                 origin: Origin::Mount,
                 group: Some(("t1".into(), Origin::File)),
+                qos: Default::default(),
             },
             2,
         );
         assert_eq!(
             text,
-            "source=mount\ngroup=t1\ngroup_source=file\npassthrough_handles=2\n"
+            "source=mount\ngroup=t1\ngroup_source=file\nweight=100\nweight_source=default\n\
+             passthrough_handles=2\n"
         );
     }
 }

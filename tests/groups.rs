@@ -4,7 +4,8 @@
 //! depths, a member capped by its own limit leaves the rest to its mates,
 //! membership and group limits change live and survive a remount, a
 //! group of a thousand members keeps its rate, and bad names, values and
-//! command lines are refused.
+//! command lines are refused; weights and reservations change the shares
+//! and are validated, inherited and persisted like the membership.
 //!
 //! Reads use O_DIRECT and requests of at most 512 KiB, so each one reaches
 //! throttlefs as a single FUSE request. Reader threads count what they
@@ -993,5 +994,162 @@ fn bytes_a_short_read_did_not_move_go_back_to_the_group() {
     assert!(
         took < Duration::from_millis(450),
         "the mate's 4 KiB read waited {took:?}: the group kept the short read's charge"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6. Weights and reservations (issue 17, part 1).
+
+const WEIGHT: &str = "user.throttle.weight";
+const RESERVE_IOPS: &str = "user.throttle.reserve_iops";
+const RESERVE_BPS: &str = "user.throttle.reserve_bps";
+
+#[test]
+fn weights_two_to_one_and_a_reservation_share_a_saturated_group() {
+    let mut m = Mount::new();
+    let a = make_file(&m, "a", 11);
+    let b = make_file(&m, "b", 12);
+    m.start(&["--group", "g:iops=300"]);
+    for f in ["a", "b"] {
+        sys_set_attr(&m.path(f), GROUP, "g");
+    }
+    sys_set_attr(&m.path("b"), WEIGHT, "200");
+    // Four readers each (four requests queued), 4 KiB and 64 KiB: shares
+    // by requests, whatever the sizes.
+    let ra = Readers::start(&m.path("a"), &a, 4 * KIB, 4);
+    let rb = Readers::start(&m.path("b"), &b, 64 * KIB, 4);
+    let w = measure(&[&ra, &rb], WARM_UP, Duration::from_secs(3));
+    let total = (w.ops[0] + w.ops[1]) as f64;
+    let max = window_max(300.0, w.secs, 1.0, 8.0);
+    assert!(
+        total <= max,
+        "{total} requests in {:.3} s: {:?}",
+        w.secs,
+        w.ops
+    );
+    let ratio = w.ops[1] as f64 / w.ops[0] as f64;
+    assert!(
+        (1.6..=2.5).contains(&ratio),
+        "weights 100:200 gave {:?} requests (ratio {ratio:.2}), expected about 1:2",
+        w.ops
+    );
+
+    // Live: a reserves 200 of the group's 300 requests/s, more than its
+    // weighted third: it gets about 200, b the rest.
+    sys_set_attr(&m.path("a"), RESERVE_IOPS, "200");
+    let w = measure(&[&ra, &rb], WARM_UP, Duration::from_secs(3));
+    let a_rate = w.ops[0] as f64 / w.secs;
+    assert!(
+        a_rate >= 200.0 * 0.85,
+        "a reserved 200 requests/s and got {a_rate:.1}: {:?}",
+        w.ops
+    );
+    assert!(w.ops[0] > w.ops[1], "{:?}", w.ops);
+    let s = group_stats(&m, "g");
+    assert_eq!(s.num("reserved_iops"), 200, "group stats:\n{}", s.text);
+    assert_eq!(s.num("oversubscribed"), 0, "group stats:\n{}", s.text);
+    assert!(s.num("reserved_releases") > 0, "group stats:\n{}", s.text);
+    ra.finish();
+    rb.finish();
+    let eff = effective(&m.path("a"));
+    assert_eq!(eff.get("reserve_iops").map(String::as_str), Some("200"));
+    assert_eq!(
+        eff.get("reserve_iops_source").map(String::as_str),
+        Some("file")
+    );
+    assert_eq!(
+        eff.get("weight_source").map(String::as_str),
+        Some("default")
+    );
+    sys_set_attr(&m.path("b"), RESERVE_IOPS, "200");
+    let s = group_stats(&m, "g");
+    assert_eq!(s.num("reserved_iops"), 400, "group stats:\n{}", s.text);
+    assert_eq!(s.num("oversubscribed"), 1, "group stats:\n{}", s.text);
+}
+
+#[test]
+fn weight_and_reservations_are_validated_inherited_and_persist() {
+    let mut m = Mount::new();
+    fs::create_dir(m.src_path("d")).unwrap();
+    fs::write(m.src_path("d/f"), b"x").unwrap();
+    fs::write(m.src_path("lone"), b"x").unwrap();
+    m.start(&[]);
+    let (d, f, lone) = (m.path("d"), m.path("d/f"), m.path("lone"));
+    sys_set_attr(&d, GROUP, "g");
+    sys_set_attr(&d, WEIGHT, "300");
+    sys_set_attr(&f, RESERVE_BPS, "1M");
+    for bad in ["0", "10001", "ten", "-1", ""] {
+        set_attr_fails(&d, WEIGHT, bad, libc::EINVAL);
+    }
+    set_attr_fails(&f, RESERVE_IOPS, "1K", libc::EINVAL);
+    set_attr_fails(&f, RESERVE_BPS, "lots", libc::EINVAL);
+    // Refused values leave the old ones.
+    assert_eq!(sys_get_attr(&d, WEIGHT).as_deref(), Some("300"));
+    assert_eq!(getfattr_src(&m.src_path("d/f"), RESERVE_IOPS), None);
+    // Stored in canonical form, inherited like the group.
+    assert_eq!(
+        getfattr_src(&m.src_path("d/f"), RESERVE_BPS).as_deref(),
+        Some("1048576")
+    );
+    let check = |m: &Mount| {
+        let eff = effective(&m.path("d/f"));
+        assert_eq!(
+            eff.get("weight").map(String::as_str),
+            Some("300"),
+            "{eff:?}"
+        );
+        assert_eq!(
+            eff.get("weight_source").map(String::as_str),
+            Some("directory:/d"),
+            "{eff:?}"
+        );
+        assert_eq!(
+            eff.get("reserve_bps").map(String::as_str),
+            Some("1048576"),
+            "{eff:?}"
+        );
+        assert!(!eff.contains_key("qos"), "{eff:?}");
+    };
+    check(&m);
+    // Outside a group a reservation is kept but does nothing, and says so.
+    sys_set_attr(&lone, RESERVE_IOPS, "50");
+    let eff = effective(&lone);
+    assert_eq!(eff.get("reserve_iops").map(String::as_str), Some("50"));
+    assert_eq!(
+        eff.get("qos").map(String::as_str),
+        Some("inert (in no group)")
+    );
+
+    // The command line sets, shows and removes them too.
+    let bin = common::binary();
+    let lone_s = lone.to_str().unwrap();
+    common::run(
+        bin,
+        &["set", "--weight", "50", "-o", "reserve_bps=2M", lone_s],
+    );
+    assert_eq!(sys_get_attr(&lone, WEIGHT).as_deref(), Some("50"));
+    assert_eq!(sys_get_attr(&lone, RESERVE_BPS).as_deref(), Some("2097152"));
+    let out = common::run(bin, &["get", lone_s]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("weight=50 (from file)"), "{text}");
+    assert!(text.contains("inert"), "{text}");
+    let bad = run_unchecked(bin, &["set", "--weight", "0", lone_s]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("weight: 0 is out of range"),
+        "{}",
+        describe(bin, &["set", "--weight", "0", lone_s], &bad)
+    );
+    common::run(bin, &["unset", lone_s, "weight", "reserve_bps"]);
+    assert_eq!(sys_get_attr(&lone, WEIGHT), None);
+    assert_eq!(sys_get_attr(&lone, RESERVE_BPS), None);
+
+    let status = m.terminate();
+    assert!(status.success(), "first daemon exited with {status}");
+    let m2 = Mount::with_source(m.src(), &[]);
+    check(&m2);
+    assert_eq!(
+        sys_get_attr(&m2.path("lone"), RESERVE_IOPS).as_deref(),
+        Some("50")
     );
 }

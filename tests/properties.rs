@@ -285,6 +285,10 @@ proptest! {
             Some(Attr::Stats) => Some(format!("{PREFIX}stats")),
             Some(Attr::Active) => Some(format!("{PREFIX}active")),
             Some(Attr::Group) => Some(format!("{PREFIX}group")),
+            Some(Attr::Qos(setting)) => {
+                prop_assert!(throttlefs::qos::is_name(setting));
+                Some(format!("{PREFIX}{setting}"))
+            }
             Some(Attr::Limit(limit)) => {
                 prop_assert!(limit_names().contains(limit));
                 Some(format!("{PREFIX}{limit}"))
@@ -1272,6 +1276,7 @@ proptest! {
                 limits,
                 origin: Origin::Mount,
                 group: None,
+                qos: Default::default(),
             },
             0,
         );

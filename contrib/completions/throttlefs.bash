@@ -135,7 +135,7 @@ _throttlefs() {
             return 0
             ;;
         throttlefs__subcmd__set)
-            opts="-o -h --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --group --group-limits --help"
+            opts="-o -h --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --group --weight --reserve-iops --reserve-bps --group-limits --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -170,6 +170,18 @@ _throttlefs() {
                     return 0
                     ;;
                 --group)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --weight)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --reserve-iops)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --reserve-bps)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

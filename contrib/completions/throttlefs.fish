@@ -60,6 +60,9 @@ complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l iops-rd -d
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l iops-wr -d 'limit write operations per second (0 = unlimited)' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -s o -d 'any limit by its name (bps_max, iops_size, ...); repeatable' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l group -d 'join throttle group NAME (files below a directory inherit it)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l weight -d 'share of its group when the group is saturated, 1 to 10000 (default 100)' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l reserve-iops -d 'operations/s reserved in its group while it has requests waiting' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l reserve-bps -d 'bytes/s reserved in its group while it has requests waiting' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l group-limits -d 'set the limits of throttle group NAME instead (PATH: the mount point)' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand get" -l group-limits -d 'show the limits of throttle group NAME instead (PATH: the mount point)' -r

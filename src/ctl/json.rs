@@ -51,7 +51,7 @@ fn json_activity(a: &Activity) -> String {
 
 fn json_file(f: &FileRow, mount: Option<&str>) -> String {
     format!(
-        "{{\"path\":{},\"mount\":{},\"open\":{},\"passthrough_handles\":{},{},\"source\":{},\"limits\":{},\"group\":{},\"group_source\":{}}}",
+        "{{\"path\":{},\"mount\":{},\"open\":{},\"passthrough_handles\":{},{},\"source\":{},\"limits\":{},\"group\":{},\"group_source\":{},\"qos\":{}}}",
         json_string(&f.path),
         mount.map_or("null".into(), json_string),
         f.open.map_or("null".into(), |n| n.to_string()),
@@ -61,6 +61,7 @@ fn json_file(f: &FileRow, mount: Option<&str>) -> String {
         json_limits(&f.limits),
         json_opt(&f.group),
         json_opt(&f.group_source),
+        json_limits(&f.qos),
     )
 }
 
@@ -85,7 +86,8 @@ pub fn render(report: &Report) -> String {
             groups.push(format!(
                 "{{\"mount\":{},\"name\":{},\"source\":{},\"limits\":{},\"members\":{},\"waiting\":{},\
                  \"read_bytes\":{},\"read_ops\":{},\"write_bytes\":{},\"write_ops\":{},\
-                 \"read_bytes_per_sec\":{},\"read_ops_per_sec\":{},\"write_bytes_per_sec\":{},\"write_ops_per_sec\":{}}}",
+                 \"read_bytes_per_sec\":{},\"read_ops_per_sec\":{},\"write_bytes_per_sec\":{},\"write_ops_per_sec\":{},\
+                 \"reserved_iops\":{},\"reserved_bps\":{},\"oversubscribed\":{}}}",
                 json_string(&m.mount),
                 json_string(&g.name),
                 json_string(&g.source),
@@ -100,6 +102,9 @@ pub fn render(report: &Report) -> String {
                 a.ops_per_sec[0],
                 a.bytes_per_sec[1],
                 a.ops_per_sec[1],
+                g.reserved_iops,
+                g.reserved_bps,
+                g.oversubscribed,
             ));
         }
     }

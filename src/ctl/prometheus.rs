@@ -168,6 +168,19 @@ pub fn render(report: &Report) -> String {
             fam.sample(name, &l, value);
         }
     }
+    let name = "throttlefs_qos";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "The file's weight (setting=weight) and reservations (reserve_iops in operations/s, reserve_bps in bytes/s) in its throttle group.",
+    );
+    for f in &files {
+        for (setting, value) in &f.qos {
+            let l = labels(&[("file", &f.path), ("setting", setting)]);
+            fam.sample(name, &l, value);
+        }
+    }
     let name = "throttlefs_files_unlisted";
     let mut fam = Family::new(
         &mut out,
@@ -208,6 +221,31 @@ pub fn render(report: &Report) -> String {
     let mut fam = Family::new(&mut out, name, "gauge", "Files in the throttle group.");
     for (l, g) in &groups {
         fam.sample(name, l, g.members);
+    }
+    let name = "throttlefs_group_reserved";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "The members' reservations summed: operations/s (unit=iops) or bytes/s (unit=bps).",
+    );
+    for m in &report.mounts {
+        for g in &m.groups {
+            for (unit, value) in [("iops", g.reserved_iops), ("bps", g.reserved_bps)] {
+                let l = labels(&[("mount", &m.mount), ("group", &g.name), ("unit", unit)]);
+                fam.sample(name, &l, value);
+            }
+        }
+    }
+    let name = "throttlefs_group_oversubscribed";
+    let mut fam = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "1 when the members' reservations add up to more than the group's limit in their unit.",
+    );
+    for (l, g) in &groups {
+        fam.sample(name, l, u8::from(g.oversubscribed));
     }
     let name = "throttlefs_group_limit";
     let mut fam = Family::new(

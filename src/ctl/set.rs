@@ -18,6 +18,7 @@ use super::table::passthrough_note;
 use crate::options::{
     GROUP_NAME_RULE, LimitFlags, canonical_limit_name, given_twice, limit_names, valid_group_name,
 };
+use crate::qos;
 use crate::xattr::{self, Attr, OwnSet};
 
 /// The name `unset` takes for the group membership.
@@ -29,6 +30,8 @@ const GROUP_NAME: &str = "group";
     long_about = "Set limits or the throttle group of a file or directory on a throttlefs mount \
                   (its user.throttle.* attributes); live, persisted, validated as a whole",
     after_help = "Other limits (bursts, iops_size): -o NAME=VALUE, as for the mount. \
+                  Weight and reservations within the file's group: --weight, --reserve-iops, \
+                  --reserve-bps (or -o weight=N, ...); each is an attribute of its own. \
                   A value of 0 sets the limit to unlimited and keeps the set the file's own. \
                   libvirt <iotune> and QEMU throttling names are accepted too \
                   (-o total_bytes_sec=10M, -o bps-write-max=50M)."
@@ -42,6 +45,15 @@ struct SetCli {
     /// join throttle group NAME (files below a directory inherit it)
     #[arg(long, value_name = "NAME")]
     group: Option<String>,
+    /// share of its group when the group is saturated, 1 to 10000 (default 100)
+    #[arg(long, value_name = "N", conflicts_with = "group_limits")]
+    weight: Option<String>,
+    /// operations/s reserved in its group while it has requests waiting
+    #[arg(long, value_name = "N", conflicts_with = "group_limits")]
+    reserve_iops: Option<String>,
+    /// bytes/s reserved in its group while it has requests waiting
+    #[arg(long, value_name = "BYTES", conflicts_with = "group_limits")]
+    reserve_bps: Option<String>,
     /// set the limits of throttle group NAME instead (PATH: the mount point)
     #[arg(long, value_name = "NAME", conflicts_with = "group")]
     group_limits: Option<String>,
@@ -75,7 +87,7 @@ struct UnsetCli {
     group_limits: Option<String>,
     /// a file or directory on a throttlefs mount
     path: PathBuf,
-    /// limit names (bps_wr, iops_max, ...) or `group`
+    /// limit names (bps_wr, iops_max, ...), `group`, `weight`, `reserve_iops` or `reserve_bps`
     #[arg(required = true, value_name = "NAME")]
     names: Vec<String>,
 }
@@ -215,7 +227,22 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
     // are keyed by canonical name (aliases are accepted), with the name
     // as first given for the "given twice" message.
     let mut given: BTreeMap<String, (String, String)> = BTreeMap::new();
+    // Weight and reservations: attributes of their own, not part of the
+    // set of limits (see crate::qos).
+    let mut qos_given: BTreeMap<String, String> = BTreeMap::new();
     let mut add = |name: &str, value: &str| -> Result<(), Failure> {
+        if qos::is_name(name) {
+            if matches!(target, Target::Group(_)) {
+                return Err(target.usage(format!(
+                    "{name}: weights and reservations are set on members, not on a group"
+                )));
+            }
+            let text = qos::canonical(name, value.as_bytes()).map_err(Failure::usage)?;
+            if qos_given.insert(name.to_string(), text).is_some() {
+                return Err(Failure::usage(format!("{name} given twice")));
+            }
+            return Ok(());
+        }
         let limit = canonical_limit_name(name)
             .ok_or_else(|| target.usage(format!("unknown limit {name}")))?;
         let text = xattr::canonical(name, value.as_bytes()).map_err(|e| target.usage(e))?;
@@ -228,6 +255,15 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
     for (kind, values) in cli.limits.by_kind() {
         for value in values {
             add(kind.name(), value)?;
+        }
+    }
+    for (name, value) in [
+        (qos::WEIGHT, &cli.weight),
+        (qos::RESERVE_IOPS, &cli.reserve_iops),
+        (qos::RESERVE_BPS, &cli.reserve_bps),
+    ] {
+        if let Some(value) = value {
+            add(name, value)?;
         }
     }
     for opt in cli
@@ -248,10 +284,11 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
         Some(g) => Some(xattr::group_name(g.as_bytes()).map_err(Failure::usage)?),
         None => None,
     };
-    if given.is_empty() && group.is_none() {
+    if given.is_empty() && group.is_none() && qos_given.is_empty() {
         return Err(Failure::usage(match target {
             Target::Object => {
-                "nothing to set: give a limit (--bps-wr 10M, -o bps_max=20M) or --group NAME"
+                "nothing to set: give a limit (--bps-wr 10M, -o bps_max=20M), --group NAME, \
+                 --weight N or a reservation"
             }
             Target::Group(_) => "nothing to set: give a limit (--bps 200M, -o bps_max=400M)",
         }));
@@ -270,6 +307,11 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
         set_attr(&cli.path, xattr::GROUP, group.as_bytes())
             .map_err(|e| io_failure(&cli.path, xattr::GROUP, &e))?;
     }
+    for (name, value) in qos_given {
+        let attr = format!("{}{name}", xattr::PREFIX);
+        set_attr(&cli.path, &attr, value.as_bytes())
+            .map_err(|e| io_failure(&cli.path, &attr, &e))?;
+    }
     Ok(())
 }
 
@@ -277,11 +319,18 @@ pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
     let cli: UnsetCli = parse(args)?;
     let target = Target::new(cli.group_limits.as_ref())?;
     let mut group = false;
+    let mut qos_names: Vec<&String> = Vec::new();
     // (canonical, as given); aliases are accepted.
     let mut limits: Vec<(String, &String)> = Vec::new();
     for name in &cli.names {
         if name == GROUP_NAME && matches!(target, Target::Object) {
             group = true;
+            continue;
+        }
+        if qos::is_name(name) && matches!(target, Target::Object) {
+            if !qos_names.contains(&name) {
+                qos_names.push(name);
+            }
             continue;
         }
         let Some(limit) = canonical_limit_name(name) else {
@@ -307,6 +356,14 @@ pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
             cli.path.display()
         )));
     }
+    for name in &qos_names {
+        if get_attr(&cli.path, &format!("{}{name}", xattr::PREFIX)).is_err() {
+            return Err(Failure::usage(format!(
+                "{name}: not set on {}",
+                cli.path.display()
+            )));
+        }
+    }
     let changes = limits
         .into_iter()
         .map(|(limit, _)| Change { limit, value: None })
@@ -316,6 +373,10 @@ pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
     if group {
         remove_attr(&cli.path, xattr::GROUP)
             .map_err(|e| io_failure(&cli.path, xattr::GROUP, &e))?;
+    }
+    for name in qos_names {
+        let attr = format!("{}{name}", xattr::PREFIX);
+        remove_attr(&cli.path, &attr).map_err(|e| io_failure(&cli.path, &attr, &e))?;
     }
     Ok(())
 }
@@ -394,9 +455,38 @@ pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
         join_limits(&in_force.limits),
         in_force.source
     );
+    let own_qos: Vec<(String, String)> = qos::NAMES
+        .iter()
+        .filter_map(|n| {
+            let v = get_text(path, &format!("{}{n}", xattr::PREFIX)).ok()?;
+            Some((n.to_string(), v.trim_end_matches(['\n', '\0']).to_string()))
+        })
+        .collect();
+    if !own_qos.is_empty() {
+        println!("own qos:         {}", join_limits(&own_qos));
+    }
     match (in_force.group, in_force.group_source) {
         (Some(g), Some(s)) => println!("group in force:  {g} (from {s})"),
         _ => println!("group in force:  none"),
+    }
+    // Each of weight and reservations with where it comes from, as
+    // user.throttle.effective has them.
+    let sourced: Vec<String> = in_force
+        .qos
+        .iter()
+        .map(|(n, v)| {
+            let source = effective
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{n}_source=")))
+                .unwrap_or("default");
+            format!("{n}={v} (from {source})")
+        })
+        .collect();
+    if !sourced.is_empty() {
+        println!("qos in force:    {}", sourced.join(" "));
+    }
+    if effective.lines().any(|l| l.starts_with("qos=inert")) {
+        println!("                 (inert: weights and reservations apply in a group only)");
     }
     if in_force.passthrough > 0 {
         println!(

@@ -29,6 +29,10 @@ pub struct FileRow {
     pub limits: Vec<(String, String)>,
     pub group: Option<String>,
     pub group_source: Option<String>,
+    /// (name, value) of its weight and reservations in force (`weight`,
+    /// `reserve_iops`, `reserve_bps`), for a group member or a file that
+    /// sets them.
+    pub qos: Vec<(String, String)>,
 }
 
 /// One throttle group of a mount.
@@ -39,6 +43,11 @@ pub struct GroupRow {
     pub source: String,
     pub limits: Vec<(String, String)>,
     pub members: u64,
+    /// The members' reservations summed, and whether they pass the
+    /// group's limit.
+    pub reserved_iops: u64,
+    pub reserved_bps: u64,
+    pub oversubscribed: bool,
     /// Totals released through the group (wait_ns and the rates are not
     /// kept per group: the rates are the sum of its listed members', 0 for
     /// a group none of whose members is listed).
@@ -119,6 +128,13 @@ pub fn parse_active(mount: &str, text: &str) -> (Vec<FileRow>, u64) {
                 "group" => row.group = Some(value),
                 "group_source" => row.group_source = Some(value),
                 xattr::PASSTHROUGH_HANDLES => row.passthrough = value.parse().unwrap_or(0),
+                "qos" => {
+                    row.qos = value
+                        .split(',')
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect();
+                }
                 "limits" => {
                     row.limits = value
                         .split(',')
@@ -171,6 +187,7 @@ pub fn parse_effective(row: &mut FileRow, text: &str) {
             "group_source" => row.group_source = Some(value.to_string()),
             xattr::PASSTHROUGH_HANDLES => row.passthrough = value.parse().unwrap_or(0),
             _ if is_limit(name) => row.limits.push((name.to_string(), value.to_string())),
+            _ if crate::qos::is_name(name) => row.qos.push((name.to_string(), value.to_string())),
             _ => {}
         }
     }
@@ -189,6 +206,9 @@ pub fn parse_group(name: &str, text: &str) -> GroupRow {
         match key {
             "source" => row.source = value.to_string(),
             "members" => row.members = value.parse().unwrap_or(0),
+            "reserved_iops" => row.reserved_iops = value.parse().unwrap_or(0),
+            "reserved_bps" => row.reserved_bps = value.parse().unwrap_or(0),
+            "oversubscribed" => row.oversubscribed = value == "1",
             _ if is_limit(key) => row.limits.push((key.to_string(), value.to_string())),
             _ => {
                 row.activity.set(key, value.parse().unwrap_or(0));
@@ -293,6 +313,7 @@ mod tests {
                 limits,
                 origin: Origin::Directory("/dir with space".into()),
                 group: Some(("g.1".into(), Origin::File)),
+                qos: Default::default(),
             }),
         }];
         let text = render_active(files, |_| odd.to_string(), &[], 64 * 1024);

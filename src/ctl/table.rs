@@ -50,6 +50,14 @@ pub struct Row {
 impl Row {
     pub fn file(f: &FileRow) -> Row {
         let mut limits = describe_limits(&f.limits, &f.source);
+        if !f.qos.is_empty() {
+            let qos: Vec<String> = f
+                .qos
+                .iter()
+                .map(|(n, v)| format!("{n}={}", short_value(n, v)))
+                .collect();
+            limits.push_str(&format!("; {}", qos.join(",")));
+        }
         if f.passthrough > 0 {
             limits.push_str(&format!("; {}", passthrough_note(f.passthrough)));
         }
@@ -64,11 +72,23 @@ impl Row {
     }
 
     pub fn group(g: &GroupRow) -> Row {
+        let mut limits = describe_limits(&g.limits, &g.source);
+        if g.reserved_iops > 0 || g.reserved_bps > 0 {
+            let reserved: Vec<String> = [("iops", g.reserved_iops), ("bps", g.reserved_bps)]
+                .iter()
+                .filter(|(_, v)| *v > 0)
+                .map(|(unit, v)| format!("{unit}={}", short_value(unit, &v.to_string())))
+                .collect();
+            limits.push_str(&format!("; reserved {}", reserved.join(",")));
+            if g.oversubscribed {
+                limits.push_str(" OVERSUBSCRIBED");
+            }
+        }
         Row {
             label: format!("group {}", g.name),
             is_group: true,
             group: g.name.clone(),
-            limits: describe_limits(&g.limits, &g.source),
+            limits,
             activity: g.activity,
             count: Some(g.members),
         }
@@ -80,7 +100,7 @@ pub fn short_value(name: &str, value: &str) -> String {
     if name.ends_with("_max_length") {
         return format!("{value}s");
     }
-    let bytes = name.starts_with("bps") || name == "iops_size";
+    let bytes = name.starts_with("bps") || name == "iops_size" || name == "reserve_bps";
     match value.parse::<u64>() {
         Ok(mut n) if bytes && n > 0 => {
             let mut suffix = "";
@@ -230,5 +250,28 @@ mod tests {
             ..f
         };
         assert_eq!(Row::file(&none).limits, "bps_rd=4M (file)");
+        let weighted = FileRow {
+            qos: vec![
+                ("weight".into(), "200".into()),
+                ("reserve_bps".into(), "1048576".into()),
+            ],
+            ..none
+        };
+        assert_eq!(
+            Row::file(&weighted).limits,
+            "bps_rd=4M (file); weight=200,reserve_bps=1M"
+        );
+        let g = GroupRow {
+            name: "t".into(),
+            source: "mount".into(),
+            limits: vec![("iops".into(), "1000".into())],
+            reserved_iops: 1200,
+            oversubscribed: true,
+            ..GroupRow::default()
+        };
+        assert_eq!(
+            Row::group(&g).limits,
+            "iops=1000 (mount); reserved iops=1200 OVERSUBSCRIBED"
+        );
     }
 }

@@ -36,6 +36,7 @@ use super::{
     InodeRef, Result, ThrottleFs, XATTR_VALUE_MAX_BYTES, last_errno, list_names, proc_path,
     remove_raw, set_raw, stat_fd, xattr_fetch,
 };
+use crate::qos::{self, QosSettings};
 use crate::scheduler::Msg;
 use crate::stats::{Effective, Origin};
 use crate::throttle::Limits;
@@ -74,6 +75,7 @@ impl ThrottleFs {
         let eff = self.resolve(node);
         let limits = eff.limits;
         let group = eff.group.as_ref().map(|(g, _)| g.clone());
+        let qos = eff.qos.qos();
         if !limits.is_unlimited() || group.is_some() {
             // From now on requests go to the scheduler; it sets the flag
             // again once the file (and its group, which only it knows) is
@@ -85,6 +87,7 @@ impl ThrottleFs {
             file: node.ino,
             limits,
             group,
+            qos,
             shared: node.shared.clone(),
         });
         node.resolved_gen.store(generation, Ordering::SeqCst);
@@ -136,11 +139,62 @@ impl ThrottleFs {
             .find_up(node, &dirs, |fd| self.own_limits(fd))
             .unwrap_or((self.limits, Origin::Mount));
         let group = self.find_up(node, &dirs, |fd| self.own_group(fd));
+        let mut qos = QosSettings::default();
+        for name in qos::NAMES {
+            if let Some((value, origin)) = self.find_up(node, &dirs, |fd| self.own_qos(fd, name)) {
+                qos.put(name, value, origin);
+            }
+        }
         Effective {
             limits,
             origin,
             group,
+            qos,
         }
+    }
+
+    /// An object's own `user.throttle.<name>` (weight or a reservation), if
+    /// it has a valid one.
+    fn own_qos(&self, fd: RawFd, name: &str) -> Option<u64> {
+        let path = proc_path(fd);
+        let attr = CString::new(format!("{}{name}", xattr::PREFIX)).expect("no NUL");
+        let value = xattr_fetch(|buf, len| {
+            // SAFETY: buf is null with len 0, or valid for len bytes.
+            unsafe { libc::getxattr(path.as_ptr(), attr.as_ptr(), buf, len) }
+        })
+        .ok()?;
+        match qos::parse(name, &String::from_utf8_lossy(&value)) {
+            Ok(v) => Some(v),
+            Err(why) => {
+                log::warn!("{}: ignoring it: {why}", self.display_path(fd));
+                None
+            }
+        }
+    }
+
+    /// setxattr of `user.throttle.weight`, `reserve_iops` or `reserve_bps`
+    /// on a file or directory: validated, stored in canonical form,
+    /// applied at once (to queued requests too).
+    pub(super) fn set_qos(
+        &self,
+        node: &InodeRef,
+        name: &CString,
+        setting: &str,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        let label = self.display_path(node.fd);
+        let canon = qos::canonical(setting, value).map_err(|why| {
+            log::warn!("{label}: {setting} refused: {why}");
+            Errno::EINVAL
+        })?;
+        if !node.is_file() && !node.is_dir() {
+            return Err(Errno::EINVAL);
+        }
+        set_raw(node.fd, name, canon.as_bytes(), flags)?;
+        log::info!("{label}: {setting}={canon}");
+        self.after_change(node);
+        Ok(())
     }
 
     /// The first of `node` (unless a directory: origin File) and then the
@@ -532,6 +586,7 @@ impl ThrottleFs {
             "waiting={}\nread_bytes={}\nread_ops={}\nwrite_bytes={}\nwrite_ops={}\n",
             report.waiting, report.bytes[0], report.ops[0], report.bytes[1], report.ops[1]
         );
+        let tail = tail + &qos::render_group_reservations(&report, &limits);
         // One line per member until the value would pass what an xattr may
         // hold; then only how many were left out.
         let mut unlisted = 0;

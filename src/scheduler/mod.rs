@@ -12,8 +12,8 @@
 //! - `queue.rs`: a file's buckets and FIFO, and the one walk of the
 //!   ordering rules (arrival order, directions, barriers) that both the
 //!   release of requests and a group's choice of candidates use;
-//! - `group.rs`: a throttle group's turns (least service first, O(log
-//!   members) a turn);
+//! - `group.rs`: a throttle group's turns (a due reservation first, else
+//!   least service for the weight; O(log members) a turn);
 //! - `release.rs`: from a queue to the I/O pool, and back to bypassing;
 //! - `deadline.rs`: the heap of wake-ups and what each is for;
 //! - `interrupt.rs`: interrupted requests and their callers;
@@ -46,6 +46,7 @@ use crossbeam_channel::Sender;
 use fuser::Errno;
 
 use crate::io::{Completion, Job, JobSender, Released};
+use crate::qos::Qos;
 use crate::stats::FileShared;
 use crate::throttle::{Direction, Limits};
 
@@ -82,6 +83,8 @@ pub enum Msg {
         limits: Limits,
         /// The throttle group the file belongs to, if any.
         group: Option<String>,
+        /// Its weight and reservations in that group.
+        qos: Qos,
         shared: Arc<FileShared>,
     },
     /// A group's limits changed (or are set the first time).
@@ -120,6 +123,11 @@ pub struct GroupReport {
     /// Bytes and requests released through the group, [read, write].
     pub bytes: [u64; 2],
     pub ops: [u64; 2],
+    /// The members' reservations, summed.
+    pub reserved_iops: u64,
+    pub reserved_bps: u64,
+    /// Requests released because a reservation was due.
+    pub reserved_ops: u64,
 }
 
 /// A request waiting in a file's queue, with the kernel's id for it.
@@ -281,6 +289,7 @@ impl Scheduler {
                 file,
                 limits,
                 group,
+                qos,
                 shared,
             } => {
                 // Credit was charged under the old limits: back first.
@@ -292,6 +301,8 @@ impl Scheduler {
                     .or_insert_with(|| FileQueue::new(limits, at));
                 f.shared = shared;
                 f.forgotten = false;
+                // The group sees it when the member is sorted again below.
+                f.qos = qos;
                 // Levels are kept: a raised limit releases queued requests
                 // now, a lowered one slows the next releases.
                 f.state.set_limits(limits, at);
@@ -339,7 +350,16 @@ impl Scheduler {
                 let report = self.groups.get(&name).map(|g| {
                     let mut members: Vec<u64> = g.members.keys().copied().collect();
                     members.sort_unstable();
+                    let qos = || {
+                        members
+                            .iter()
+                            .filter_map(|m| self.files.get(m))
+                            .map(|f| f.qos)
+                    };
                     GroupReport {
+                        reserved_iops: qos().map(|q| q.reserve_iops).sum(),
+                        reserved_bps: qos().map(|q| q.reserve_bps).sum(),
+                        reserved_ops: g.reserved_ops,
                         limits: *g.state.limits(),
                         waiting: members
                             .iter()

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::io::Flight;
+use crate::qos::Qos;
 use crate::stats::FileShared;
 use crate::throttle::{Direction, Limits, ThrottleState};
 
@@ -80,6 +81,8 @@ pub(super) struct FileQueue<J> {
     pub(super) shared: Arc<FileShared>,
     /// The throttle group the file belongs to.
     pub(super) group: Option<String>,
+    /// Its weight and reservations in that group.
+    pub(super) qos: Qos,
 }
 
 impl<J: Queued> FileQueue<J> {
@@ -94,6 +97,7 @@ impl<J: Queued> FileQueue<J> {
             collect_at: None,
             shared: Arc::default(),
             group: None,
+            qos: Qos::default(),
         }
     }
 
