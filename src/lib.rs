@@ -7,6 +7,7 @@ pub mod io;
 pub mod options;
 pub mod sandbox;
 pub mod scheduler;
+pub mod sizing;
 pub mod stats;
 pub mod throttle;
 pub mod xattr;

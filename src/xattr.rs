@@ -13,8 +13,9 @@ use crate::options::{
     GROUP_NAME_RULE, apply_limit, canonical_limit_name, format_limit, limit_is_set, limit_names,
     split_group_limit, valid_group_name,
 };
+use crate::sizing::Sizing;
 use crate::stats::{Activity, Effective};
-use crate::throttle::Limits;
+use crate::throttle::{BucketKind, Limits, gib_of};
 
 pub const PREFIX: &str = "user.throttle.";
 /// Read-only: the limits in force and where they came from.
@@ -188,6 +189,9 @@ pub fn render_effective(e: &Effective, passthrough: u64) -> String {
     for (name, value) in set_limits(&e.limits) {
         let _ = writeln!(out, "{name}={value}");
     }
+    if let Some(s) = &e.sizing {
+        render_sizing(&mut out, s);
+    }
     if let Some((group, origin)) = &e.group {
         let _ = writeln!(out, "group={group}");
         let _ = writeln!(out, "group_source={}", origin.describe());
@@ -197,6 +201,30 @@ pub fn render_effective(e: &Effective, passthrough: u64) -> String {
     }
     out
 }
+
+/// The lines of `user.throttle.effective` that say how per-GiB limits
+/// were made concrete: `size=` (bytes) and `size_gib=` (as counted),
+/// `size_from=` (`qcow2`: the virtual size in its header; `file`: the
+/// file's size), `per_gb_limits=` (the averages computed from a per-GiB
+/// rate), and `NAME_ignored=VALUE` for each burst the computed average
+/// passed, which is not in force.
+fn render_sizing(out: &mut String, s: &Sizing) {
+    let _ = writeln!(out, "{SIZE_FIELD}={}", s.size.bytes);
+    let _ = writeln!(out, "size_gib={}", gib_of(s.size.bytes));
+    let _ = writeln!(out, "size_from={}", s.size.source());
+    let derived: Vec<&str> = BucketKind::ALL
+        .iter()
+        .filter(|k| s.set.per_gb(**k).rate != 0)
+        .map(|k| k.name())
+        .collect();
+    let _ = writeln!(out, "per_gb_limits={}", derived.join(","));
+    for (burst, value) in &s.ignored {
+        let _ = writeln!(out, "{burst}_ignored={value}");
+    }
+}
+
+/// The first of the lines `render_sizing` writes.
+pub const SIZE_FIELD: &str = "size";
 
 /// The field of `user.throttle.effective`, `user.throttle.stats` and
 /// `user.throttle.active` that counts a file's open handles in passthrough.
@@ -351,6 +379,14 @@ pub fn render_active(
                 if !limits.is_empty() {
                     let _ = write!(line, " limits={}", limits.join(","));
                 }
+                if let Some(s) = &e.sizing {
+                    let _ = write!(
+                        line,
+                        " size_gib={} size_from={}",
+                        gib_of(s.size.bytes),
+                        s.size.source()
+                    );
+                }
                 if let Some((group, origin)) = &e.group {
                     let _ = write!(
                         line,
@@ -378,7 +414,6 @@ pub fn render_active(
 mod tests {
     use super::*;
     use crate::stats::Origin;
-    use crate::throttle::BucketKind;
     use std::time::Duration;
 
     #[test]
@@ -537,6 +572,7 @@ mod tests {
                 limits,
                 origin: Origin::Directory("/vms".into()),
                 group: None,
+                sizing: None,
             },
             0,
         );
@@ -549,6 +585,7 @@ mod tests {
                 limits: Limits::default(),
                 origin: Origin::Mount,
                 group: Some(("t1".into(), Origin::File)),
+                sizing: None,
             },
             2,
         );

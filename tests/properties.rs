@@ -1289,6 +1289,7 @@ proptest! {
                 limits,
                 origin: Origin::Mount,
                 group: None,
+                sizing: None,
             },
             0,
         );

@@ -394,6 +394,14 @@ pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
         join_limits(&in_force.limits),
         in_force.source
     );
+    if !in_force.sizing.is_empty() {
+        let fields: Vec<String> = in_force
+            .sizing
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        println!("sized by:        {}", fields.join(", "));
+    }
     match (in_force.group, in_force.group_source) {
         (Some(g), Some(s)) => println!("group in force:  {g} (from {s})"),
         _ => println!("group in force:  none"),

@@ -29,6 +29,10 @@ pub struct FileRow {
     pub limits: Vec<(String, String)>,
     pub group: Option<String>,
     pub group_source: Option<String>,
+    /// With per-GiB limits, the size they were computed for and what
+    /// came of it: `size`, `size_gib`, `size_from`, `per_gb_limits` and
+    /// any `*_ignored` burst, as `user.throttle.effective` gives them.
+    pub sizing: Vec<(String, String)>,
 }
 
 /// One throttle group of a mount.
@@ -119,6 +123,7 @@ pub fn parse_active(mount: &str, text: &str) -> (Vec<FileRow>, u64) {
                 "group" => row.group = Some(value),
                 "group_source" => row.group_source = Some(value),
                 xattr::PASSTHROUGH_HANDLES => row.passthrough = value.parse().unwrap_or(0),
+                "size_gib" | "size_from" => row.sizing.push((name.to_string(), value)),
                 "limits" => {
                     row.limits = value
                         .split(',')
@@ -171,6 +176,12 @@ pub fn parse_effective(row: &mut FileRow, text: &str) {
             "group_source" => row.group_source = Some(value.to_string()),
             xattr::PASSTHROUGH_HANDLES => row.passthrough = value.parse().unwrap_or(0),
             _ if is_limit(name) => row.limits.push((name.to_string(), value.to_string())),
+            "size" | "size_gib" | "size_from" | "per_gb_limits" => {
+                row.sizing.push((name.to_string(), value.to_string()))
+            }
+            _ if name.ends_with("_ignored") => {
+                row.sizing.push((name.to_string(), value.to_string()))
+            }
             _ => {}
         }
     }
@@ -293,6 +304,7 @@ mod tests {
                 limits,
                 origin: Origin::Directory("/dir with space".into()),
                 group: Some(("g.1".into(), Origin::File)),
+                sizing: None,
             }),
         }];
         let text = render_active(files, |_| odd.to_string(), &[], 64 * 1024);
