@@ -594,4 +594,37 @@ mod tests {
             "source=mount\ngroup=t1\ngroup_source=file\npassthrough_handles=2\n"
         );
     }
+
+    #[test]
+    fn effective_says_how_per_gb_limits_were_computed() {
+        use crate::sizing::{DiskSize, Sizing};
+        let mut set = Limits::default();
+        set.per_gb_mut(BucketKind::IopsTotal).rate = 3;
+        set.per_gb_mut(BucketKind::IopsTotal).min = 100;
+        set.get_mut(BucketKind::IopsTotal).max = 200;
+        let size = DiskSize {
+            bytes: 100 << 30,
+            qcow2: true,
+        };
+        let derived = set.derive(size.bytes);
+        let text = render_effective(
+            &Effective {
+                limits: derived.limits,
+                origin: Origin::File,
+                group: None,
+                sizing: Some(Sizing {
+                    set,
+                    size,
+                    ignored: derived.ignored,
+                }),
+            },
+            0,
+        );
+        assert_eq!(
+            text,
+            "source=file\niops=300\niops_per_gb=3\niops_per_gb_min=100\n\
+             size=107374182400\nsize_gib=100\nsize_from=qcow2\nper_gb_limits=iops\n\
+             iops_max_ignored=200\n"
+        );
+    }
 }
