@@ -31,6 +31,7 @@ use fuser::{
 
 use crate::io::{self as fio, Completion, DirectFd, DirectSender, Flight, Handle, Job};
 use crate::scheduler::{Msg, SchedulerTx};
+use crate::sizing;
 use crate::stats::FileShared;
 use crate::throttle::{Direction, Limits};
 use crate::xattr::{self, Attr};
@@ -856,6 +857,13 @@ impl ThrottleFs {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(Errno::from(e)),
         }
+        sizing::after_write(
+            handle.file,
+            &handle.shared,
+            handle.raw(),
+            offset,
+            moved as u64,
+        );
         moved
     }
 
@@ -875,10 +883,12 @@ impl ThrottleFs {
     /// when it spent credit (`credit`, the file's flight it is counted in),
     /// report it as a credited request. Owns `handle`, which keeps the
     /// descriptors open until then.
+    #[allow(clippy::too_many_arguments)] // the request, its handle and its credit
     fn ring_io_done(
         &self,
         file: u64,
         dir: Direction,
+        offset: u64,
         requested: u64,
         handle: Arc<Handle>,
         credit: Option<Arc<Flight>>,
@@ -890,6 +900,9 @@ impl ThrottleFs {
         }
         Box::new(move |result: &io::Result<usize>| {
             let moved = fio::record_outcome(&handle, dir, result.as_ref().copied());
+            if write {
+                sizing::after_write(file, &handle.shared, handle.raw(), offset, moved as u64);
+            }
             match credited {
                 Some((file_flight, scheduler)) => {
                     let unmoved = fio::unmoved(dir, requested, moved);
@@ -977,6 +990,10 @@ impl ThrottleFs {
                     check(unsafe { libc::ftruncate(fd.as_raw_fd(), size) })?
                 }
             };
+            // A resized raw disk may have a new per-GiB limit.
+            if node.shared.size_watch.is_active() {
+                sizing::reevaluate(node.ino, &node.shared, node.fd);
+            }
         }
         if atime.is_some() || mtime.is_some() {
             let times = [timespec(atime), timespec(mtime)];
@@ -1483,7 +1500,14 @@ impl Filesystem for ThrottleFs {
             && reply.can_read_on_ring(size as usize)
         {
             let fd = Self::ring_fd(&handle, offset, size as usize);
-            let done = self.ring_io_done(ino.0, Direction::Read, u64::from(size), handle, credit);
+            let done = self.ring_io_done(
+                ino.0,
+                Direction::Read,
+                offset,
+                u64::from(size),
+                handle,
+                credit,
+            );
             reply.read_on_ring(fd, offset, size as usize, done);
             return;
         }
@@ -1538,7 +1562,8 @@ impl Filesystem for ThrottleFs {
         if (!throttled || credit.is_some()) && reply.can_write_on_ring(data) {
             let fd = Self::ring_fd(&handle, offset, data.len());
             let len = data.len();
-            let done = self.ring_io_done(ino.0, Direction::Write, len as u64, handle, credit);
+            let done =
+                self.ring_io_done(ino.0, Direction::Write, offset, len as u64, handle, credit);
             reply.write_on_ring(fd, offset, len, done);
             return;
         }
@@ -2049,7 +2074,12 @@ impl Filesystem for ThrottleFs {
                 self.mode_changed(h.file);
             }
             // SAFETY: fallocate on an open descriptor.
-            check(unsafe { libc::fallocate(h.raw(), mode, off, len) })
+            check(unsafe { libc::fallocate(h.raw(), mode, off, len) })?;
+            // One that grows a raw disk may give it a new per-GiB limit.
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+                sizing::after_write(h.file, &h.shared, h.raw(), offset, length);
+            }
+            Ok(0)
         })();
         match r {
             Ok(_) => reply.ok(),

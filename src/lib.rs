@@ -8,6 +8,7 @@ pub mod options;
 pub mod qos;
 pub mod sandbox;
 pub mod scheduler;
+pub mod sizing;
 pub mod stats;
 pub mod throttle;
 pub mod xattr;

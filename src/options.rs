@@ -271,6 +271,9 @@ pub fn parse_group(spec: &str) -> Result<(String, Limits), String> {
             .split_once('=')
             .ok_or_else(|| format!("group {name}: '{item}' is not LIMIT=VALUE"))?;
         let canonical = canonical_limit_name(key).unwrap_or_else(|| key.to_string());
+        if is_per_gb_name(&canonical) {
+            return Err(format!("group {name}: {}", per_gb_in_group(key)));
+        }
         if let Some(first) = seen.insert(canonical.clone(), key) {
             return Err(format!(
                 "group {name}: {}",
@@ -376,7 +379,8 @@ struct Cli {
 }
 
 /// All limit names accepted by `apply_limit`: per bucket the average, its
-/// burst rate and burst length, then `iops_size`.
+/// burst rate and burst length, then `iops_size`, then per bucket the
+/// per-GiB average with its floor and ceiling.
 pub fn limit_names() -> Vec<String> {
     let mut names = Vec::new();
     for kind in BucketKind::ALL {
@@ -386,7 +390,40 @@ pub fn limit_names() -> Vec<String> {
         names.push(format!("{name}_max_length"));
     }
     names.push(IOPS_SIZE_NAME.to_string());
+    for kind in BucketKind::ALL {
+        for (suffix, _) in PER_GB_SUFFIXES {
+            names.push(format!("{}{suffix}", kind.name()));
+        }
+    }
     names
+}
+
+/// Suffixes of the per-GiB limits (`iops_per_gb`, its floor
+/// `iops_per_gb_min` and its ceiling `iops_per_gb_cap`), and whether
+/// Cinder has the same suffix after its names (`total_iops_sec_per_gb`,
+/// `total_iops_sec_per_gb_min`; Cinder has no ceiling). Not `_per_gb_max`:
+/// `*_max` is a burst rate here.
+const PER_GB_SUFFIXES: [(&str, bool); 3] = [
+    ("_per_gb", true),
+    ("_per_gb_min", true),
+    ("_per_gb_cap", false),
+];
+
+/// Why a throttle group refuses the per-GiB limit `name` (as given).
+pub fn per_gb_in_group(name: &str) -> String {
+    format!("{name}: a group has no size; per-GiB limits are set on files and directories")
+}
+
+/// Whether `name` (canonical) is a per-GiB limit or its floor or ceiling,
+/// which a throttle group, having no size, cannot take.
+pub fn is_per_gb_name(name: &str) -> bool {
+    matches!(
+        lookup_limit(name),
+        Some((
+            _,
+            LimitField::PerGb | LimitField::PerGbMin | LimitField::PerGbCap
+        ))
+    )
 }
 
 /// Other spellings of the limits, so that settings can be pasted from
@@ -412,7 +449,8 @@ const QEMU_THROTTLING_PREFIX: &str = "throttling.";
 const BURST_SUFFIXES: [(&str, &str); 2] = [("_max_length", "-max-length"), ("_max", "-max")];
 
 /// Every alias and the limit it stands for, in the order of `LIMIT_ALIASES`,
-/// each base before its burst names (for documentation and tests).
+/// each base before its burst names, then Cinder's per-GiB names (for
+/// documentation and tests).
 pub fn limit_aliases() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (ours, libvirt, qemu) in LIMIT_ALIASES {
@@ -424,6 +462,11 @@ pub fn limit_aliases() -> Vec<(String, String)> {
         for (suffix, qemu_suffix) in BURST_SUFFIXES.iter().rev() {
             out.push((format!("{libvirt}{suffix}"), format!("{ours}{suffix}")));
             out.push((format!("{qemu}{qemu_suffix}"), format!("{ours}{suffix}")));
+        }
+    }
+    for (ours, cinder, _) in LIMIT_ALIASES.iter().filter(|a| a.0 != IOPS_SIZE_NAME) {
+        for (suffix, _) in PER_GB_SUFFIXES.iter().filter(|s| s.1) {
+            out.push((format!("{cinder}{suffix}"), format!("{ours}{suffix}")));
         }
     }
     out
@@ -445,6 +488,14 @@ pub fn canonical_limit_name(name: &str) -> Option<String> {
         } else {
             &BURST_SUFFIXES[..]
         };
+        // Cinder's per-GiB names are libvirt's with Cinder's suffixes.
+        if !prefixed && ours != IOPS_SIZE_NAME {
+            for (suffix, _) in PER_GB_SUFFIXES.iter().filter(|s| s.1) {
+                if name.strip_prefix(libvirt) == Some(*suffix) {
+                    return Some(format!("{ours}{suffix}"));
+                }
+            }
+        }
         let plain = std::iter::once(("", ""));
         for (suffix, qemu_suffix) in plain.chain(bursts.iter().copied()) {
             let libvirt_match = !prefixed
@@ -494,11 +545,20 @@ enum LimitField {
     Avg,
     Max,
     MaxLength,
+    PerGb,
+    PerGbMin,
+    PerGbCap,
 }
 
 /// Split a limit name into its bucket and field; None for unknown names.
 fn lookup_limit(name: &str) -> Option<(BucketKind, LimitField)> {
-    let (base, field) = if let Some(base) = name.strip_suffix("_max_length") {
+    let (base, field) = if let Some(base) = name.strip_suffix("_per_gb") {
+        (base, LimitField::PerGb)
+    } else if let Some(base) = name.strip_suffix("_per_gb_min") {
+        (base, LimitField::PerGbMin)
+    } else if let Some(base) = name.strip_suffix("_per_gb_cap") {
+        (base, LimitField::PerGbCap)
+    } else if let Some(base) = name.strip_suffix("_max_length") {
         (base, LimitField::MaxLength)
     } else if let Some(base) = name.strip_suffix("_max") {
         (base, LimitField::Max)
@@ -527,11 +587,16 @@ pub fn apply_limit(limits: &mut Limits, name: &str, value: &str) -> Result<(), S
             parse_count(v)
         }
     };
-    let spec = limits.get_mut(kind);
+    let rate = || parse_rate(value).map_err(named);
     match field {
-        LimitField::Avg => spec.avg = parse_rate(value).map_err(named)?,
-        LimitField::Max => spec.max = parse_rate(value).map_err(named)?,
-        LimitField::MaxLength => spec.max_length = Some(parse_duration(value).map_err(named)?),
+        LimitField::Avg => limits.get_mut(kind).avg = rate()?,
+        LimitField::Max => limits.get_mut(kind).max = rate()?,
+        LimitField::MaxLength => {
+            limits.get_mut(kind).max_length = Some(parse_duration(value).map_err(named)?)
+        }
+        LimitField::PerGb => limits.per_gb_mut(kind).rate = rate()?,
+        LimitField::PerGbMin => limits.per_gb_mut(kind).min = rate()?,
+        LimitField::PerGbCap => limits.per_gb_mut(kind).cap = rate()?,
     }
     Ok(())
 }
@@ -546,10 +611,14 @@ pub fn format_limit(limits: &Limits, name: &str) -> Option<String> {
     }
     let (kind, field) = lookup_limit(name)?;
     let spec = limits.get(kind);
+    let per_gb = limits.per_gb(kind);
     Some(match field {
         LimitField::Avg => spec.avg.to_string(),
         LimitField::Max => spec.max.to_string(),
         LimitField::MaxLength => format_seconds(spec.max_length?),
+        LimitField::PerGb => per_gb.rate.to_string(),
+        LimitField::PerGbMin => per_gb.min.to_string(),
+        LimitField::PerGbCap => per_gb.cap.to_string(),
     })
 }
 
@@ -566,10 +635,14 @@ pub fn limit_is_set(limits: &Limits, name: &str) -> bool {
         return false;
     };
     let spec = limits.get(kind);
+    let per_gb = limits.per_gb(kind);
     match field {
         LimitField::Avg => spec.avg != 0,
         LimitField::Max => spec.max != 0,
         LimitField::MaxLength => spec.max_length.is_some(),
+        LimitField::PerGb => per_gb.rate != 0,
+        LimitField::PerGbMin => per_gb.min != 0,
+        LimitField::PerGbCap => per_gb.cap != 0,
     }
 }
 
@@ -693,6 +766,15 @@ fn limit_meaning(name: &str) -> String {
     if name == IOPS_SIZE_NAME {
         return "requests larger than this many bytes count as size/iops_size operations"
             .to_string();
+    }
+    if let Some(base) = name.strip_suffix("_per_gb") {
+        return format!("{base} per GiB of the disk's size (see docs/limits.md)");
+    }
+    if let Some(base) = name.strip_suffix("_per_gb_min") {
+        return format!("floor of the {base} derived from {base}_per_gb");
+    }
+    if let Some(base) = name.strip_suffix("_per_gb_cap") {
+        return format!("ceiling of the {base} derived from {base}_per_gb");
     }
     if let Some(base) = name.strip_suffix("_max_length") {
         return format!("how long a burst at {base}_max may last (default 1s)");
@@ -1424,7 +1506,8 @@ mod tests {
     #[test]
     fn apply_limit_sets_every_name() {
         let names = limit_names();
-        assert_eq!(names.len(), 19);
+        // 6 x (avg, _max, _max_length) + iops_size + 6 x (_per_gb, _min, _cap).
+        assert_eq!(names.len(), 19 + 18);
         for name in &names {
             let mut limits = Limits::default();
             let value = if name.ends_with("_max_length") {
@@ -1443,6 +1526,9 @@ mod tests {
                     LimitField::Avg => spec.avg = 7,
                     LimitField::Max => spec.max = 7,
                     LimitField::MaxLength => spec.max_length = Some(Duration::from_secs(3)),
+                    LimitField::PerGb => expected.per_gb_mut(kind).rate = 7,
+                    LimitField::PerGbMin => expected.per_gb_mut(kind).min = 7,
+                    LimitField::PerGbCap => expected.per_gb_mut(kind).cap = 7,
                 }
             }
             assert_eq!(limits, expected, "{name}");
@@ -1486,8 +1572,9 @@ mod tests {
     #[test]
     fn libvirt_and_qemu_names_are_aliases() {
         let aliases = limit_aliases();
-        // 6 rates x (name, _max, _max_length) x 2 spellings, + 2 for iops_size.
-        assert_eq!(aliases.len(), 6 * 3 * 2 + 2);
+        // 6 rates x (name, _max, _max_length) x 2 spellings, + 2 for
+        // iops_size, + 6 rates x Cinder's (_per_gb, _per_gb_min).
+        assert_eq!(aliases.len(), 6 * 3 * 2 + 2 + 6 * 2);
         for (alias, canonical) in &aliases {
             assert!(limit_names().contains(canonical), "{canonical}");
             assert_eq!(canonical_limit_name(alias).as_ref(), Some(canonical));
@@ -1541,6 +1628,60 @@ mod tests {
             parse_err(&["-o", "total_bytes_sec"]),
             "total_bytes_sec: missing value (use -o total_bytes_sec=VALUE)"
         );
+    }
+
+    #[test]
+    fn per_gb_limits_and_cinder_names() {
+        let cfg = parse(&[
+            "-o",
+            "iops_per_gb=3,iops_per_gb_min=100,bps_rd_per_gb=1M,bps_rd_per_gb_cap=1G",
+        ]);
+        let l = cfg.unwrap().limits;
+        assert_eq!(
+            *l.per_gb(BucketKind::IopsTotal),
+            crate::throttle::PerGbSpec {
+                rate: 3,
+                min: 100,
+                cap: 0
+            }
+        );
+        assert_eq!(l.per_gb(BucketKind::BpsRead).cap, GIB);
+        for (cinder, ours) in [
+            ("total_iops_sec_per_gb", "iops_per_gb"),
+            ("read_iops_sec_per_gb_min", "iops_rd_per_gb_min"),
+            ("write_bytes_sec_per_gb", "bps_wr_per_gb"),
+            ("total_bytes_sec_per_gb_min", "bps_per_gb_min"),
+        ] {
+            assert_eq!(canonical_limit_name(cinder).as_deref(), Some(ours));
+        }
+        // No QEMU spelling, no Cinder ceiling, and never `_per_gb_max`,
+        // which would read as a burst.
+        for unknown in [
+            "iops_per_gb_max",
+            "total_iops_sec_per_gb_cap",
+            "iops-total-per-gb",
+            "throttling.total_iops_sec_per_gb",
+            "iops_size_per_gb",
+        ] {
+            assert_eq!(canonical_limit_name(unknown), None, "{unknown}");
+        }
+        assert_eq!(
+            parse_err(&["-o", "iops=100,total_iops_sec_per_gb=3"]),
+            "iops_per_gb cannot be used together with iops (one limit, two forms)"
+        );
+        assert_eq!(
+            parse_err(&["-o", "iops_per_gb=x"]),
+            "iops_per_gb: invalid count 'x'"
+        );
+        assert_eq!(
+            parse_err(&["-o", "bps_per_gb=1M,bps_per_gb_min=2M,bps_per_gb_cap=1M"]),
+            "bps_per_gb_min must not be higher than bps_per_gb_cap"
+        );
+        assert_eq!(
+            parse_group("g:iops=9,total_iops_sec_per_gb=3").unwrap_err(),
+            "group g: total_iops_sec_per_gb: a group has no size; per-GiB limits are set on files and directories"
+        );
+        assert!(is_per_gb_name("iops_wr_per_gb_cap") && !is_per_gb_name("iops_wr_max"));
     }
 
     #[test]

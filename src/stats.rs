@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::io::ErrorLog;
 use crate::scheduler::Credit;
+use crate::sizing::{SizeWatch, Sizing};
 use crate::throttle::{Direction, Limits};
 
 /// Where a file's limits come from (whole sets: the first that has any).
@@ -41,6 +42,9 @@ pub struct Effective {
     pub group: Option<(String, Origin)>,
     /// Weight and reservations within the group, each where it came from.
     pub qos: crate::qos::QosSettings,
+    /// With per-GiB limits: the set as written and the disk size that
+    /// `limits` were computed for (see `crate::sizing`).
+    pub sizing: Option<Sizing>,
 }
 
 /// Width of one slot of the rate window.
@@ -182,6 +186,8 @@ pub struct FileShared {
     /// Requests that failed on the underlying file, and what of them was
     /// logged (`crate::io::record_error`).
     pub errors: ErrorLog,
+    /// Which writes may change the disk's size that per-GiB limits count.
+    pub size_watch: SizeWatch,
     epoch: Instant,
     bytes: [AtomicU64; 2],
     ops: [AtomicU64; 2],
@@ -212,6 +218,7 @@ impl Default for FileShared {
             credit: Credit::default(),
             passthrough_handles: AtomicU64::new(0),
             errors: ErrorLog::default(),
+            size_watch: SizeWatch::default(),
             epoch: Instant::now(),
             bytes: Default::default(),
             ops: Default::default(),

@@ -132,6 +132,50 @@ impl LimitSpec {
     }
 }
 
+/// A limit that scales with the size of the disk (`iops_per_gb`, ...):
+/// `rate` units per second for each GiB, the result kept within `min`
+/// and `cap`. All 0 = not set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PerGbSpec {
+    /// Units per second per GiB of the disk; 0 = not set.
+    pub rate: u64,
+    /// Floor of the derived limit (Cinder's `*_per_gb_min`); 0 = none.
+    pub min: u64,
+    /// Ceiling of the derived limit; 0 = none.
+    pub cap: u64,
+}
+
+impl PerGbSpec {
+    pub fn is_set(&self) -> bool {
+        self.rate != 0 || self.min != 0 || self.cap != 0
+    }
+
+    /// The limit in force for a disk of `size_bytes`: whole GiB (rounded
+    /// up, at least 1, as Cinder's sizes are whole GB and never 0) times
+    /// the rate, within the floor and the ceiling, and never above
+    /// MAX_LIMIT_VALUE. Never 0 while a rate is set: a per-GiB limit never
+    /// means unlimited.
+    pub fn derive(&self, size_bytes: u64) -> u64 {
+        if self.rate == 0 {
+            return 0;
+        }
+        let product = u128::from(gib_of(size_bytes)) * u128::from(self.rate);
+        let mut limit = u64::try_from(product.min(u128::from(MAX_LIMIT_VALUE))).unwrap_or(0);
+        if self.cap != 0 {
+            limit = limit.min(self.cap);
+        }
+        limit.max(self.min)
+    }
+}
+
+/// Bytes in one GiB, the unit of the per-GiB limits.
+pub const BYTES_PER_GIB: u64 = 1 << 30;
+
+/// The size in whole GiB that per-GiB limits count: rounded up, at least 1.
+pub fn gib_of(size_bytes: u64) -> u64 {
+    size_bytes.div_ceil(BYTES_PER_GIB).max(1)
+}
+
 /// Every limit of one file (or of one set of defaults).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -140,6 +184,20 @@ pub struct Limits {
     /// Requests larger than this many bytes count as size/iops_size
     /// operations; 0 = every request is one operation.
     pub iops_size: u64,
+    /// Per-GiB forms of the averages, indexed as `buckets`. A set that has
+    /// any is turned into fixed averages for one size by `derive`; the
+    /// throttle maths reads only `buckets`.
+    pub per_gb: [PerGbSpec; BUCKET_COUNT],
+}
+
+/// A set of limits made concrete for one disk size (`Limits::derive`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Derived {
+    /// The limits in force: the per-GiB averages filled in.
+    pub limits: Limits,
+    /// Bursts dropped because the derived average passed them, as the
+    /// burst name and its value.
+    pub ignored: Vec<(String, u64)>,
 }
 
 /// Why a set of limits was refused; the message names the offending option.
@@ -161,6 +219,44 @@ impl Limits {
 
     pub fn get_mut(&mut self, kind: BucketKind) -> &mut LimitSpec {
         &mut self.buckets[kind as usize]
+    }
+
+    /// Whether any average is given per GiB of the disk.
+    pub fn has_per_gb(&self) -> bool {
+        self.per_gb.iter().any(|p| p.rate != 0)
+    }
+
+    pub fn per_gb(&self, kind: BucketKind) -> &PerGbSpec {
+        &self.per_gb[kind as usize]
+    }
+
+    pub fn per_gb_mut(&mut self, kind: BucketKind) -> &mut PerGbSpec {
+        &mut self.per_gb[kind as usize]
+    }
+
+    /// The limits in force for a disk of `size_bytes`: each per-GiB
+    /// average becomes a fixed one (`PerGbSpec::derive`); the per-GiB
+    /// specs stay, to say where it came from. A burst (`*_max`) that the
+    /// derived average has passed would be refused in a set as written;
+    /// here the disk's size made it so, so the burst is dropped (with its
+    /// length) and reported in `ignored` instead of failing the file.
+    pub fn derive(&self, size_bytes: u64) -> Derived {
+        let mut limits = *self;
+        let mut ignored = Vec::new();
+        for kind in BucketKind::ALL {
+            let per_gb = *self.per_gb(kind);
+            if per_gb.rate == 0 {
+                continue;
+            }
+            let spec = limits.get_mut(kind);
+            spec.avg = per_gb.derive(size_bytes);
+            if spec.max != 0 && spec.max < spec.avg {
+                ignored.push((format!("{}_max", kind.name()), spec.max));
+                spec.max = 0;
+                spec.max_length = None;
+            }
+        }
+        Derived { limits, ignored }
     }
 
     /// No bucket limits anything: requests need not be metered at all.
@@ -191,15 +287,22 @@ impl Limits {
                 BucketKind::IopsWrite,
             ),
         ] {
-            let (t, r, w) = (self.get(total), self.get(rd), self.get(wr));
-            if t.avg != 0 && (r.avg != 0 || w.avg != 0) {
-                let split = if r.avg != 0 { rd } else { wr };
-                return err(format!(
-                    "{} cannot be used together with {}",
-                    split.name(),
-                    total.name()
-                ));
+            // An average given as a fixed rate or per GiB: its name as set.
+            let given = |k: BucketKind| {
+                if self.get(k).avg != 0 {
+                    Some(k.name().to_string())
+                } else if self.per_gb(k).rate != 0 {
+                    Some(format!("{}_per_gb", k.name()))
+                } else {
+                    None
+                }
+            };
+            if let Some(t) = given(total)
+                && let Some(split) = given(rd).or_else(|| given(wr))
+            {
+                return err(format!("{split} cannot be used together with {t}"));
             }
+            let (t, r, w) = (self.get(total), self.get(rd), self.get(wr));
             if t.max != 0 && (r.max != 0 || w.max != 0) {
                 let split = if r.max != 0 { rd } else { wr };
                 return err(format!(
@@ -212,13 +315,39 @@ impl Limits {
         for kind in BucketKind::ALL {
             let spec = self.get(kind);
             let name = kind.name();
+            let per_gb = self.per_gb(kind);
+            for (value, field) in [
+                (per_gb.rate, "_per_gb"),
+                (per_gb.min, "_per_gb_min"),
+                (per_gb.cap, "_per_gb_cap"),
+            ] {
+                if value > MAX_LIMIT_VALUE {
+                    return err(format!("{name}{field} must be at most {MAX_LIMIT_VALUE}"));
+                }
+            }
+            if per_gb.rate != 0 && spec.avg != 0 {
+                return err(format!(
+                    "{name}_per_gb cannot be used together with {name} (one limit, two forms)"
+                ));
+            }
+            if per_gb.rate == 0 && per_gb.min != 0 {
+                return err(format!("{name}_per_gb_min requires {name}_per_gb"));
+            }
+            if per_gb.rate == 0 && per_gb.cap != 0 {
+                return err(format!("{name}_per_gb_cap requires {name}_per_gb"));
+            }
+            if per_gb.cap != 0 && per_gb.min > per_gb.cap {
+                return err(format!(
+                    "{name}_per_gb_min must not be higher than {name}_per_gb_cap"
+                ));
+            }
             if spec.avg > MAX_LIMIT_VALUE {
                 return err(format!("{name} must be at most {MAX_LIMIT_VALUE}"));
             }
             if spec.max > MAX_LIMIT_VALUE {
                 return err(format!("{name}_max must be at most {MAX_LIMIT_VALUE}"));
             }
-            if spec.max != 0 && spec.avg == 0 {
+            if spec.max != 0 && spec.avg == 0 && per_gb.rate == 0 {
                 return err(format!("{name}_max requires {name}"));
             }
             if spec.max != 0 && spec.max < spec.avg {
@@ -924,5 +1053,123 @@ mod tests {
                 .0
                 .starts_with("bps must be at most")
         );
+    }
+
+    fn per_gb(kind: BucketKind, rate: u64, min: u64, cap: u64) -> Limits {
+        let mut l = Limits::default();
+        *l.per_gb_mut(kind) = PerGbSpec { rate, min, cap };
+        l
+    }
+
+    #[test]
+    fn whole_gib_are_counted_rounded_up_and_at_least_one() {
+        assert_eq!(gib_of(0), 1);
+        assert_eq!(gib_of(1), 1);
+        assert_eq!(gib_of(BYTES_PER_GIB), 1);
+        assert_eq!(gib_of(BYTES_PER_GIB + 1), 2);
+        assert_eq!(gib_of(50 * BYTES_PER_GIB), 50);
+        assert_eq!(gib_of(u64::MAX), 1 << 34);
+    }
+
+    #[test]
+    fn per_gb_derives_size_times_rate_within_floor_and_ceiling() {
+        let spec = PerGbSpec {
+            rate: 3,
+            min: 100,
+            cap: 0,
+        };
+        assert_eq!(spec.derive(50 * BYTES_PER_GIB), 150);
+        assert_eq!(spec.derive(100 * BYTES_PER_GIB), 300);
+        assert_eq!(spec.derive(10 * BYTES_PER_GIB), 100, "the floor");
+        assert_eq!(spec.derive(0), 100, "an empty disk counts 1 GiB");
+        let capped = PerGbSpec { cap: 200, ..spec };
+        assert_eq!(capped.derive(100 * BYTES_PER_GIB), 200, "the ceiling");
+        let bare = PerGbSpec {
+            rate: 3,
+            min: 0,
+            cap: 0,
+        };
+        assert_eq!(bare.derive(0), 3, "never 0, which would be unlimited");
+        assert_eq!(bare.derive(BYTES_PER_GIB / 2), 3);
+        let huge = PerGbSpec {
+            rate: MAX_LIMIT_VALUE,
+            min: 0,
+            cap: 0,
+        };
+        assert_eq!(huge.derive(u64::MAX), MAX_LIMIT_VALUE, "no overflow");
+    }
+
+    #[test]
+    fn derive_fills_the_averages_and_drops_bursts_they_passed() {
+        let mut l = per_gb(BucketKind::IopsTotal, 3, 100, 0);
+        l.get_mut(BucketKind::IopsTotal).max = 200;
+        l.get_mut(BucketKind::IopsTotal).max_length = Some(Duration::from_secs(4));
+        l.validate().unwrap();
+        let small = l.derive(50 * BYTES_PER_GIB);
+        assert_eq!(small.limits.get(BucketKind::IopsTotal).avg, 150);
+        assert_eq!(small.limits.get(BucketKind::IopsTotal).max, 200);
+        assert!(small.ignored.is_empty());
+        assert_eq!(small.limits.per_gb, l.per_gb, "the rule stays, to be shown");
+        let big = l.derive(100 * BYTES_PER_GIB);
+        assert_eq!(big.limits.get(BucketKind::IopsTotal).avg, 300);
+        assert_eq!(
+            *big.limits.get(BucketKind::IopsTotal),
+            LimitSpec {
+                avg: 300,
+                max: 0,
+                max_length: None
+            }
+        );
+        assert_eq!(big.ignored, vec![("iops_max".to_string(), 200)]);
+        // Other buckets are untouched.
+        let mut mixed = per_gb(BucketKind::BpsRead, MIB, 0, 0);
+        mixed.get_mut(BucketKind::IopsWrite).avg = 7;
+        let d = mixed.derive(2 * BYTES_PER_GIB);
+        assert_eq!(d.limits.get(BucketKind::BpsRead).avg, 2 * MIB);
+        assert_eq!(d.limits.get(BucketKind::IopsWrite).avg, 7);
+        assert!(!mixed.is_unlimited() || mixed.has_per_gb());
+    }
+
+    #[test]
+    fn validate_per_gb_rules() {
+        let msg = |l: Limits| l.validate().unwrap_err().0;
+        let mut two_forms = per_gb(BucketKind::IopsTotal, 3, 0, 0);
+        two_forms.get_mut(BucketKind::IopsTotal).avg = 500;
+        assert_eq!(
+            msg(two_forms),
+            "iops_per_gb cannot be used together with iops (one limit, two forms)"
+        );
+        let mut split = per_gb(BucketKind::IopsRead, 3, 0, 0);
+        split.get_mut(BucketKind::IopsTotal).avg = 500;
+        assert_eq!(
+            msg(split),
+            "iops_rd_per_gb cannot be used together with iops"
+        );
+        let mut split = per_gb(BucketKind::BpsTotal, 3, 0, 0);
+        split.get_mut(BucketKind::BpsWrite).avg = 500;
+        assert_eq!(msg(split), "bps_wr cannot be used together with bps_per_gb");
+        assert_eq!(
+            msg(per_gb(BucketKind::BpsRead, 0, 5, 0)),
+            "bps_rd_per_gb_min requires bps_rd_per_gb"
+        );
+        assert_eq!(
+            msg(per_gb(BucketKind::BpsRead, 0, 0, 5)),
+            "bps_rd_per_gb_cap requires bps_rd_per_gb"
+        );
+        assert_eq!(
+            msg(per_gb(BucketKind::IopsWrite, 3, 500, 400)),
+            "iops_wr_per_gb_min must not be higher than iops_wr_per_gb_cap"
+        );
+        assert!(
+            msg(per_gb(BucketKind::IopsWrite, MAX_LIMIT_VALUE + 1, 0, 0))
+                .starts_with("iops_wr_per_gb must be at most")
+        );
+        // A burst on a per-GiB average is checked when it is computed.
+        let mut burst = per_gb(BucketKind::IopsTotal, 3, 0, 0);
+        burst.get_mut(BucketKind::IopsTotal).max = 1;
+        assert!(burst.validate().is_ok());
+        per_gb(BucketKind::IopsWrite, 3, 400, 400)
+            .validate()
+            .unwrap();
     }
 }

@@ -13,8 +13,9 @@ use crate::options::{
     GROUP_NAME_RULE, apply_limit, canonical_limit_name, format_limit, limit_is_set, limit_names,
     split_group_limit, valid_group_name,
 };
+use crate::sizing::Sizing;
 use crate::stats::{Activity, Effective};
-use crate::throttle::Limits;
+use crate::throttle::{BucketKind, Limits, gib_of};
 
 pub const PREFIX: &str = "user.throttle.";
 /// Read-only: the limits in force and where they came from.
@@ -193,6 +194,9 @@ pub fn render_effective(e: &Effective, passthrough: u64) -> String {
     for (name, value) in set_limits(&e.limits) {
         let _ = writeln!(out, "{name}={value}");
     }
+    if let Some(s) = &e.sizing {
+        render_sizing(&mut out, s);
+    }
     if let Some((group, origin)) = &e.group {
         let _ = writeln!(out, "group={group}");
         let _ = writeln!(out, "group_source={}", origin.describe());
@@ -203,6 +207,30 @@ pub fn render_effective(e: &Effective, passthrough: u64) -> String {
     }
     out
 }
+
+/// The lines of `user.throttle.effective` that say how per-GiB limits
+/// were made concrete: `size=` (bytes) and `size_gib=` (as counted),
+/// `size_from=` (`qcow2`: the virtual size in its header; `file`: the
+/// file's size), `per_gb_limits=` (the averages computed from a per-GiB
+/// rate), and `NAME_ignored=VALUE` for each burst the computed average
+/// passed, which is not in force.
+fn render_sizing(out: &mut String, s: &Sizing) {
+    let _ = writeln!(out, "{SIZE_FIELD}={}", s.size.bytes);
+    let _ = writeln!(out, "size_gib={}", gib_of(s.size.bytes));
+    let _ = writeln!(out, "size_from={}", s.size.source());
+    let derived: Vec<&str> = BucketKind::ALL
+        .iter()
+        .filter(|k| s.set.per_gb(**k).rate != 0)
+        .map(|k| k.name())
+        .collect();
+    let _ = writeln!(out, "per_gb_limits={}", derived.join(","));
+    for (burst, value) in &s.ignored {
+        let _ = writeln!(out, "{burst}_ignored={value}");
+    }
+}
+
+/// The first of the lines `render_sizing` writes.
+pub const SIZE_FIELD: &str = "size";
 
 /// The field of `user.throttle.effective`, `user.throttle.stats` and
 /// `user.throttle.active` that counts a file's open handles in passthrough.
@@ -357,6 +385,14 @@ pub fn render_active(
                 if !limits.is_empty() {
                     let _ = write!(line, " limits={}", limits.join(","));
                 }
+                if let Some(s) = &e.sizing {
+                    let _ = write!(
+                        line,
+                        " size_gib={} size_from={}",
+                        gib_of(s.size.bytes),
+                        s.size.source()
+                    );
+                }
                 if let Some((group, origin)) = &e.group {
                     let _ = write!(
                         line,
@@ -387,7 +423,6 @@ pub fn render_active(
 mod tests {
     use super::*;
     use crate::stats::Origin;
-    use crate::throttle::BucketKind;
     use std::time::Duration;
 
     #[test]
@@ -555,6 +590,7 @@ mod tests {
                 origin: Origin::Directory("/vms".into()),
                 group: None,
                 qos: Default::default(),
+                sizing: None,
             },
             0,
         );
@@ -568,6 +604,7 @@ mod tests {
                 origin: Origin::Mount,
                 group: Some(("t1".into(), Origin::File)),
                 qos: Default::default(),
+                sizing: None,
             },
             2,
         );
@@ -575,6 +612,40 @@ mod tests {
             text,
             "source=mount\ngroup=t1\ngroup_source=file\nweight=100\nweight_source=default\n\
              passthrough_handles=2\n"
+        );
+    }
+
+    #[test]
+    fn effective_says_how_per_gb_limits_were_computed() {
+        use crate::sizing::{DiskSize, Sizing};
+        let mut set = Limits::default();
+        set.per_gb_mut(BucketKind::IopsTotal).rate = 3;
+        set.per_gb_mut(BucketKind::IopsTotal).min = 100;
+        set.get_mut(BucketKind::IopsTotal).max = 200;
+        let size = DiskSize {
+            bytes: 100 << 30,
+            qcow2: true,
+        };
+        let derived = set.derive(size.bytes);
+        let text = render_effective(
+            &Effective {
+                limits: derived.limits,
+                origin: Origin::File,
+                group: None,
+                qos: Default::default(),
+                sizing: Some(Sizing {
+                    set,
+                    size,
+                    ignored: derived.ignored,
+                }),
+            },
+            0,
+        );
+        assert_eq!(
+            text,
+            "source=file\niops=300\niops_per_gb=3\niops_per_gb_min=100\n\
+             size=107374182400\nsize_gib=100\nsize_from=qcow2\nper_gb_limits=iops\n\
+             iops_max_ignored=200\n"
         );
     }
 }

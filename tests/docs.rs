@@ -101,7 +101,7 @@ fn man_page_names_every_option_limit_alias_and_command() {
         }
     }
     let limits = help_limits(&mount_help);
-    assert_eq!(limits.len(), 19, "limits in --help: {limits:?}");
+    assert_eq!(limits.len(), 37, "limits in --help: {limits:?}");
     for limit in limits {
         if !names(&man, &limit) {
             missing.push(format!("limit {limit}"));

@@ -606,7 +606,11 @@ fn any_spec() -> BoxedStrategy<LimitSpec> {
 
 fn any_limits() -> BoxedStrategy<Limits> {
     (proptest::array::uniform6(any_spec()), interesting_u64())
-        .prop_map(|(buckets, iops_size)| Limits { buckets, iops_size })
+        .prop_map(|(buckets, iops_size)| Limits {
+            buckets,
+            iops_size,
+            ..Limits::default()
+        })
         .boxed()
 }
 
@@ -631,7 +635,11 @@ fn wild_spec() -> BoxedStrategy<LimitSpec> {
 
 fn wild_limits() -> BoxedStrategy<Limits> {
     (proptest::array::uniform6(wild_spec()), interesting_u64())
-        .prop_map(|(buckets, iops_size)| Limits { buckets, iops_size })
+        .prop_map(|(buckets, iops_size)| Limits {
+            buckets,
+            iops_size,
+            ..Limits::default()
+        })
         .boxed()
 }
 
@@ -680,6 +688,7 @@ fn validated_limits(spec: fn() -> BoxedStrategy<LimitSpec>) -> impl Strategy<Val
         .prop_map(|(bps, iops, iops_size)| Limits {
             buckets: [bps[0], bps[1], bps[2], iops[0], iops[1], iops[2]],
             iops_size,
+            ..Limits::default()
         })
         .prop_filter("validate must accept", |l| l.validate().is_ok())
 }
@@ -755,7 +764,7 @@ enum Op {
     Account(Direction, u64),
     Refund(Direction, u64),
     Leak,
-    SetLimits(Limits),
+    SetLimits(Box<Limits>),
 }
 
 fn step() -> BoxedStrategy<Step> {
@@ -785,7 +794,7 @@ fn op(limits: BoxedStrategy<Limits>) -> impl Strategy<Value = Op> {
         4 => (dirs(), any_bytes()).prop_map(|(d, b)| Op::Account(d, b)),
         1 => (dirs(), any_bytes()).prop_map(|(d, b)| Op::Refund(d, b)),
         1 => Just(Op::Leak),
-        1 => limits.prop_map(Op::SetLimits),
+        1 => limits.prop_map(|l| Op::SetLimits(Box::new(l))),
     ]
 }
 
@@ -816,8 +825,8 @@ fn run_ops(limits: Limits, start: Duration, ops: &[(Step, Op)]) -> Result<(), Te
             Op::Refund(dir, bytes) => state.refund(*dir, *bytes, now),
             Op::Leak => state.leak(now),
             Op::SetLimits(l) => {
-                state.set_limits(*l, now);
-                current = *l;
+                state.set_limits(**l, now);
+                current = **l;
             }
         }
         prop_assert_eq!(state.limits(), &current);
@@ -1247,7 +1256,11 @@ proptest! {
         buckets in proptest::array::uniform6(in_range_spec()),
         iops_size in interesting_u64(),
     ) {
-        let limits = Limits { buckets, iops_size };
+        let limits = Limits {
+            buckets,
+            iops_size,
+            ..Limits::default()
+        };
         if let Err(e) = limits.validate() {
             prop_assert!(names_a_limit(&e.0), "message names no limit: {:?}", e.0);
         }
@@ -1258,7 +1271,11 @@ proptest! {
         limits in prop_oneof![
             validated_limits(full_range_valid_spec).boxed(),
             (proptest::array::uniform6(in_range_spec()), interesting_u64())
-                .prop_map(|(buckets, iops_size)| Limits { buckets, iops_size })
+                .prop_map(|(buckets, iops_size)| Limits {
+            buckets,
+            iops_size,
+            ..Limits::default()
+        })
                 .boxed(),
         ]
     ) {
@@ -1277,6 +1294,7 @@ proptest! {
                 origin: Origin::Mount,
                 group: None,
                 qos: Default::default(),
+                sizing: None,
             },
             0,
         );

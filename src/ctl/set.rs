@@ -465,6 +465,14 @@ pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
     if !own_qos.is_empty() {
         println!("own qos:         {}", join_limits(&own_qos));
     }
+    if !in_force.sizing.is_empty() {
+        let fields: Vec<String> = in_force
+            .sizing
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        println!("sized by:        {}", fields.join(", "));
+    }
     match (in_force.group, in_force.group_source) {
         (Some(g), Some(s)) => println!("group in force:  {g} (from {s})"),
         _ => println!("group in force:  none"),

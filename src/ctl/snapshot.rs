@@ -33,6 +33,10 @@ pub struct FileRow {
     /// `reserve_iops`, `reserve_bps`), for a group member or a file that
     /// sets them.
     pub qos: Vec<(String, String)>,
+    /// With per-GiB limits, the size they were computed for and what
+    /// came of it: `size`, `size_gib`, `size_from`, `per_gb_limits` and
+    /// any `*_ignored` burst, as `user.throttle.effective` gives them.
+    pub sizing: Vec<(String, String)>,
 }
 
 /// One throttle group of a mount.
@@ -135,6 +139,7 @@ pub fn parse_active(mount: &str, text: &str) -> (Vec<FileRow>, u64) {
                         .map(|(n, v)| (n.to_string(), v.to_string()))
                         .collect();
                 }
+                "size_gib" | "size_from" => row.sizing.push((name.to_string(), value)),
                 "limits" => {
                     row.limits = value
                         .split(',')
@@ -188,6 +193,12 @@ pub fn parse_effective(row: &mut FileRow, text: &str) {
             xattr::PASSTHROUGH_HANDLES => row.passthrough = value.parse().unwrap_or(0),
             _ if is_limit(name) => row.limits.push((name.to_string(), value.to_string())),
             _ if crate::qos::is_name(name) => row.qos.push((name.to_string(), value.to_string())),
+            "size" | "size_gib" | "size_from" | "per_gb_limits" => {
+                row.sizing.push((name.to_string(), value.to_string()))
+            }
+            _ if name.ends_with("_ignored") => {
+                row.sizing.push((name.to_string(), value.to_string()))
+            }
             _ => {}
         }
     }
@@ -314,6 +325,7 @@ mod tests {
                 origin: Origin::Directory("/dir with space".into()),
                 group: Some(("g.1".into(), Origin::File)),
                 qos: Default::default(),
+                sizing: None,
             }),
         }];
         let text = render_active(files, |_| odd.to_string(), &[], 64 * 1024);

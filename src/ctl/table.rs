@@ -58,6 +58,9 @@ impl Row {
                 .collect();
             limits.push_str(&format!("; {}", qos.join(",")));
         }
+        if let Some(sized) = sizing_note(&f.sizing) {
+            limits.push_str(&format!("; {sized}"));
+        }
         if f.passthrough > 0 {
             limits.push_str(&format!("; {}", passthrough_note(f.passthrough)));
         }
@@ -121,6 +124,19 @@ pub fn short_value(name: &str, value: &str) -> String {
 pub fn passthrough_note(n: u64) -> String {
     let handles = if n == 1 { "handle" } else { "handles" };
     format!("{n} passthrough {handles} not throttled")
+}
+
+/// The disk size per-GiB limits were computed for (`50 GiB qcow2`), from
+/// the `sizing` fields of a file; `None` without per-GiB limits.
+pub fn sizing_note(sizing: &[(String, String)]) -> Option<String> {
+    let field = |name: &str| sizing.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+    let gib = field("size_gib")?;
+    let from = field("size_from").map_or("", |f| f.as_str());
+    Some(
+        format!("per-GiB limits for {gib} GiB {from}")
+            .trim_end()
+            .to_string(),
+    )
 }
 
 fn describe_limits(limits: &[(String, String)], source: &str) -> String {

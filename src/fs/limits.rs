@@ -36,8 +36,10 @@ use super::{
     InodeRef, Result, ThrottleFs, XATTR_VALUE_MAX_BYTES, last_errno, list_names, proc_path,
     remove_raw, set_raw, stat_fd, xattr_fetch,
 };
+use crate::options::{is_per_gb_name, per_gb_in_group};
 use crate::qos::{self, QosSettings};
 use crate::scheduler::Msg;
+use crate::sizing;
 use crate::stats::{Effective, Origin};
 use crate::throttle::Limits;
 use crate::xattr::{self, Attr, OwnSet};
@@ -72,7 +74,13 @@ impl ThrottleFs {
         // Read before the walk: a change during it leaves the file stale,
         // to be resolved again at its next use.
         let generation = self.tree_gen.load(Ordering::SeqCst);
-        let eff = self.resolve(node);
+        let mut eff = self.resolve(node);
+        // Per-GiB limits are made concrete, and sent, with the lock held:
+        // a write that resizes the disk meanwhile re-evaluates after this
+        // one (`sizing::reevaluate`), never before.
+        let mut stored = node.shared.effective.lock().expect("effective");
+        sizing::attach(&node.shared, &self.scheduler);
+        sizing::derive(&mut eff, node.fd, &node.shared.size_watch);
         let limits = eff.limits;
         let group = eff.group.as_ref().map(|(g, _)| g.clone());
         let qos = eff.qos.qos();
@@ -82,7 +90,7 @@ impl ThrottleFs {
             // unlimited and idle.
             node.shared.bypass.store(false, Ordering::SeqCst);
         }
-        *node.shared.effective.lock().expect("effective") = Some(eff);
+        *stored = Some(eff);
         let _ = self.scheduler.send(Msg::Limits {
             file: node.ino,
             limits,
@@ -90,6 +98,7 @@ impl ThrottleFs {
             qos,
             shared: node.shared.clone(),
         });
+        drop(stored);
         node.resolved_gen.store(generation, Ordering::SeqCst);
     }
 
@@ -150,6 +159,7 @@ impl ThrottleFs {
             origin,
             group,
             qos,
+            sizing: None,
         }
     }
 
@@ -508,6 +518,9 @@ impl ThrottleFs {
     fn group_limits(&self, group: &str) -> (Limits, &'static str) {
         match self.group_own_set(group) {
             Ok(set) if !set.is_empty() => match set.limits() {
+                Ok(limits) if limits.per_gb.iter().any(|p| p.is_set()) => log::warn!(
+                    "group {group}: ignoring its attributes on the root: a group has no size for per-GiB limits"
+                ),
                 Ok(limits) => return (limits, "root"),
                 Err(why) => log::warn!("group {group}: ignoring its attributes on the root: {why}"),
             },
@@ -540,6 +553,10 @@ impl ThrottleFs {
     ) -> Result<()> {
         self.require_root(node, limit)?;
         let label = format!("group {group}");
+        if is_per_gb_name(limit) {
+            log::warn!("{label}: refused: {}", per_gb_in_group(limit));
+            return Err(Errno::EINVAL);
+        }
         let current = || self.group_own_set(group);
         self.store_limit(node.fd, name, &label, current, limit, value, flags)?;
         self.push_group_limits(group);
@@ -632,7 +649,15 @@ impl ThrottleFs {
                     self.ensure_limits(node);
                 }
                 let eff = node.shared.effective.lock().expect("effective").clone();
-                let eff = eff.unwrap_or_else(|| self.resolve(node));
+                let eff = eff.unwrap_or_else(|| {
+                    let mut eff = self.resolve(node);
+                    // Sized for this answer only: nothing to watch yet. A
+                    // directory shows its per-GiB rates as they are.
+                    if node.is_file() {
+                        sizing::derive(&mut eff, node.fd, &sizing::SizeWatch::default());
+                    }
+                    eff
+                });
                 let passthrough = node.shared.passthrough_handles();
                 Some(xattr::render_effective(&eff, passthrough).into_bytes())
             }

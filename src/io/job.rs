@@ -10,6 +10,7 @@ use super::buffer::WriteData;
 use super::errors::{IoOp, record_error, record_outcome};
 use super::flight::Flight;
 use super::handle::{Handle, copy_range, fsync};
+use crate::sizing;
 use crate::throttle::Direction;
 
 /// A request waiting for (or released by) the throttle, with the reply
@@ -128,6 +129,13 @@ impl Job {
                     Ok(n) => reply.written(n as u32),
                     Err(e) => reply.error(Errno::from(e)),
                 }
+                sizing::after_write(
+                    handle.file,
+                    &handle.shared,
+                    handle.raw(),
+                    offset,
+                    moved as u64,
+                );
                 unmoved(Direction::Write, requested, moved)
             }
             Job::Fsync {
@@ -162,6 +170,7 @@ impl Job {
                         src.shared.record_io(Direction::Read, n as u64);
                         dst.shared.record_io(Direction::Write, n as u64);
                         reply.written(n as u32);
+                        sizing::after_write(dst.file, &dst.shared, dst.raw(), offset_out, n as u64);
                     }
                     Err(e) => {
                         record_error(&dst, IoOp::Copy, &e);

@@ -21,6 +21,7 @@ use super::flight::{Completion, Flight};
 use super::handle::Handle;
 use super::job::{Job, Released, unmoved};
 use super::queue::{JobQueue, Wake};
+use crate::sizing;
 use crate::throttle::Direction;
 
 /// Submission queue entries of each ring; one is the eventfd's read.
@@ -239,6 +240,7 @@ impl Op {
             file,
             flight,
             handle,
+            offset,
             done: moved,
             kind,
             ..
@@ -269,6 +271,13 @@ impl Op {
                     None => {
                         handle.shared.record_io(Direction::Write, moved as u64);
                         reply.written(moved as u32);
+                        sizing::after_write(
+                            file,
+                            &handle.shared,
+                            handle.fd.as_raw_fd(),
+                            offset,
+                            moved as u64,
+                        );
                     }
                 }
                 (true, unmoved(Direction::Write, total as u64, moved))
