@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use super::snapshot::{FileRow, GroupRow, Report};
+use super::snapshot::{BucketRow, FileRow, GroupRow, Report};
 use crate::stats::Activity;
 
 /// A label value: backslash, double quote and newline escaped.
@@ -95,6 +95,49 @@ const GROUP_COUNTERS: [(&str, &str, FileValue); 4] = [
     ),
 ];
 
+type BucketValue = fn(&BucketRow) -> Option<f64>;
+
+/// The bucket families, for files (`throttlefs_bucket_*`, files read by
+/// path only) and groups (`throttlefs_group_bucket_*`).
+const BUCKET_GAUGES: [(&str, &str, BucketValue); 4] = [
+    (
+        "bucket_level",
+        "Units (bytes or operations) in a throttle bucket in force, by its limit's name.",
+        |b| Some(b.level as f64),
+    ),
+    (
+        "bucket_capacity",
+        "Units a throttle bucket holds before requests wait: a tenth of a second at the limit, or limit_max * limit_max_length with a burst.",
+        |b| Some(b.capacity as f64),
+    ),
+    (
+        "bucket_burst_left_seconds",
+        "How long a flow at the burst rate may go on from now: (capacity - level) / (max - avg).",
+        |b| b.burst_left_ms.map(|ms| ms as f64 / 1e3),
+    ),
+    (
+        "bucket_burst_balance_ratio",
+        "Room left in a burst bucket, as a fraction of its capacity (AWS's BurstBalance / 100).",
+        |b| b.burst_balance_pct.map(|pct| pct as f64 / 100.0),
+    ),
+];
+
+/// One family per bucket field, a sample per (labels, bucket) that has it.
+fn bucket_families(out: &mut String, prefix: &str, rows: &[(String, &[BucketRow])]) {
+    for (field, help, value) in BUCKET_GAUGES {
+        let name = format!("{prefix}{field}");
+        let mut fam = Family::new(out, &name, "gauge", help);
+        for (l, buckets) in rows {
+            for b in buckets.iter() {
+                if let Some(v) = value(b) {
+                    let l = format!("{},limit=\"{}\"}}", l.trim_end_matches('}'), b.name);
+                    fam.sample(&name, &l, v);
+                }
+            }
+        }
+    }
+}
+
 pub fn render(report: &Report) -> String {
     // A file named and also listed under its mount is one series.
     let mut seen = std::collections::HashSet::new();
@@ -168,6 +211,12 @@ pub fn render(report: &Report) -> String {
             fam.sample(name, &l, value);
         }
     }
+    let rows: Vec<(String, &[BucketRow])> = files
+        .iter()
+        .zip(&file_labels)
+        .map(|(f, l)| (l.clone(), f.buckets.as_slice()))
+        .collect();
+    bucket_families(&mut out, "throttlefs_", &rows);
     let name = "throttlefs_files_unlisted";
     let mut fam = Family::new(
         &mut out,
@@ -209,6 +258,11 @@ pub fn render(report: &Report) -> String {
     for (l, g) in &groups {
         fam.sample(name, l, g.members);
     }
+    let rows: Vec<(String, &[BucketRow])> = groups
+        .iter()
+        .map(|(l, g)| (l.clone(), g.buckets.as_slice()))
+        .collect();
+    bucket_families(&mut out, "throttlefs_group_", &rows);
     let name = "throttlefs_group_limit";
     let mut fam = Family::new(
         &mut out,

@@ -47,7 +47,7 @@ use fuser::Errno;
 
 use crate::io::{Completion, Job, JobSender, Released};
 use crate::stats::FileShared;
-use crate::throttle::{Direction, Limits};
+use crate::throttle::{BucketReading, Direction, Limits};
 
 pub use credit::{Credit, Leftover};
 use deadline::Wake;
@@ -91,6 +91,11 @@ pub enum Msg {
         name: String,
         reply: Sender<GroupReport>,
     },
+    /// The buckets of `file` and of its group as they stand now.
+    FileBuckets {
+        file: u64,
+        reply: Sender<FileBuckets>,
+    },
     /// The I/O pool finished a job of this file.
     Done(Completion),
     /// The kernel forgot the inode. With `keep` (a descriptor of the
@@ -120,6 +125,16 @@ pub struct GroupReport {
     /// Bytes and requests released through the group, [read, write].
     pub bytes: [u64; 2],
     pub ops: [u64; 2],
+    /// The group's buckets in force, as they stand now.
+    pub buckets: Vec<BucketReading>,
+}
+
+/// What `user.throttle.stats` shows of a file's buckets and its group's;
+/// `None` where the scheduler has no state (the buckets are empty).
+#[derive(Clone, Debug, Default)]
+pub struct FileBuckets {
+    pub file: Option<Vec<BucketReading>>,
+    pub group: Option<Vec<BucketReading>>,
 }
 
 /// A request waiting in a file's queue, with the kernel's id for it.
@@ -349,9 +364,21 @@ impl Scheduler {
                         members,
                         bytes: g.bytes,
                         ops: g.ops,
+                        buckets: g.state.readings(self.since_epoch(now)),
                     }
                 });
                 let _ = reply.send(report.unwrap_or_default());
+            }
+            Msg::FileBuckets { file, reply } => {
+                let at = self.since_epoch(now);
+                let f = self.files.get(&file);
+                let group = f
+                    .and_then(|f| f.group.as_ref())
+                    .and_then(|name| self.groups.get(name));
+                let _ = reply.send(FileBuckets {
+                    file: f.map(|f| f.state.readings(at)),
+                    group: group.map(|g| g.state.readings(at)),
+                });
             }
             Msg::Interrupt(unique) => self.interrupt(unique, now),
             Msg::Done(Completion { file, unmoved }) => {
