@@ -140,6 +140,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn buckets_are_an_object_by_limit_with_the_burst_fields_they_have() {
+        let buckets = [
+            BucketRow {
+                name: "bps_rd".into(),
+                level: 5,
+                capacity: 40,
+                burst_left_ms: Some(3),
+                burst_balance_pct: Some(87),
+            },
+            BucketRow {
+                name: "iops".into(),
+                level: 0,
+                capacity: 10,
+                ..BucketRow::default()
+            },
+        ];
+        assert_eq!(
+            json_buckets(&buckets),
+            "{\"bps_rd\":{\"level\":5,\"capacity\":40,\"burst_left_ms\":3,\"burst_balance_pct\":87},\
+             \"iops\":{\"level\":0,\"capacity\":10}}"
+        );
+        assert_eq!(json_buckets(&[]), "{}");
+    }
+
+    #[test]
     fn json_strings_are_escaped() {
         assert_eq!(
             json_string("a\"b\\c\nd\u{1}é"),

@@ -291,6 +291,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn buckets_are_gauges_labelled_with_their_limit() {
+        let file = FileRow {
+            path: "/mnt/a \"b\"".into(),
+            buckets: vec![
+                BucketRow {
+                    name: "bps_rd".into(),
+                    level: 1024,
+                    capacity: 4096,
+                    burst_left_ms: Some(1500),
+                    burst_balance_pct: Some(75),
+                },
+                BucketRow {
+                    name: "iops".into(),
+                    capacity: 10,
+                    ..BucketRow::default()
+                },
+            ],
+            ..FileRow::default()
+        };
+        let report = Report {
+            files: vec![file],
+            ..Report::default()
+        };
+        let text = render(&report);
+        for line in [
+            "throttlefs_bucket_level{file=\"/mnt/a \\\"b\\\"\",limit=\"bps_rd\"} 1024",
+            "throttlefs_bucket_capacity{file=\"/mnt/a \\\"b\\\"\",limit=\"iops\"} 10",
+            "throttlefs_bucket_burst_left_seconds{file=\"/mnt/a \\\"b\\\"\",limit=\"bps_rd\"} 1.5",
+            "throttlefs_bucket_burst_balance_ratio{file=\"/mnt/a \\\"b\\\"\",limit=\"bps_rd\"} 0.75",
+            "# TYPE throttlefs_group_bucket_level gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
+        // No burst, no burst sample.
+        assert!(!text.contains("burst_left_seconds{file=\"/mnt/a \\\"b\\\"\",limit=\"iops\"}"));
+    }
+
+    #[test]
     fn label_values_are_escaped() {
         assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
