@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::io::ErrorLog;
 use crate::scheduler::Credit;
 use crate::sizing::{SizeWatch, Sizing};
-use crate::throttle::{Direction, Limits};
+use crate::throttle::{BucketReading, Direction, Limits, ThrottleState};
 
 /// Where a file's limits come from (whole sets: the first that has any).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -339,6 +339,33 @@ impl FileShared {
     pub fn passthrough_handles(&self) -> u64 {
         self.passthrough_handles.load(Ordering::Relaxed)
     }
+}
+
+/// Appends a line per field of each bucket, named after its limit and
+/// prefixed with `prefix` (`group_` for the file's group):
+/// `NAME_level` and `NAME_capacity` in units (bytes or operations), and
+/// with a `NAME_max` burst `NAME_burst_balance_pct` and, when the burst
+/// rate is above the average, `NAME_burst_left_ms` (see
+/// `ThrottleState::readings` for the formula).
+pub fn render_buckets(out: &mut String, prefix: &str, readings: &[BucketReading]) {
+    for r in readings {
+        let name = r.kind.name();
+        let _ = writeln!(out, "{prefix}{name}_level={}", r.level);
+        let _ = writeln!(out, "{prefix}{name}_capacity={}", r.capacity);
+        if let Some(left) = r.burst_left {
+            let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            let _ = writeln!(out, "{prefix}{name}_burst_left_ms={ms}");
+        }
+        if let Some(pct) = r.burst_balance_pct {
+            let _ = writeln!(out, "{prefix}{name}_burst_balance_pct={pct}");
+        }
+    }
+}
+
+/// The readings of buckets that hold nothing yet (the scheduler has no
+/// state for them): every bucket in force, empty.
+pub fn empty_readings(limits: Limits) -> Vec<BucketReading> {
+    ThrottleState::new(limits, Duration::ZERO).readings(Duration::ZERO)
 }
 
 /// Sub-buckets per power of two in the lateness histogram: each bucket is

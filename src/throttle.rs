@@ -427,6 +427,26 @@ pub struct Headroom {
     pub nano_ops: Option<u128>,
 }
 
+/// One bucket in force as `user.throttle.stats` shows it: how full it is
+/// and, with a `*_max` burst, how much burst is left (see `readings`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketReading {
+    pub kind: BucketKind,
+    /// Units (bytes or operations) in the bucket now, rounded down.
+    pub level: u64,
+    /// Units it holds before requests wait: avg*100ms, or max*max_length
+    /// with a burst.
+    pub capacity: u64,
+    /// With a burst whose rate is above the average: how long a flow at
+    /// the burst rate may go on from now before the bucket is full and the
+    /// average rate applies, `(capacity - level) / (max - avg)`, rounded
+    /// down. `None` without a burst, or when max == avg (nothing to spend).
+    pub burst_left: Option<Duration>,
+    /// With a burst: what the bucket can still take, in percent of its
+    /// capacity, rounded down (AWS's BurstBalance). `None` without.
+    pub burst_balance_pct: Option<u64>,
+}
+
 /// The meter of one file: its limits and its buckets' levels.
 #[derive(Clone, Debug)]
 pub struct ThrottleState {
@@ -647,6 +667,48 @@ impl ThrottleState {
         }
     }
 
+    /// Every bucket in force (a non-zero average), in QEMU's order, as it
+    /// stands at `now`: leaked on a copy, so reading changes nothing.
+    /// While the main bucket of a burst fills at the burst rate it also
+    /// leaks at the average rate, so it fills at `max - avg` net: an empty
+    /// one lasts `max * max_length / (max - avg)`, a little longer than
+    /// `max_length` (QEMU's bucket behaves the same).
+    pub fn readings(&self, now: Duration) -> Vec<BucketReading> {
+        let mut state = self.clone();
+        state.leak(now);
+        let units = |nano: u128| u64::try_from(nano / NANO_UNITS_PER_UNIT).unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        for kind in BucketKind::ALL {
+            let spec = state.limits.get(kind);
+            if spec.avg == 0 {
+                continue;
+            }
+            let level = state.levels[kind as usize].main;
+            let (capacity, burst) = spec.capacities();
+            let room = capacity.saturating_sub(level);
+            let burst_left = (burst.is_some() && spec.max > spec.avg).then(|| {
+                // room nano-units at (max - avg) units/s, i.e. nano-units
+                // per ns: the quotient is in nanoseconds.
+                duration_from_nanos(room / u128::from(spec.max - spec.avg))
+            });
+            // An empty capacity (a burst rate of 0 is no burst) cannot
+            // occur with a burst; 100 % if it did.
+            let burst_balance_pct = burst.map(|_| {
+                room.saturating_mul(100)
+                    .checked_div(capacity)
+                    .map_or(100, |pct| u64::try_from(pct).unwrap_or(100))
+            });
+            out.push(BucketReading {
+                kind,
+                level: units(level),
+                capacity: units(capacity),
+                burst_left,
+                burst_balance_pct,
+            });
+        }
+        out
+    }
+
     /// Charge a dispatched request of `bytes` going `dir` to every bucket
     /// that applies: its bytes to bps buckets, its operation count
     /// (1, or bytes/iops_size when larger) to iops buckets.
@@ -812,6 +874,88 @@ mod tests {
         now += w;
         s.account(Direction::Write, MIB, now);
         assert_eq!(s.wait(Direction::Write, now), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn readings_show_the_burst_spent_and_refilled() {
+        // bps_rd=1M, bps_rd_max=10M, bps_rd_max_length=4: the bucket holds
+        // 40 MiB and fills at 9 MiB/s net while reading at 10 MiB/s.
+        let mut l = limits(BucketKind::BpsRead, MIB);
+        l.get_mut(BucketKind::BpsRead).max = 10 * MIB;
+        l.get_mut(BucketKind::BpsRead).max_length = Some(Duration::from_secs(4));
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        let full_ns = 40 * 1_000_000_000 / 9; // 4.444 s
+        let r = s.readings(Duration::ZERO);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].kind, BucketKind::BpsRead);
+        assert_eq!((r[0].level, r[0].capacity), (0, 40 * MIB));
+        assert_eq!(r[0].burst_left, Some(Duration::from_nanos(full_ns)));
+        assert_eq!(r[0].burst_balance_pct, Some(100));
+        // Read at the burst rate for 2 s: 20 MiB in, 2 MiB leaked.
+        let mut now = Duration::ZERO;
+        for _ in 0..200 {
+            now += s.wait(Direction::Read, now);
+            s.account(Direction::Read, 100 * KIB, now);
+        }
+        let r = s.readings(now)[0];
+        let expected_level = 200 * 100 * KIB - (now.as_nanos() as u64 * MIB / 1_000_000_000);
+        assert!(r.level.abs_diff(expected_level) <= 1, "{r:?} at {now:?}");
+        let left = (40 * MIB - r.level) as f64 / (9 * MIB) as f64;
+        assert!((r.burst_left.unwrap().as_secs_f64() - left).abs() < 1e-6);
+        assert_eq!(
+            r.burst_balance_pct,
+            Some((40 * MIB - r.level) * 100 / (40 * MIB))
+        );
+        // Reading does not leak the state itself: the same answer twice.
+        assert_eq!(s.readings(now), s.readings(now));
+        // Bursting on until the bucket is full: nothing left. (100 KiB
+        // waits 10 ms at the burst rate, about 100 ms once it is spent.)
+        loop {
+            let w = s.wait(Direction::Read, now);
+            if w > ms(50) {
+                break;
+            }
+            now += w;
+            s.account(Direction::Read, 100 * KIB, now);
+        }
+        let r = s.readings(now)[0];
+        assert!(r.burst_left.unwrap() < ms(20), "{r:?}");
+        assert_eq!(r.burst_balance_pct, Some(0));
+        assert!(now > ms(4300) && now < ms(4600), "{now:?}");
+        // Idle for 20 s: 20 MiB leaked, half the burst is back.
+        let r = s.readings(now + Duration::from_secs(20))[0];
+        assert!(r.burst_balance_pct.unwrap().abs_diff(50) <= 1, "{r:?}");
+        // Idle for 45 s (40 MiB and what the last request put over): all
+        // of it.
+        let r = s.readings(now + Duration::from_secs(45))[0];
+        assert_eq!(r.burst_left, Some(Duration::from_nanos(full_ns)));
+        assert_eq!(r.level, 0);
+    }
+
+    #[test]
+    fn readings_without_a_burst_or_with_max_equal_to_avg() {
+        let mut l = limits(BucketKind::IopsTotal, 100);
+        l.get_mut(BucketKind::BpsWrite).avg = MIB;
+        l.get_mut(BucketKind::BpsWrite).max = MIB;
+        let mut s = ThrottleState::new(l, Duration::ZERO);
+        s.account(Direction::Write, 512 * KIB, Duration::ZERO);
+        let r = s.readings(Duration::ZERO);
+        assert_eq!(r.len(), 2);
+        // bps_wr first (QEMU's order): max == avg has a capacity (1 s at
+        // max) and a balance, but no burst to run out of.
+        assert_eq!(r[0].kind, BucketKind::BpsWrite);
+        assert_eq!((r[0].level, r[0].capacity), (512 * KIB, MIB));
+        assert_eq!(r[0].burst_left, None);
+        assert_eq!(r[0].burst_balance_pct, Some(50));
+        // iops without a burst: level and capacity (100 ms at avg) only.
+        assert_eq!(r[1].kind, BucketKind::IopsTotal);
+        assert_eq!((r[1].level, r[1].capacity), (1, 10));
+        assert_eq!((r[1].burst_left, r[1].burst_balance_pct), (None, None));
+        assert!(
+            ThrottleState::new(Limits::default(), Duration::ZERO)
+                .readings(Duration::ZERO)
+                .is_empty()
+        );
     }
 
     #[test]

@@ -91,3 +91,81 @@ fn steady_throttled_read_rate_reads_as_the_limit() {
     }
     assert!(compared >= 10, "only {compared} samples a second apart");
 }
+
+/// Larger than the burst bucket's 1 MiB a tenth of a second, smaller than
+/// its 40 MiB: a burst that spends part of the balance in about 1.5 s.
+const BURST_READ_BYTES: u64 = 16 * MIB;
+
+#[test]
+fn burst_balance_is_spent_by_a_burst_and_refilled_while_idle() {
+    let m = Mount::with_setup(
+        |src| {
+            make_file(src, "disk.img", BURST_READ_BYTES, 2);
+        },
+        &[
+            "-o",
+            "bps_rd=1M,bps_rd_max=10M,bps_rd_max_length=4",
+            "--group",
+            "g:iops_wr=50",
+        ],
+    );
+    let path = m.path("disk.img");
+    common::setfattr(&path, "user.throttle.group", "g");
+    // Full: 40 MiB of room, which at 10 MiB/s in and 1 MiB/s out lasts
+    // 40/9 s; the group's bucket and the iops one have no burst.
+    let before = stats(&path);
+    assert_eq!(before["bps_rd_capacity"], 40 * MIB, "{before:?}");
+    assert_eq!(before["bps_rd_level"], 0);
+    assert_eq!(before["bps_rd_burst_left_ms"], 4444);
+    assert_eq!(before["bps_rd_burst_balance_pct"], 100);
+    assert_eq!(before["group_iops_wr_capacity"], 5);
+    assert!(!before.contains_key("group_iops_wr_burst_left_ms"));
+
+    let started = Instant::now();
+    let file = File::open(&path).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..BURST_READ_BYTES / MIB {
+        file.read_exact_at(&mut buf, i * MIB).expect("read");
+    }
+    let elapsed = started.elapsed();
+    // 15 MiB past the burst-rate bucket's first 1 MiB, at 10 MiB/s; the
+    // last 1 MiB request may go when 1 MiB is left to leak.
+    common::assert_elapsed_between(
+        "16 MiB at bps_rd_max=10M",
+        elapsed,
+        1.4,
+        common::loose_upper(1.6),
+    );
+    let spent = stats(&path);
+    // The bucket holds what was read less what leaked at 1 MiB/s.
+    let level = spent["bps_rd_level"];
+    assert!(level <= BURST_READ_BYTES, "{spent:?}");
+    assert!(
+        level >= BURST_READ_BYTES - MIB * (elapsed.as_millis() as u64 + 1000) / 1000,
+        "{spent:?} after {elapsed:?}"
+    );
+    let left = spent["bps_rd_burst_left_ms"];
+    assert!((2600..3900).contains(&left), "{spent:?}");
+    assert_eq!(
+        spent["bps_rd_burst_balance_pct"],
+        (40 * MIB - level) * 100 / (40 * MIB)
+    );
+    // Idle, it refills at 1 MiB/s: a second gives back 1/9 s of burst.
+    thread::sleep(Duration::from_millis(1200));
+    let refilled = stats(&path);
+    assert!(
+        refilled["bps_rd_level"] + MIB <= level,
+        "{refilled:?} after {spent:?}"
+    );
+    assert!(
+        refilled["bps_rd_burst_left_ms"] >= left + 100,
+        "{refilled:?}"
+    );
+
+    // The group's own stats show its bucket.
+    let group = common::getfattr(m.mnt(), "user.throttle.group.g.stats").unwrap();
+    assert!(
+        group.contains("iops_wr_level=0\niops_wr_capacity=5\n"),
+        "{group}"
+    );
+}

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::snapshot::{FileRow, Report};
+use super::snapshot::{BucketRow, FileRow, Report};
 use crate::stats::Activity;
 
 /// A JSON string literal (RFC 8259): quotes, backslashes and control
@@ -49,9 +49,29 @@ fn json_activity(a: &Activity) -> String {
         .join(",")
 }
 
+/// Buckets as an object by limit name: `{"bps_rd":{"level":0,"capacity":..,
+/// "burst_left_ms":..,"burst_balance_pct":..}}`, the burst fields only
+/// where the bucket has them.
+fn json_buckets(buckets: &[BucketRow]) -> String {
+    let items: Vec<String> = buckets
+        .iter()
+        .map(|b| {
+            let mut fields = format!("\"level\":{},\"capacity\":{}", b.level, b.capacity);
+            if let Some(ms) = b.burst_left_ms {
+                let _ = write!(fields, ",\"burst_left_ms\":{ms}");
+            }
+            if let Some(pct) = b.burst_balance_pct {
+                let _ = write!(fields, ",\"burst_balance_pct\":{pct}");
+            }
+            format!("{}:{{{fields}}}", json_string(&b.name))
+        })
+        .collect();
+    format!("{{{}}}", items.join(","))
+}
+
 fn json_file(f: &FileRow, mount: Option<&str>) -> String {
     format!(
-        "{{\"path\":{},\"mount\":{},\"open\":{},\"passthrough_handles\":{},{},\"source\":{},\"limits\":{},\"group\":{},\"group_source\":{},\"qos\":{}}}",
+        "{{\"path\":{},\"mount\":{},\"open\":{},\"passthrough_handles\":{},{},\"source\":{},\"limits\":{},\"group\":{},\"group_source\":{},\"qos\":{},\"buckets\":{},\"group_buckets\":{}}}",
         json_string(&f.path),
         mount.map_or("null".into(), json_string),
         f.open.map_or("null".into(), |n| n.to_string()),
@@ -62,6 +82,8 @@ fn json_file(f: &FileRow, mount: Option<&str>) -> String {
         json_opt(&f.group),
         json_opt(&f.group_source),
         json_limits(&f.qos),
+        json_buckets(&f.buckets),
+        json_buckets(&f.group_buckets),
     )
 }
 
@@ -87,7 +109,7 @@ pub fn render(report: &Report) -> String {
                 "{{\"mount\":{},\"name\":{},\"source\":{},\"limits\":{},\"members\":{},\"waiting\":{},\
                  \"read_bytes\":{},\"read_ops\":{},\"write_bytes\":{},\"write_ops\":{},\
                  \"read_bytes_per_sec\":{},\"read_ops_per_sec\":{},\"write_bytes_per_sec\":{},\"write_ops_per_sec\":{},\
-                 \"reserved_iops\":{},\"reserved_bps\":{},\"oversubscribed\":{}}}",
+                 \"reserved_iops\":{},\"reserved_bps\":{},\"oversubscribed\":{},\"buckets\":{}}}",
                 json_string(&m.mount),
                 json_string(&g.name),
                 json_string(&g.source),
@@ -105,6 +127,7 @@ pub fn render(report: &Report) -> String {
                 g.reserved_iops,
                 g.reserved_bps,
                 g.oversubscribed,
+                json_buckets(&g.buckets),
             ));
         }
     }
@@ -120,6 +143,31 @@ pub fn render(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_are_an_object_by_limit_with_the_burst_fields_they_have() {
+        let buckets = [
+            BucketRow {
+                name: "bps_rd".into(),
+                level: 5,
+                capacity: 40,
+                burst_left_ms: Some(3),
+                burst_balance_pct: Some(87),
+            },
+            BucketRow {
+                name: "iops".into(),
+                level: 0,
+                capacity: 10,
+                ..BucketRow::default()
+            },
+        ];
+        assert_eq!(
+            json_buckets(&buckets),
+            "{\"bps_rd\":{\"level\":5,\"capacity\":40,\"burst_left_ms\":3,\"burst_balance_pct\":87},\
+             \"iops\":{\"level\":0,\"capacity\":10}}"
+        );
+        assert_eq!(json_buckets(&[]), "{}");
+    }
 
     #[test]
     fn json_strings_are_escaped() {

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use super::snapshot::{FileRow, GroupRow, Report};
+use super::snapshot::{BucketRow, FileRow, GroupRow, Report};
 use crate::stats::Activity;
 
 /// A label value: backslash, double quote and newline escaped.
@@ -95,6 +95,49 @@ const GROUP_COUNTERS: [(&str, &str, FileValue); 4] = [
     ),
 ];
 
+type BucketValue = fn(&BucketRow) -> Option<f64>;
+
+/// The bucket families, for files (`throttlefs_bucket_*`, files read by
+/// path only) and groups (`throttlefs_group_bucket_*`).
+const BUCKET_GAUGES: [(&str, &str, BucketValue); 4] = [
+    (
+        "bucket_level",
+        "Units (bytes or operations) in a throttle bucket in force, by its limit's name.",
+        |b| Some(b.level as f64),
+    ),
+    (
+        "bucket_capacity",
+        "Units a throttle bucket holds before requests wait: a tenth of a second at the limit, or limit_max * limit_max_length with a burst.",
+        |b| Some(b.capacity as f64),
+    ),
+    (
+        "bucket_burst_left_seconds",
+        "How long a flow at the burst rate may go on from now: (capacity - level) / (max - avg).",
+        |b| b.burst_left_ms.map(|ms| ms as f64 / 1e3),
+    ),
+    (
+        "bucket_burst_balance_ratio",
+        "Room left in a burst bucket, as a fraction of its capacity (AWS's BurstBalance / 100).",
+        |b| b.burst_balance_pct.map(|pct| pct as f64 / 100.0),
+    ),
+];
+
+/// One family per bucket field, a sample per (labels, bucket) that has it.
+fn bucket_families(out: &mut String, prefix: &str, rows: &[(String, &[BucketRow])]) {
+    for (field, help, value) in BUCKET_GAUGES {
+        let name = format!("{prefix}{field}");
+        let mut fam = Family::new(out, &name, "gauge", help);
+        for (l, buckets) in rows {
+            for b in buckets.iter() {
+                if let Some(v) = value(b) {
+                    let l = format!("{},limit=\"{}\"}}", l.trim_end_matches('}'), b.name);
+                    fam.sample(&name, &l, v);
+                }
+            }
+        }
+    }
+}
+
 pub fn render(report: &Report) -> String {
     // A file named and also listed under its mount is one series.
     let mut seen = std::collections::HashSet::new();
@@ -181,6 +224,12 @@ pub fn render(report: &Report) -> String {
             fam.sample(name, &l, value);
         }
     }
+    let rows: Vec<(String, &[BucketRow])> = files
+        .iter()
+        .zip(&file_labels)
+        .map(|(f, l)| (l.clone(), f.buckets.as_slice()))
+        .collect();
+    bucket_families(&mut out, "throttlefs_", &rows);
     let name = "throttlefs_files_unlisted";
     let mut fam = Family::new(
         &mut out,
@@ -247,6 +296,11 @@ pub fn render(report: &Report) -> String {
     for (l, g) in &groups {
         fam.sample(name, l, u8::from(g.oversubscribed));
     }
+    let rows: Vec<(String, &[BucketRow])> = groups
+        .iter()
+        .map(|(l, g)| (l.clone(), g.buckets.as_slice()))
+        .collect();
+    bucket_families(&mut out, "throttlefs_group_", &rows);
     let name = "throttlefs_group_limit";
     let mut fam = Family::new(
         &mut out,
@@ -273,6 +327,44 @@ pub fn render(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_are_gauges_labelled_with_their_limit() {
+        let file = FileRow {
+            path: "/mnt/a \"b\"".into(),
+            buckets: vec![
+                BucketRow {
+                    name: "bps_rd".into(),
+                    level: 1024,
+                    capacity: 4096,
+                    burst_left_ms: Some(1500),
+                    burst_balance_pct: Some(75),
+                },
+                BucketRow {
+                    name: "iops".into(),
+                    capacity: 10,
+                    ..BucketRow::default()
+                },
+            ],
+            ..FileRow::default()
+        };
+        let report = Report {
+            files: vec![file],
+            ..Report::default()
+        };
+        let text = render(&report);
+        for line in [
+            "throttlefs_bucket_level{file=\"/mnt/a \\\"b\\\"\",limit=\"bps_rd\"} 1024",
+            "throttlefs_bucket_capacity{file=\"/mnt/a \\\"b\\\"\",limit=\"iops\"} 10",
+            "throttlefs_bucket_burst_left_seconds{file=\"/mnt/a \\\"b\\\"\",limit=\"bps_rd\"} 1.5",
+            "throttlefs_bucket_burst_balance_ratio{file=\"/mnt/a \\\"b\\\"\",limit=\"bps_rd\"} 0.75",
+            "# TYPE throttlefs_group_bucket_level gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
+        // No burst, no burst sample.
+        assert!(!text.contains("burst_left_seconds{file=\"/mnt/a \\\"b\\\"\",limit=\"iops\"}"));
+    }
 
     #[test]
     fn label_values_are_escaped() {

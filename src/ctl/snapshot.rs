@@ -12,6 +12,60 @@ use super::failure::Failure;
 use crate::stats::Activity;
 use crate::xattr::{self, unescape_value};
 
+/// One bucket in force, as `user.throttle.stats` (or a group's) shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BucketRow {
+    /// The limit's name: `bps_rd`, `iops`, ...
+    pub name: String,
+    /// Units (bytes or operations) in the bucket, and what it holds.
+    pub level: u64,
+    pub capacity: u64,
+    /// With a `*_max` burst: how long a flow at the burst rate may go on.
+    pub burst_left_ms: Option<u64>,
+    /// With a `*_max` burst: room left, in percent of the capacity.
+    pub burst_balance_pct: Option<u64>,
+}
+
+/// Bucket fields (`NAME_level`, ...) in the order they come, one row per
+/// bucket. Takes `key` if it is one (prefixed with `prefix`).
+fn parse_bucket_field(buckets: &mut Vec<BucketRow>, prefix: &str, key: &str, value: &str) -> bool {
+    let Some(key) = key.strip_prefix(prefix) else {
+        return false;
+    };
+    for suffix in [
+        "_level",
+        "_capacity",
+        "_burst_left_ms",
+        "_burst_balance_pct",
+    ] {
+        let Some(name) = key.strip_suffix(suffix) else {
+            continue;
+        };
+        if crate::throttle::BucketKind::from_name(name).is_none() {
+            return false;
+        }
+        let row = match buckets.iter().position(|b| b.name == name) {
+            Some(i) => &mut buckets[i],
+            None => {
+                buckets.push(BucketRow {
+                    name: name.to_string(),
+                    ..BucketRow::default()
+                });
+                buckets.last_mut().expect("just pushed")
+            }
+        };
+        let n = value.parse().unwrap_or(0);
+        match suffix {
+            "_level" => row.level = n,
+            "_capacity" => row.capacity = n,
+            "_burst_left_ms" => row.burst_left_ms = Some(n),
+            _ => row.burst_balance_pct = Some(n),
+        }
+        return true;
+    }
+    false
+}
+
 /// One file: where it is, what it did, what limits it is under.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileRow {
@@ -37,6 +91,10 @@ pub struct FileRow {
     /// came of it: `size`, `size_gib`, `size_from`, `per_gb_limits` and
     /// any `*_ignored` burst, as `user.throttle.effective` gives them.
     pub sizing: Vec<(String, String)>,
+    /// Its buckets in force, and its group's (only when the file was
+    /// asked for by path: `user.throttle.active` does not list them).
+    pub buckets: Vec<BucketRow>,
+    pub group_buckets: Vec<BucketRow>,
 }
 
 /// One throttle group of a mount.
@@ -52,6 +110,7 @@ pub struct GroupRow {
     pub reserved_iops: u64,
     pub reserved_bps: u64,
     pub oversubscribed: bool,
+    pub buckets: Vec<BucketRow>,
     /// Totals released through the group (wait_ns and the rates are not
     /// kept per group: the rates are the sum of its listed members', 0 for
     /// a group none of whose members is listed).
@@ -221,6 +280,7 @@ pub fn parse_group(name: &str, text: &str) -> GroupRow {
             "reserved_bps" => row.reserved_bps = value.parse().unwrap_or(0),
             "oversubscribed" => row.oversubscribed = value == "1",
             _ if is_limit(key) => row.limits.push((key.to_string(), value.to_string())),
+            _ if parse_bucket_field(&mut row.buckets, "", key, value) => {}
             _ => {
                 row.activity.set(key, value.parse().unwrap_or(0));
             }
@@ -239,7 +299,12 @@ pub fn of_file(path: &Path) -> Result<FileRow, Failure> {
         ..FileRow::default()
     };
     for line in stats.lines() {
-        if let Some((name, value)) = line.split_once('=') {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        if !parse_bucket_field(&mut row.group_buckets, "group_", name, value)
+            && !parse_bucket_field(&mut row.buckets, "", name, value)
+        {
             row.activity.set(name, value.parse().unwrap_or(0));
         }
     }
@@ -384,6 +449,57 @@ mod tests {
         assert!(unlisted > 0 && listed.len() as u64 + unlisted == 1000);
         assert_eq!(listed[..], many[..listed.len()]);
         assert!(text.len() <= 16 * 1024 + "files=0\n".len());
+    }
+
+    #[test]
+    fn bucket_fields_round_trip_through_render_and_parse() {
+        let mut limits = Limits::default();
+        crate::options::apply_limit(&mut limits, "bps_rd", "1M").unwrap();
+        crate::options::apply_limit(&mut limits, "bps_rd_max", "10M").unwrap();
+        crate::options::apply_limit(&mut limits, "bps_rd_max_length", "4").unwrap();
+        crate::options::apply_limit(&mut limits, "iops", "100").unwrap();
+        let mut text = String::new();
+        crate::stats::render_buckets(&mut text, "", &crate::stats::empty_readings(limits));
+        let mut group = Limits::default();
+        crate::options::apply_limit(&mut group, "iops_wr", "50").unwrap();
+        crate::stats::render_buckets(&mut text, "group_", &crate::stats::empty_readings(group));
+        let (mut file, mut of_group) = (Vec::new(), Vec::new());
+        for line in text.lines() {
+            let (k, v) = line.split_once('=').unwrap();
+            assert!(
+                parse_bucket_field(&mut of_group, "group_", k, v)
+                    || parse_bucket_field(&mut file, "", k, v),
+                "{line}"
+            );
+        }
+        let mib = 1024 * 1024;
+        assert_eq!(
+            file,
+            vec![
+                BucketRow {
+                    name: "bps_rd".into(),
+                    level: 0,
+                    capacity: 40 * mib,
+                    burst_left_ms: Some(4444),
+                    burst_balance_pct: Some(100),
+                },
+                BucketRow {
+                    name: "iops".into(),
+                    level: 0,
+                    capacity: 10,
+                    burst_left_ms: None,
+                    burst_balance_pct: None,
+                },
+            ]
+        );
+        assert_eq!(of_group.len(), 1);
+        assert_eq!(
+            (of_group[0].name.as_str(), of_group[0].capacity),
+            ("iops_wr", 5)
+        );
+        // Other fields are not taken for buckets.
+        assert!(!parse_bucket_field(&mut file, "", "read_bytes", "1"));
+        assert!(!parse_bucket_field(&mut file, "", "bogus_level", "1"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::snapshot::{FileRow, GroupRow, Report};
+use super::snapshot::{BucketRow, FileRow, GroupRow, Report};
 use crate::stats::Activity;
 
 /// `stat`'s table: every group and file of each mount, then the files
@@ -45,6 +45,8 @@ pub struct Row {
     pub activity: Activity,
     /// Open handles, or members for a group.
     pub count: Option<u64>,
+    /// The burst left (`burst_left`), or `-`.
+    pub burst: String,
 }
 
 impl Row {
@@ -71,6 +73,7 @@ impl Row {
             limits,
             activity: f.activity,
             count: f.open,
+            burst: burst_left(&f.buckets),
         }
     }
 
@@ -94,7 +97,26 @@ impl Row {
             limits,
             activity: g.activity,
             count: Some(g.members),
+            burst: burst_left(&g.buckets),
         }
+    }
+}
+
+/// Of the buckets with a `*_max` burst, the one with the least balance:
+/// the seconds a flow at its burst rate may go on, and the balance in
+/// percent (`4.4s 100%`); `-` without a burst (or buckets not read, as
+/// for the files `top` and a mount's `stat` list).
+pub fn burst_left(buckets: &[BucketRow]) -> String {
+    let least = buckets
+        .iter()
+        .filter_map(|b| Some((b.burst_balance_pct?, b)))
+        .min_by_key(|(pct, _)| *pct);
+    match least {
+        None => "-".into(),
+        Some((pct, b)) => match b.burst_left_ms {
+            Some(ms) => format!("{:.1}s {pct}%", ms as f64 / 1000.0),
+            None => format!("{pct}%"),
+        },
     }
 }
 
@@ -156,13 +178,14 @@ fn mib(bytes: u64) -> String {
     format!("{:.2}", bytes as f64 / (1024.0 * 1024.0))
 }
 
-const HEADERS: [&str; 8] = [
+const HEADERS: [&str; 9] = [
     "READ MiB/s",
     "WRITE MiB/s",
     "R IOPS",
     "W IOPS",
     "WAITING",
     "WAITED s",
+    "BURST LEFT",
     "GROUP",
     "PATH",
 ];
@@ -187,6 +210,7 @@ pub fn table(rows: &[Row], totals: bool, width: usize) -> String {
                 } else {
                     format!("{:.2}", a.wait_ns as f64 / 1e9)
                 },
+                r.burst.clone(),
             ];
             if totals {
                 c.push(mib(a.bytes[0]));
@@ -199,11 +223,11 @@ pub fn table(rows: &[Row], totals: bool, width: usize) -> String {
             c
         })
         .collect();
-    let mut headers: Vec<&str> = HEADERS[..6].to_vec();
+    let mut headers: Vec<&str> = HEADERS[..7].to_vec();
     if totals {
         headers.extend(TOTAL_HEADERS);
     }
-    headers.extend(&HEADERS[6..]);
+    headers.extend(&HEADERS[7..]);
     headers.push("LIMITS (FROM)");
     let numbers = headers.len() - 3;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
@@ -245,6 +269,25 @@ mod tests {
         assert_eq!(short_value("iops", "1024"), "1024");
         assert_eq!(short_value("bps_max_length", "0.5"), "0.5s");
         assert_eq!(short_value("iops_size", "4096"), "4K");
+    }
+
+    #[test]
+    fn burst_left_shows_the_bucket_with_the_least() {
+        let bucket = |name: &str, ms, pct| BucketRow {
+            name: name.into(),
+            burst_left_ms: ms,
+            burst_balance_pct: pct,
+            ..BucketRow::default()
+        };
+        assert_eq!(burst_left(&[]), "-");
+        assert_eq!(burst_left(&[bucket("iops", None, None)]), "-");
+        let both = [
+            bucket("bps_rd", Some(4444), Some(100)),
+            bucket("iops_wr", Some(1260), Some(25)),
+            bucket("iops", None, None),
+        ];
+        assert_eq!(burst_left(&both), "1.3s 25%");
+        assert_eq!(burst_left(&[bucket("bps", None, Some(50))]), "50%");
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::options::{is_per_gb_name, per_gb_in_group};
 use crate::qos::{self, QosSettings};
 use crate::scheduler::Msg;
 use crate::sizing;
-use crate::stats::{Effective, Origin};
+use crate::stats::{self, Effective, Origin};
 use crate::throttle::Limits;
 use crate::xattr::{self, Attr, OwnSet};
 
@@ -599,11 +599,12 @@ impl ThrottleFs {
             out.push_str(&format!("{name}={value}\n"));
         }
         out.push_str(&format!("members={}\n", report.members.len()));
-        let tail = format!(
+        let mut tail = format!(
             "waiting={}\nread_bytes={}\nread_ops={}\nwrite_bytes={}\nwrite_ops={}\n",
             report.waiting, report.bytes[0], report.ops[0], report.bytes[1], report.ops[1]
         );
-        let tail = tail + &qos::render_group_reservations(&report, &limits);
+        tail += &qos::render_group_reservations(&report, &limits);
+        stats::render_buckets(&mut tail, "", &report.buckets);
         // One line per member until the value would pass what an xattr may
         // hold; then only how many were left out.
         let mut unlisted = 0;
@@ -626,6 +627,37 @@ impl ThrottleFs {
         }
         out.push_str(&tail);
         Some(out.into_bytes())
+    }
+
+    /// `user.throttle.stats`: the file's counters, then its buckets and
+    /// its group's as the scheduler has them now (empty where it has none).
+    fn file_stats(&self, node: &InodeRef) -> String {
+        let mut out = node.shared.render_stats();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let buckets = self
+            .scheduler
+            .send(Msg::FileBuckets {
+                file: node.ino,
+                reply: tx,
+            })
+            .ok()
+            .and_then(|()| rx.recv_timeout(GROUP_STATS_TIMEOUT).ok())
+            .unwrap_or_default();
+        // A file never opened is resolved for this answer only.
+        let eff = node.shared.effective.lock().expect("effective").clone();
+        let eff = eff.unwrap_or_else(|| self.resolve(node));
+        let file = buckets
+            .file
+            .unwrap_or_else(|| stats::empty_readings(eff.limits));
+        stats::render_buckets(&mut out, "", &file);
+        let group = buckets.group.or_else(|| {
+            let (name, _) = eff.group.as_ref()?;
+            Some(stats::empty_readings(self.group_limits(name).0))
+        });
+        if let Some(group) = group {
+            stats::render_buckets(&mut out, "group_", &group);
+        }
+        out
     }
 
     fn generated_attr_applies(&self, node: &InodeRef, attr: &Attr) -> bool {
@@ -661,7 +693,7 @@ impl ThrottleFs {
                 let passthrough = node.shared.passthrough_handles();
                 Some(xattr::render_effective(&eff, passthrough).into_bytes())
             }
-            Attr::Stats => Some(node.shared.render_stats().into_bytes()),
+            Attr::Stats => Some(self.file_stats(node).into_bytes()),
             _ => None,
         }
     }

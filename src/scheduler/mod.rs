@@ -48,7 +48,7 @@ use fuser::Errno;
 use crate::io::{Completion, Job, JobSender, Released};
 use crate::qos::Qos;
 use crate::stats::FileShared;
-use crate::throttle::{Direction, Limits};
+use crate::throttle::{BucketReading, Direction, Limits};
 
 pub use credit::{Credit, Leftover};
 use deadline::Wake;
@@ -94,6 +94,11 @@ pub enum Msg {
         name: String,
         reply: Sender<GroupReport>,
     },
+    /// The buckets of `file` and of its group as they stand now.
+    FileBuckets {
+        file: u64,
+        reply: Sender<FileBuckets>,
+    },
     /// The I/O pool finished a job of this file.
     Done(Completion),
     /// The kernel forgot the inode. With `keep` (a descriptor of the
@@ -128,6 +133,16 @@ pub struct GroupReport {
     pub reserved_bps: u64,
     /// Requests released because a reservation was due.
     pub reserved_ops: u64,
+    /// The group's buckets in force, as they stand now.
+    pub buckets: Vec<BucketReading>,
+}
+
+/// What `user.throttle.stats` shows of a file's buckets and its group's;
+/// `None` where the scheduler has no state (the buckets are empty).
+#[derive(Clone, Debug, Default)]
+pub struct FileBuckets {
+    pub file: Option<Vec<BucketReading>>,
+    pub group: Option<Vec<BucketReading>>,
 }
 
 /// A request waiting in a file's queue, with the kernel's id for it.
@@ -369,9 +384,21 @@ impl Scheduler {
                         members,
                         bytes: g.bytes,
                         ops: g.ops,
+                        buckets: g.state.readings(self.since_epoch(now)),
                     }
                 });
                 let _ = reply.send(report.unwrap_or_default());
+            }
+            Msg::FileBuckets { file, reply } => {
+                let at = self.since_epoch(now);
+                let f = self.files.get(&file);
+                let group = f
+                    .and_then(|f| f.group.as_ref())
+                    .and_then(|name| self.groups.get(name));
+                let _ = reply.send(FileBuckets {
+                    file: f.map(|f| f.state.readings(at)),
+                    group: group.map(|g| g.state.readings(at)),
+                });
             }
             Msg::Interrupt(unique) => self.interrupt(unique, now),
             Msg::Done(Completion { file, unmoved }) => {
