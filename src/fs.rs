@@ -550,6 +550,23 @@ impl ThrottleFs {
     /// bit to clear). Whether it changed the mode: the kernel's cached
     /// attributes are then stale, and a caller that answers with no
     /// attributes must say so (`mode_changed`).
+    /// chown(-1, -1) of the object `fd` holds, for a caller with
+    /// CAP_FSETID, as we have it: the source clears setuid, and setgid when
+    /// group-executable, and sets its change time.
+    fn chown_no_change(fd: RawFd) -> Result<()> {
+        // SAFETY: fchownat on a descriptor we hold; -1 changes no id.
+        check(unsafe {
+            libc::fchownat(
+                fd,
+                c"".as_ptr(),
+                u32::MAX,
+                u32::MAX,
+                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })?;
+        Ok(())
+    }
+
     fn kill_suidgid(req: &Request, fd: RawFd, flagged: bool) -> Result<bool> {
         let st = stat_fd(fd)?;
         let old = st.st_mode & 0o7777;
@@ -935,10 +952,13 @@ impl ThrottleFs {
         fh: Option<FileHandle>,
     ) -> Result<FileAttr> {
         let node = self.inode(ino)?;
-        // With FUSE_HANDLE_KILLPRIV_V2, before a write that does not reach
-        // us (a passthrough write) to a file with setuid or setgid, the
-        // kernel asks, with the writer's credentials, for what the write
-        // drops: a SETATTR that sets nothing. Done as for a write we see.
+        // With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves the clearing of
+        // setuid and setgid to us, and asks for it with a SETATTR that sets
+        // nothing, with the caller's credentials, in two cases: before a
+        // write that does not reach us (a passthrough write) by a caller
+        // without CAP_FSETID, done as for a write we see; and for a
+        // chown(-1, -1), by anyone, which clears setuid even for root. So
+        // from a caller with CAP_FSETID it can only be the chown.
         let nothing = mode.is_none()
             && uid.is_none()
             && gid.is_none()
@@ -946,7 +966,13 @@ impl ThrottleFs {
             && atime.is_none()
             && mtime.is_none();
         if self.killpriv_v2 && nothing && node.is_file() {
-            Self::kill_suidgid(req, node.fd, false)?;
+            if caller_has_fsetid(req) {
+                Self::chown_no_change(node.fd)?;
+            } else {
+                // For a caller without CAP_FSETID, a chown(-1, -1) clears
+                // what such a write clears.
+                Self::kill_suidgid(req, node.fd, false)?;
+            }
         }
         let handle = fh.and_then(|fh| self.handle(fh).ok());
         let path = proc_path(node.fd);

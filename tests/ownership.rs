@@ -7,6 +7,8 @@
 //!   as the kernel would (group-executable, or the writer is not in the
 //!   file's group), on an unthrottled and on a throttled file, and with
 //!   `--passthrough`; by root (CAP_FSETID) it keeps them;
+//! - chown(-1, -1) and fchown(-1, -1) by root clear setuid, and setgid when
+//!   group-executable, with and without `--passthrough`;
 //! - files, directories, symlinks and fifos made in a setgid directory get
 //!   the directory's group, and new directories keep the setgid bit.
 
@@ -314,4 +316,68 @@ fn write_by_a_supplementary_member(mount_args: &[&str], script: &str) {
     assert_eq!(want.2 & 0o7777, 0o2767, "plain filesystem reference");
     assert_eq!(fmt(owner_and_mode(&m.src_path("dut/f"))), fmt(want));
     assert_eq!(fmt(owner_and_mode(&m.path("dut/f"))), fmt(want));
+}
+
+/// chown(-1, -1) and fchown(-1, -1) by root change no id but clear setuid,
+/// and setgid when group-executable, as on the source. With
+/// FUSE_HANDLE_KILLPRIV_V2 (asked for with `--passthrough`) the kernel
+/// leaves that to the daemon and sends a SETATTR of the change time alone.
+fn assert_chown_to_no_change_kills_privileges_like_the_source(args: &[&str]) {
+    let m = common::mount_ref_dut(
+        |dir| {
+            for (name, mode, gid) in PRIVILEGED {
+                for how in ["path", "fd"] {
+                    let f = dir.join(format!("{how}-{name}"));
+                    fs::write(&f, b"data").unwrap();
+                    chown(&f, 0, gid);
+                    chmod(&f, mode);
+                }
+            }
+        },
+        args,
+    );
+    let mut diffs = Vec::new();
+    for (name, mode, _) in PRIVILEGED {
+        for how in ["path", "fd"] {
+            let file = format!("{how}-{name}");
+            for target in [
+                m.src_path(&format!("ref/{file}")),
+                m.path(&format!("dut/{file}")),
+            ] {
+                if how == "path" {
+                    std::os::unix::fs::chown(&target, None, None).unwrap();
+                } else {
+                    let f = fs::File::open(&target).unwrap();
+                    std::os::unix::fs::fchown(&f, None, None).unwrap();
+                }
+            }
+            let quick = mode_only(&m.path(&format!("dut/{file}")));
+            let want = owner_and_mode(&m.src_path(&format!("ref/{file}")));
+            let got = owner_and_mode(&m.src_path(&format!("dut/{file}")));
+            let seen = owner_and_mode(&m.path(&format!("dut/{file}")));
+            if got != want || seen != want || quick != want.2 {
+                diffs.push(format!(
+                    "{file} (was {mode:o}): plain {}, source under the mount {}, \
+                     seen through the mount {}, its mode alone at once {quick:o}",
+                    fmt(want),
+                    fmt(got),
+                    fmt(seen)
+                ));
+            }
+        }
+    }
+    assert!(diffs.is_empty(), "modes differ:\n{}", diffs.join("\n"));
+    // Control: on the plain filesystem root's chown cleared setuid.
+    let plain = owner_and_mode(&m.src_path("ref/path-suid")).2;
+    assert_eq!(plain & 0o7777, 0o777, "plain filesystem reference");
+}
+
+#[test]
+fn chown_to_no_change_clears_setuid_like_the_source() {
+    assert_chown_to_no_change_kills_privileges_like_the_source(&[]);
+}
+
+#[test]
+fn passthrough_chown_to_no_change_clears_setuid_like_the_source() {
+    assert_chown_to_no_change_kills_privileges_like_the_source(&["--passthrough"]);
 }
