@@ -342,7 +342,7 @@ impl Scheduler {
                     .groups
                     .entry(name.clone())
                     .or_insert_with(|| Group::new(limits, at));
-                g.state.set_limits(limits, at);
+                g.set_limits(limits, at);
                 let members: Vec<u64> = g.members.keys().copied().collect();
                 if !limits.is_unlimited() {
                     for member in &members {
