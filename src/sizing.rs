@@ -207,6 +207,8 @@ pub fn derive(eff: &mut Effective, fd: RawFd, watch: &SizeWatch) {
     };
     if !set.has_per_gb() {
         watch.active.store(false, Ordering::SeqCst);
+        // Unwatched, the file may be emptied and made a qcow2 unseen.
+        watch.raw_with_data.store(false, Ordering::SeqCst);
         eff.sizing = None;
         return;
     }

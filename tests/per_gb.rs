@@ -204,6 +204,26 @@ fn a_guest_writing_a_qcow2_header_into_its_raw_disk_keeps_its_limit() {
     qemu_img_create("qcow2", &image, "200G");
     assert_eq!(field(&image, "size_from").as_deref(), Some("qcow2"));
     assert_eq!(field(&image, "iops").as_deref(), Some("600"));
+    // Raw with data again, then made a qcow2 while no per-GiB limit
+    // watched it: read as a qcow2 when one is set again.
+    let held = OpenOptions::new().write(true).open(&image).unwrap();
+    held.write_all_at(&[1u8; 512], 0).unwrap();
+    assert_eq!(field(&image, "size_from").as_deref(), Some("file"));
+    for name in ["iops_per_gb_min", "iops_per_gb"] {
+        run(
+            "setfattr",
+            &[
+                "-x",
+                &format!("user.throttle.{name}"),
+                image.to_str().unwrap(),
+            ],
+        );
+    }
+    qemu_img_create("qcow2", &image, "300G");
+    setfattr(&image, "user.throttle.iops_per_gb", "3");
+    assert_eq!(field(&image, "size_from").as_deref(), Some("qcow2"));
+    assert_eq!(field(&image, "iops").as_deref(), Some("900"));
+    drop(held);
 }
 
 #[test]
