@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use crate::options::{parse_count, parse_size};
 use crate::scheduler::GroupReport;
 use crate::stats::Origin;
-use crate::throttle::{BucketKind, Limits};
+use crate::throttle::{BucketKind, Limits, MAX_LIMIT_VALUE};
 
 /// A member's weight when none is set: equal weights share as before
 /// weights existed.
@@ -73,8 +73,20 @@ pub fn parse(name: &str, text: &str) -> Result<u64, String> {
             }
             Ok(w)
         }
-        RESERVE_IOPS => parse_count(text).map_err(named),
-        RESERVE_BPS => parse_size(text).map_err(named),
+        RESERVE_IOPS | RESERVE_BPS => {
+            let r = if name == RESERVE_IOPS {
+                parse_count(text)
+            } else {
+                parse_size(text)
+            }
+            .map_err(named)?;
+            // The limits' bound: a reservation is a rate as they are, and
+            // the group sums them.
+            if r > MAX_LIMIT_VALUE {
+                return Err(format!("{name} must be at most {MAX_LIMIT_VALUE}"));
+            }
+            Ok(r)
+        }
         _ => Err(format!("unknown setting {name}")),
     }
 }
@@ -237,6 +249,17 @@ mod tests {
         assert!(parse(RESERVE_IOPS, "1K").is_err());
         assert_eq!(parse(RESERVE_BPS, "10M").unwrap(), 10 << 20);
         assert_eq!(parse(RESERVE_BPS, "0").unwrap(), 0);
+        // At most 10^15, as every limit: no sum of them wraps.
+        assert_eq!(
+            parse(RESERVE_IOPS, "1000000000000000").unwrap(),
+            1_000_000_000_000_000
+        );
+        assert_eq!(
+            parse(RESERVE_IOPS, "1000000000000001").unwrap_err(),
+            "reserve_iops must be at most 1000000000000000"
+        );
+        assert!(parse(RESERVE_BPS, "18446744073709551615").is_err());
+        assert!(parse(RESERVE_BPS, "2P").is_err());
         assert_eq!(canonical(RESERVE_BPS, b"1K").unwrap(), "1024");
         assert!(canonical(WEIGHT, b"\xff").is_err());
     }

@@ -87,6 +87,11 @@ pub fn disk_size(head: &[u8], file_bytes: u64) -> DiskSize {
 /// its header is read through a read-only open of its /proc path, since
 /// the descriptor at hand may not be open for reading.
 pub fn read_disk_size(fd: RawFd) -> std::io::Result<DiskSize> {
+    read_disk_and_file_size(fd).map(|(disk, _)| disk)
+}
+
+/// `read_disk_size`, and the file's own size.
+fn read_disk_and_file_size(fd: RawFd) -> std::io::Result<(DiskSize, u64)> {
     // SAFETY: fstat fills a zeroed, valid out-structure.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
@@ -94,7 +99,7 @@ pub fn read_disk_size(fd: RawFd) -> std::io::Result<DiskSize> {
     }
     let file_bytes = u64::try_from(st.st_size).unwrap_or(0);
     if file_bytes < QCOW2_SIZE_END_BYTES {
-        return Ok(disk_size(&[], file_bytes));
+        return Ok((disk_size(&[], file_bytes), file_bytes));
     }
     let path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
     // SAFETY: open of a NUL-terminated path.
@@ -111,7 +116,7 @@ pub fn read_disk_size(fd: RawFd) -> std::io::Result<DiskSize> {
     if n < 0 {
         return Err(err);
     }
-    Ok(disk_size(&head[..n as usize], file_bytes))
+    Ok((disk_size(&head[..n as usize], file_bytes), file_bytes))
 }
 
 /// How a file's per-GiB limits were made concrete.
@@ -135,6 +140,12 @@ pub struct SizeWatch {
     growth_limit_bytes: AtomicU64,
     /// The scheduler, weakly: a file must not keep its inbox open.
     scheduler: OnceLock<Weak<SchedulerTx>>,
+    /// The file was sized as a raw disk with a header's worth of data in
+    /// it: a qcow2 header appearing in it later is its guest's data (a
+    /// guest owns every byte of a raw disk, and 32 of them would make its
+    /// own limit as large as it likes), not a new format. Cleared when
+    /// the file is emptied, as `qemu-img create` and `convert` do first.
+    raw_with_data: AtomicBool,
 }
 
 impl Default for SizeWatch {
@@ -143,6 +154,7 @@ impl Default for SizeWatch {
             active: AtomicBool::new(false),
             growth_limit_bytes: AtomicU64::new(u64::MAX),
             scheduler: OnceLock::new(),
+            raw_with_data: AtomicBool::new(false),
         }
     }
 }
@@ -160,6 +172,27 @@ impl SizeWatch {
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::SeqCst)
     }
+
+    /// The size to count for a file of `file_bytes` whose header reads as
+    /// `read`: a qcow2 header is believed unless the file was seen before
+    /// as a raw disk with data (see `raw_with_data`).
+    fn settle(&self, read: DiskSize, file_bytes: u64) -> DiskSize {
+        if file_bytes < QCOW2_SIZE_END_BYTES {
+            self.raw_with_data.store(false, Ordering::SeqCst);
+            return read;
+        }
+        if !read.qcow2 {
+            self.raw_with_data.store(true, Ordering::SeqCst);
+            return read;
+        }
+        if self.raw_with_data.load(Ordering::SeqCst) {
+            return DiskSize {
+                bytes: file_bytes,
+                qcow2: false,
+            };
+        }
+        read
+    }
 }
 
 /// Turn `eff`'s per-GiB limits, if it has any, into fixed ones for the
@@ -174,6 +207,8 @@ pub fn derive(eff: &mut Effective, fd: RawFd, watch: &SizeWatch) {
     };
     if !set.has_per_gb() {
         watch.active.store(false, Ordering::SeqCst);
+        // Unwatched, the file may be emptied and made a qcow2 unseen.
+        watch.raw_with_data.store(false, Ordering::SeqCst);
         eff.sizing = None;
         return;
     }
@@ -181,8 +216,17 @@ pub fn derive(eff: &mut Effective, fd: RawFd, watch: &SizeWatch) {
     // where it waits for the lock and reads the size again.
     watch.growth_limit_bytes.store(0, Ordering::SeqCst);
     watch.active.store(true, Ordering::SeqCst);
-    let size = match read_disk_size(fd) {
-        Ok(size) => size,
+    let size = match read_disk_and_file_size(fd) {
+        Ok((read, file_bytes)) => {
+            let size = watch.settle(read, file_bytes);
+            if size != read {
+                log::warn!(
+                    "inode fd {fd}: a qcow2 header was written into a raw disk; \
+                     its size stays the file's ({file_bytes} bytes)"
+                );
+            }
+            size
+        }
         Err(e) => {
             // Keep what was in force; the next change retries.
             log::warn!("inode fd {fd}: reading the disk's size for per-GiB limits: {e}");
@@ -320,6 +364,26 @@ mod tests {
             qcow2: true,
         };
         assert_eq!(qcow2.growth_limit_bytes(), u64::MAX);
+    }
+
+    #[test]
+    fn a_raw_disk_with_data_does_not_become_qcow2_by_a_write() {
+        let w = SizeWatch::default();
+        let qcow2 = |bytes| DiskSize { bytes, qcow2: true };
+        let raw = |bytes| DiskSize {
+            bytes,
+            qcow2: false,
+        };
+        // A file first seen as qcow2 stays one through resizes.
+        assert_eq!(w.settle(qcow2(50 << 30), 196_608), qcow2(50 << 30));
+        assert_eq!(w.settle(qcow2(100 << 30), 196_608), qcow2(100 << 30));
+        // A raw disk's guest writes a qcow2 header with a huge size: the
+        // size stays the file's.
+        assert_eq!(w.settle(raw(2 << 30), 2 << 30), raw(2 << 30));
+        assert_eq!(w.settle(qcow2(1 << 60), 2 << 30), raw(2 << 30));
+        // Emptied (qemu-img create over it), it may become a qcow2.
+        assert_eq!(w.settle(raw(0), 0), raw(0));
+        assert_eq!(w.settle(qcow2(20 << 30), 196_608), qcow2(20 << 30));
     }
 
     #[test]

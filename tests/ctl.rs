@@ -502,6 +502,7 @@ fn stat_json_counts_known_traffic_exactly() {
 /// `name{labels} value`, its family has exactly one HELP and one TYPE line
 /// before its samples, and a family's lines are together.
 fn check_exposition(text: &str) {
+    let mut series_seen = std::collections::HashSet::new();
     let mut families: Vec<String> = Vec::new();
     let mut typed: HashMap<String, String> = HashMap::new();
     let mut helped = HashMap::new();
@@ -530,6 +531,7 @@ fn check_exposition(text: &str) {
         value
             .parse::<f64>()
             .unwrap_or_else(|_| panic!("value in {line}"));
+        assert!(series_seen.insert(series.to_string()), "twice: {line}");
         let name = series.split('{').next().unwrap();
         assert_eq!(families.last().map(String::as_str), Some(name), "{line}");
         assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
@@ -566,6 +568,9 @@ fn stat_prometheus_counts_known_traffic_exactly() {
     common::attrs::sys_set_attr(&path, "user.throttle.group", "g1");
     let text = ctl_ok(&["stat", "--prometheus", s(m.mnt())]);
     check_exposition(&text);
+    // Named twice, the mount is reported once.
+    let twice = format!("{}/", m.mnt().display());
+    check_exposition(&ctl_ok(&["stat", "--prometheus", s(m.mnt()), &twice]));
     let label = format!("{{file=\"{}/we\\\"ird \\\\name.img\"}}", m.mnt().display());
     for (name, value) in [
         (

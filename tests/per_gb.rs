@@ -172,6 +172,60 @@ fn a_raw_file_growing_by_writes_into_its_next_gib() {
     );
 }
 
+/// A qcow2 header with virtual size `bytes`, as a guest could write it
+/// into the first sector of its raw disk.
+fn forged_qcow2_header(bytes: u64) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[..4].copy_from_slice(b"QFI\xfb");
+    h[4..8].copy_from_slice(&3u32.to_be_bytes());
+    h[24..32].copy_from_slice(&bytes.to_be_bytes());
+    h
+}
+
+#[test]
+fn a_guest_writing_a_qcow2_header_into_its_raw_disk_keeps_its_limit() {
+    let m = Mount::with_setup(|src| sparse(src, "guest.img", 100 * GIB), &[]);
+    let image = m.path("guest.img");
+    setfattr(&image, "user.throttle.iops_per_gb", "3");
+    // So that qemu-img's writes to the emptied file below go quickly.
+    setfattr(&image, "user.throttle.iops_per_gb_min", "300");
+    let guest = OpenOptions::new().write(true).open(&image).unwrap();
+    assert_eq!(field(&image, "iops").as_deref(), Some("300"));
+    // 32 bytes the guest owns would otherwise make it a 1 EiB disk.
+    guest
+        .write_all_at(&forged_qcow2_header(1 << 60), 0)
+        .unwrap();
+    let e = effective(&image);
+    assert_eq!(e["iops"], "300", "{e:?}");
+    assert_eq!(e["size_from"], "file", "{e:?}");
+    drop(guest);
+    // Made a qcow2 through the mount (emptied first, as qemu-img does),
+    // it is one.
+    qemu_img_create("qcow2", &image, "200G");
+    assert_eq!(field(&image, "size_from").as_deref(), Some("qcow2"));
+    assert_eq!(field(&image, "iops").as_deref(), Some("600"));
+    // Raw with data again, then made a qcow2 while no per-GiB limit
+    // watched it: read as a qcow2 when one is set again.
+    let held = OpenOptions::new().write(true).open(&image).unwrap();
+    held.write_all_at(&[1u8; 512], 0).unwrap();
+    assert_eq!(field(&image, "size_from").as_deref(), Some("file"));
+    for name in ["iops_per_gb_min", "iops_per_gb"] {
+        run(
+            "setfattr",
+            &[
+                "-x",
+                &format!("user.throttle.{name}"),
+                image.to_str().unwrap(),
+            ],
+        );
+    }
+    qemu_img_create("qcow2", &image, "300G");
+    setfattr(&image, "user.throttle.iops_per_gb", "3");
+    assert_eq!(field(&image, "size_from").as_deref(), Some("qcow2"));
+    assert_eq!(field(&image, "iops").as_deref(), Some("900"));
+    drop(held);
+}
+
 #[test]
 fn floor_ceiling_bursts_and_conflicts() {
     let m = Mount::with_setup(

@@ -141,7 +141,13 @@ pub struct Report {
 /// file on a mount.
 pub fn collect(paths: &[PathBuf]) -> Result<Report, Failure> {
     let mut report = Report::default();
+    // A path named twice (`stat MNT MNT/`) is reported once: twice would
+    // repeat every series of the Prometheus output.
+    let mut seen = std::collections::HashSet::new();
     for path in paths {
+        if !seen.insert(absolute(path)) {
+            continue;
+        }
         if path.is_dir() {
             report.mounts.push(of_mount(path)?);
         } else {

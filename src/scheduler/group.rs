@@ -129,6 +129,24 @@ impl Group {
         }
     }
 
+    /// New limits for the group, its members' levels kept. When they
+    /// change what service counts in (bytes or requests), every member's
+    /// service level restarts at 0: levels in bytes read as requests would
+    /// leave a member ahead by one 1 MiB request behind its mates for a
+    /// million of their requests. O(members), on a limit change only.
+    pub(super) fn set_limits(&mut self, limits: Limits, at: Duration) {
+        let by_bytes = self.counts_bytes();
+        self.state.set_limits(limits, at);
+        if self.counts_bytes() == by_bytes {
+            return;
+        }
+        self.vtime = 0;
+        self.departed.clear();
+        for member in self.members.keys().copied().collect::<Vec<_>>() {
+            self.set_served(member, 0);
+        }
+    }
+
     /// `member` joins, or has requests again after none: it resumes no
     /// lower than the virtual time.
     pub(super) fn rejoin(&mut self, member: u64) {
@@ -782,6 +800,21 @@ mod tests {
         let mut f = member_queue(Limits::default(), count, bytes);
         f.qos = q;
         f
+    }
+
+    #[test]
+    fn a_group_that_goes_from_bytes_to_requests_shares_requests_at_once() {
+        const MIB: u64 = 1024 * KIB;
+        let mut files = HashMap::new();
+        files.insert(1, member_queue(Limits::default(), 1000, MIB));
+        files.insert(2, member_queue(Limits::default(), 1000, 4 * KIB));
+        let mut group = group_of(limits(BucketKind::BpsRead, 8 * MIB), &[1, 2]);
+        // Member 1 is a 1 MiB request ahead, as it may be at any moment.
+        group.set_served(1, u128::from(MIB) * TAG_UNITS_PER_COST_AT_WEIGHT_1 / 100);
+        group.set_limits(limits(BucketKind::IopsRead, 300), Duration::ZERO);
+        let moved = drive_group(&mut files, &mut group, Duration::from_secs(2));
+        let ops: Vec<u64> = (1..=2).map(|m| moved[&m].1).collect();
+        assert!(ops[0].abs_diff(ops[1]) <= 1, "{ops:?}");
     }
 
     #[test]

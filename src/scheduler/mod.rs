@@ -342,7 +342,7 @@ impl Scheduler {
                     .groups
                     .entry(name.clone())
                     .or_insert_with(|| Group::new(limits, at));
-                g.state.set_limits(limits, at);
+                g.set_limits(limits, at);
                 let members: Vec<u64> = g.members.keys().copied().collect();
                 if !limits.is_unlimited() {
                     for member in &members {
@@ -372,8 +372,10 @@ impl Scheduler {
                             .map(|f| f.qos)
                     };
                     GroupReport {
-                        reserved_iops: qos().map(|q| q.reserve_iops).sum(),
-                        reserved_bps: qos().map(|q| q.reserve_bps).sum(),
+                        // Saturating: each is at most 10^15, but a group
+                        // has no bound on its members.
+                        reserved_iops: qos().fold(0, |s, q| s.saturating_add(q.reserve_iops)),
+                        reserved_bps: qos().fold(0, |s, q| s.saturating_add(q.reserve_bps)),
                         reserved_ops: g.reserved_ops,
                         limits: *g.state.limits(),
                         waiting: members
