@@ -31,7 +31,7 @@ use fuser::{
 
 use crate::io::{self as fio, Completion, DirectFd, DirectSender, Flight, Handle, Job};
 use crate::scheduler::{Msg, SchedulerTx};
-use crate::sizing;
+use crate::sizing::{self, ImageFormat};
 use crate::stats::FileShared;
 use crate::throttle::{Direction, Limits};
 use crate::xattr::{self, Attr};
@@ -234,6 +234,9 @@ pub struct ThrottleFs {
     limits: Limits,
     /// Throttle groups' limits from the mount options.
     group_defaults: HashMap<String, Limits>,
+    /// How per-GiB limits size disks where no attribute says
+    /// (`--image-format`, `-o image_format=`).
+    image_format: ImageFormat,
     our_uid: u32,
     /// The kernel checks POSIX ACLs (FUSE_POSIX_ACL granted at INIT);
     /// without it, `system.posix_acl_*` cannot be set.
@@ -384,6 +387,13 @@ fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
 }
 
 impl ThrottleFs {
+    /// How per-GiB limits size disks where no `user.throttle.image_format`
+    /// says (the mount option; `Auto` unless given).
+    pub fn with_image_format(mut self, format: ImageFormat) -> ThrottleFs {
+        self.image_format = format;
+        self
+    }
+
     /// Open the source directory as the root inode.
     pub fn new(
         source: &Path,
@@ -431,6 +441,7 @@ impl ThrottleFs {
         table.by_key.insert(key, INodeNo::ROOT.0);
         let fs = ThrottleFs {
             group_defaults: groups.iter().cloned().collect(),
+            image_format: ImageFormat::Auto,
             source: source.to_path_buf(),
             root_key: key,
             inodes: RwLock::new(table),
@@ -1885,6 +1896,9 @@ impl Filesystem for ThrottleFs {
                     return self.set_limit(&node, &cname, &limit, value, flags);
                 }
                 Some(Attr::Group) => return self.set_group(&node, &cname, value, flags),
+                Some(Attr::ImageFormat) => {
+                    return self.set_image_format(&node, &cname, value, flags);
+                }
                 Some(Attr::Qos(setting)) => {
                     return self.set_qos(&node, &cname, &setting, value, flags);
                 }
@@ -1998,7 +2012,7 @@ impl Filesystem for ThrottleFs {
                 Some(Attr::Effective | Attr::Stats | Attr::Active | Attr::GroupStats(_)) => {
                     return Err(Errno::EPERM);
                 }
-                Some(Attr::Group | Attr::Qos(_)) => {
+                Some(Attr::Group | Attr::Qos(_) | Attr::ImageFormat) => {
                     remove_raw(node.fd, &cname)?;
                     self.after_change(&node);
                     return Ok(());

@@ -220,6 +220,7 @@ fn run(cfg: MountConfig, ready: Readiness) -> Result<()> {
         unthrottled,
         cfg.passthrough,
     )
+    .map(|fs| fs.with_image_format(cfg.image_format))
     .with_context(|| format!("opening source '{}'", cfg.source.display()))?;
 
     let mut options = cfg.fuse_options.clone();

@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser, ValueHint};
 
+use crate::sizing::{IMAGE_FORMAT, ImageFormat};
 use crate::throttle::{BucketKind, Limits};
 
 /// Worker threads doing the real file I/O when `--io-threads` is not given.
@@ -239,6 +240,10 @@ pub struct MountConfig {
 
     /// `--seccomp` / `-o seccomp=`: the system call filter.
     pub seccomp: SeccompMode,
+
+    /// `--image-format` / `-o image_format=`: how per-GiB limits size a
+    /// disk where no `user.throttle.image_format` says.
+    pub image_format: ImageFormat,
 }
 
 /// Longest throttle group name.
@@ -364,6 +369,11 @@ struct Cli {
     /// it), log (they are logged by the kernel, for diagnosing), none
     #[arg(long, value_name = "kill|log|none", action = ArgAction::Append)]
     seccomp: Vec<String>,
+    /// how per-GiB limits size a disk where no user.throttle.image_format
+    /// says: raw (the file's size), qcow2 (the header's virtual size), auto
+    /// (probe the header, the default)
+    #[arg(long, value_name = "raw|qcow2|auto", action = ArgAction::Append)]
+    image_format: Vec<String>,
     /// limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable
     #[arg(long, value_name = "NAME:LIMIT=VALUE[,...]", action = ArgAction::Append)]
     group: Vec<String>,
@@ -872,6 +882,7 @@ fn after_help() -> String {
          io_uring=auto|on|off (same as --io-uring),\n  \
          sandbox=landlock|none (same as --sandbox),\n  \
          seccomp=kill|log|none (same as --seccomp),\n  \
+         image_format=raw|qcow2|auto (same as --image-format),\n  \
          group.NAME.LIMIT=VALUE (same as --group NAME:LIMIT=VALUE, one limit per item),\n  \
          passthrough (same as --passthrough).\n\
          Options for mount(8) and systemd (defaults, auto, noauto, user, users, nofail,\n\
@@ -1048,6 +1059,7 @@ struct Collected {
     io_uring: Option<IoUringMode>,
     sandbox: Option<SandboxMode>,
     seccomp: Option<SeccompMode>,
+    image_format: Option<ImageFormat>,
     /// `-o group.NAME.LIMIT=VALUE` items by group, in order.
     groups: Vec<(String, Vec<String>)>,
 }
@@ -1106,6 +1118,12 @@ impl Collected {
     fn seccomp(&mut self, value: &str) -> Result<(), String> {
         self.once(SECCOMP_NAME)?;
         self.seccomp = Some(SeccompMode::parse(value)?);
+        Ok(())
+    }
+
+    fn image_format(&mut self, value: &str) -> Result<(), String> {
+        self.once(IMAGE_FORMAT)?;
+        self.image_format = Some(ImageFormat::parse(value)?);
         Ok(())
     }
 
@@ -1169,6 +1187,9 @@ impl Collected {
             }
             if key == SECCOMP_NAME {
                 return self.seccomp(value);
+            }
+            if key == IMAGE_FORMAT {
+                return self.image_format(value);
             }
             let make: fn(String) -> fuser::MountOption = match key {
                 "fsname" => fuser::MountOption::FSName,
@@ -1253,6 +1274,9 @@ where
     for value in &cli.seccomp {
         collected.seccomp(value).map_err(usage)?;
     }
+    for value in &cli.image_format {
+        collected.image_format(value).map_err(usage)?;
+    }
     for group in &cli.options {
         // Empty items ("a,,b") are skipped, as mount(8) does.
         for opt in group.split(',').filter(|o| !o.is_empty()) {
@@ -1286,6 +1310,7 @@ where
         io_uring: collected.io_uring.unwrap_or(DEFAULT_IO_URING),
         sandbox: collected.sandbox.unwrap_or(SandboxMode::Default),
         seccomp: collected.seccomp.unwrap_or(SeccompMode::Default),
+        image_format: collected.image_format.unwrap_or_default(),
         groups,
         passthrough: cli.passthrough || collected.passthrough,
     })
@@ -1982,6 +2007,27 @@ mod tests {
         assert_eq!(
             parse_err(&["--seccomp", "none", "-o", "seccomp=kill"]),
             "seccomp given twice"
+        );
+    }
+
+    #[test]
+    fn image_format_option() {
+        assert_eq!(parse(&[]).unwrap().image_format, ImageFormat::Auto);
+        assert_eq!(
+            parse(&["-o", "image_format=raw"]).unwrap().image_format,
+            ImageFormat::Raw
+        );
+        assert_eq!(
+            parse(&["--image-format", "qcow2"]).unwrap().image_format,
+            ImageFormat::Qcow2
+        );
+        assert_eq!(
+            parse_err(&["--image-format=vmdk"]),
+            "image_format: expected raw, qcow2 or auto, got 'vmdk'"
+        );
+        assert_eq!(
+            parse_err(&["--image-format", "raw", "-o", "image_format=auto"]),
+            "image_format given twice"
         );
     }
 

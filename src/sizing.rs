@@ -1,7 +1,9 @@
 //! Limits per GiB of the disk (`iops_per_gb`, ...): the disk's size as
 //! the guest sees it, and keeping the limits in force in step with it.
 //!
-//! The size is the virtual size in a qcow2 header, else the file's size.
+//! The size is the virtual size in a qcow2 header, else the file's size;
+//! unless the user says the format (`ImageFormat`, from
+//! `user.throttle.image_format` or the mount option), as QEMU's `format=`.
 //! It is read when a file's limits are resolved, and again, on the thread
 //! that performed it, after anything through the mount that may have
 //! changed it: a write into the first `QCOW2_SIZE_END_BYTES` bytes (where
@@ -31,6 +33,56 @@ pub const QCOW2_SIZE_OFFSET_BYTES: usize = 24;
 /// The header bytes that say a file is qcow2 and how large its disk is: a
 /// write below this may change the size.
 pub const QCOW2_SIZE_END_BYTES: u64 = 32;
+
+/// `user.throttle.image_format` (after `user.throttle.`), and the mount
+/// option `image_format=`.
+pub const IMAGE_FORMAT: &str = "image_format";
+
+/// What the user says a file's format is, for sizing it (QEMU's
+/// `format=`): a raw image's first bytes are its guest's, so only the user
+/// can say that a qcow2 header in them is data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// Probe: a qcow2 header is believed, unless the mount saw the file
+    /// as a raw disk with data before (`SizeWatch::raw_with_data`).
+    #[default]
+    Auto,
+    /// The size is the file's, whatever its first bytes say.
+    Raw,
+    /// The virtual size in the qcow2 header; without a valid header, the
+    /// file's size and one warning.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The value as written (a trailing newline or NUL is forgiven), or
+    /// why it is refused.
+    pub fn parse(text: &str) -> Result<ImageFormat, String> {
+        match text.trim_end_matches(['\n', '\0']) {
+            "auto" => Ok(ImageFormat::Auto),
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            other => Err(format!(
+                "{IMAGE_FORMAT}: expected raw, qcow2 or auto, got '{other}'"
+            )),
+        }
+    }
+
+    /// `parse` of an attribute's bytes.
+    pub fn parse_bytes(value: &[u8]) -> Result<ImageFormat, String> {
+        let text = std::str::from_utf8(value)
+            .map_err(|_| format!("{IMAGE_FORMAT}: value is not UTF-8"))?;
+        ImageFormat::parse(text)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ImageFormat::Auto => "auto",
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
 
 /// A disk's size as the guest sees it, and where it was read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +198,9 @@ pub struct SizeWatch {
     /// own limit as large as it likes), not a new format. Cleared when
     /// the file is emptied, as `qemu-img create` and `convert` do first.
     raw_with_data: AtomicBool,
+    /// Said once that a file stated to be qcow2 has no qcow2 header;
+    /// cleared once it has one.
+    not_qcow2_warned: AtomicBool,
 }
 
 impl Default for SizeWatch {
@@ -155,6 +210,7 @@ impl Default for SizeWatch {
             growth_limit_bytes: AtomicU64::new(u64::MAX),
             scheduler: OnceLock::new(),
             raw_with_data: AtomicBool::new(false),
+            not_qcow2_warned: AtomicBool::new(false),
         }
     }
 }
@@ -193,6 +249,25 @@ impl SizeWatch {
         }
         read
     }
+
+    /// The size to count for a file of `file_bytes` whose header reads as
+    /// `read`, when its format is `format`; and whether to warn once that
+    /// a file stated to be qcow2 has no header.
+    fn size_for(&self, format: ImageFormat, read: DiskSize, file_bytes: u64) -> (DiskSize, bool) {
+        let file = DiskSize {
+            bytes: file_bytes,
+            qcow2: false,
+        };
+        match format {
+            ImageFormat::Auto => (self.settle(read, file_bytes), false),
+            ImageFormat::Raw => (file, false),
+            ImageFormat::Qcow2 if read.qcow2 => {
+                self.not_qcow2_warned.store(false, Ordering::SeqCst);
+                (read, false)
+            }
+            ImageFormat::Qcow2 => (file, !self.not_qcow2_warned.swap(true, Ordering::SeqCst)),
+        }
+    }
 }
 
 /// Turn `eff`'s per-GiB limits, if it has any, into fixed ones for the
@@ -218,8 +293,14 @@ pub fn derive(eff: &mut Effective, fd: RawFd, watch: &SizeWatch) {
     watch.active.store(true, Ordering::SeqCst);
     let size = match read_disk_and_file_size(fd) {
         Ok((read, file_bytes)) => {
-            let size = watch.settle(read, file_bytes);
-            if size != read {
+            let format = eff.image_format.0;
+            let (size, warn) = watch.size_for(format, read, file_bytes);
+            if warn {
+                log::warn!(
+                    "inode fd {fd}: image_format=qcow2 but no qcow2 header; \
+                     its size is the file's ({file_bytes} bytes)"
+                );
+            } else if format == ImageFormat::Auto && size != read {
                 log::warn!(
                     "inode fd {fd}: a qcow2 header was written into a raw disk; \
                      its size stays the file's ({file_bytes} bytes)"
@@ -384,6 +465,67 @@ mod tests {
         // Emptied (qemu-img create over it), it may become a qcow2.
         assert_eq!(w.settle(raw(0), 0), raw(0));
         assert_eq!(w.settle(qcow2(20 << 30), 196_608), qcow2(20 << 30));
+    }
+
+    #[test]
+    fn image_format_values() {
+        assert_eq!(ImageFormat::parse("raw"), Ok(ImageFormat::Raw));
+        assert_eq!(ImageFormat::parse("qcow2\n"), Ok(ImageFormat::Qcow2));
+        assert_eq!(ImageFormat::parse_bytes(b"auto\0"), Ok(ImageFormat::Auto));
+        assert_eq!(ImageFormat::default(), ImageFormat::Auto);
+        assert_eq!(
+            ImageFormat::parse("RAW"),
+            Err("image_format: expected raw, qcow2 or auto, got 'RAW'".to_string())
+        );
+        assert!(ImageFormat::parse("").is_err());
+        assert!(ImageFormat::parse_bytes(b"\xff").is_err());
+        for f in [ImageFormat::Auto, ImageFormat::Raw, ImageFormat::Qcow2] {
+            assert_eq!(ImageFormat::parse(f.as_str()), Ok(f));
+        }
+    }
+
+    #[test]
+    fn the_stated_format_decides_how_the_size_is_read() {
+        let qcow2 = |bytes| DiskSize { bytes, qcow2: true };
+        let raw = |bytes| DiskSize {
+            bytes,
+            qcow2: false,
+        };
+        // raw: the file's size whatever the header says, on a fresh watch
+        // (a remount) too.
+        let w = SizeWatch::default();
+        assert_eq!(
+            w.size_for(ImageFormat::Raw, qcow2(1 << 60), 2 << 30),
+            (raw(2 << 30), false)
+        );
+        // auto on a fresh watch believes it; that is what raw is for.
+        let w = SizeWatch::default();
+        assert_eq!(
+            w.size_for(ImageFormat::Auto, qcow2(1 << 60), 2 << 30),
+            (qcow2(1 << 60), false)
+        );
+        // qcow2: the header; without one, the file's size, said once.
+        let w = SizeWatch::default();
+        assert_eq!(
+            w.size_for(ImageFormat::Qcow2, qcow2(50 << 30), 196_608),
+            (qcow2(50 << 30), false)
+        );
+        assert_eq!(
+            w.size_for(ImageFormat::Qcow2, raw(4 << 30), 4 << 30),
+            (raw(4 << 30), true)
+        );
+        assert_eq!(
+            w.size_for(ImageFormat::Qcow2, raw(4 << 30), 4 << 30),
+            (raw(4 << 30), false)
+        );
+        assert_eq!(
+            w.size_for(ImageFormat::Qcow2, qcow2(8 << 30), 196_608),
+            (qcow2(8 << 30), false)
+        );
+        assert_eq!(
+            w.size_for(ImageFormat::Qcow2, raw(4 << 30), 4 << 30),
+            (raw(4 << 30), true)
+        );
     }
 
     #[test]

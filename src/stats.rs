@@ -45,6 +45,9 @@ pub struct Effective {
     /// With per-GiB limits: the set as written and the disk size that
     /// `limits` were computed for (see `crate::sizing`).
     pub sizing: Option<Sizing>,
+    /// How per-GiB limits size the disk (`user.throttle.image_format`),
+    /// and where that came from (`Mount`: the mount option or its default).
+    pub image_format: (crate::sizing::ImageFormat, Origin),
 }
 
 /// Width of one slot of the rate window.

@@ -13,8 +13,8 @@ use crate::options::{
     GROUP_NAME_RULE, apply_limit, canonical_limit_name, format_limit, limit_is_set, limit_names,
     split_group_limit, valid_group_name,
 };
-use crate::sizing::Sizing;
-use crate::stats::{Activity, Effective};
+use crate::sizing::{IMAGE_FORMAT, ImageFormat, Sizing};
+use crate::stats::{Activity, Effective, Origin};
 use crate::throttle::{BucketKind, Limits, gib_of};
 
 pub const PREFIX: &str = "user.throttle.";
@@ -53,6 +53,9 @@ pub enum Attr {
     /// `user.throttle.weight`, `reserve_iops` or `reserve_bps` (see
     /// `crate::qos`), inherited like `Group`.
     Qos(String),
+    /// `user.throttle.image_format`: how per-GiB limits size a file's disk
+    /// (see `crate::sizing::ImageFormat`), inherited like `Group`.
+    ImageFormat,
     /// Under `user.throttle.` but not a name we know.
     Unknown,
 }
@@ -131,6 +134,7 @@ pub fn classify(name: &[u8]) -> Option<Attr> {
         "stats" => Attr::Stats,
         "active" => Attr::Active,
         "group" => Attr::Group,
+        crate::sizing::IMAGE_FORMAT => Attr::ImageFormat,
         _ if crate::qos::is_name(rest) => Attr::Qos(rest.to_string()),
         _ if limit_names().iter().any(|n| n == rest) => Attr::Limit(rest.to_string()),
         _ => Attr::Unknown,
@@ -194,8 +198,11 @@ pub fn render_effective(e: &Effective, passthrough: u64) -> String {
     for (name, value) in set_limits(&e.limits) {
         let _ = writeln!(out, "{name}={value}");
     }
-    if let Some(s) = &e.sizing {
-        render_sizing(&mut out, s);
+    match &e.sizing {
+        Some(s) => render_sizing(&mut out, s, &e.image_format),
+        // Without per-GiB limits, shown only where an attribute sets it.
+        None if e.image_format.1 != Origin::Mount => render_image_format(&mut out, &e.image_format),
+        None => {}
     }
     if let Some((group, origin)) = &e.group {
         let _ = writeln!(out, "group={group}");
@@ -211,13 +218,15 @@ pub fn render_effective(e: &Effective, passthrough: u64) -> String {
 /// The lines of `user.throttle.effective` that say how per-GiB limits
 /// were made concrete: `size=` (bytes) and `size_gib=` (as counted),
 /// `size_from=` (`qcow2`: the virtual size in its header; `file`: the
-/// file's size), `per_gb_limits=` (the averages computed from a per-GiB
+/// file's size), `image_format=` and `image_format_source=` (how the size
+/// was read, `render_image_format`), `per_gb_limits=` (the averages computed from a per-GiB
 /// rate), and `NAME_ignored=VALUE` for each burst the computed average
 /// passed, which is not in force.
-fn render_sizing(out: &mut String, s: &Sizing) {
+fn render_sizing(out: &mut String, s: &Sizing, format: &(ImageFormat, Origin)) {
     let _ = writeln!(out, "{SIZE_FIELD}={}", s.size.bytes);
     let _ = writeln!(out, "size_gib={}", gib_of(s.size.bytes));
     let _ = writeln!(out, "size_from={}", s.size.source());
+    render_image_format(out, format);
     let derived: Vec<&str> = BucketKind::ALL
         .iter()
         .filter(|k| s.set.per_gb(**k).rate != 0)
@@ -227,6 +236,13 @@ fn render_sizing(out: &mut String, s: &Sizing) {
     for (burst, value) in &s.ignored {
         let _ = writeln!(out, "{burst}_ignored={value}");
     }
+}
+
+/// `image_format=` (raw, qcow2 or auto) and `image_format_source=`
+/// (file, directory:PATH, or mount: the mount option or its default).
+fn render_image_format(out: &mut String, (format, origin): &(ImageFormat, Origin)) {
+    let _ = writeln!(out, "{IMAGE_FORMAT}={}", format.as_str());
+    let _ = writeln!(out, "{IMAGE_FORMAT}_source={}", origin.describe());
 }
 
 /// The first of the lines `render_sizing` writes.
@@ -591,6 +607,7 @@ mod tests {
                 group: None,
                 qos: Default::default(),
                 sizing: None,
+                image_format: (ImageFormat::Auto, Origin::Mount),
             },
             0,
         );
@@ -605,6 +622,7 @@ mod tests {
                 group: Some(("t1".into(), Origin::File)),
                 qos: Default::default(),
                 sizing: None,
+                image_format: (ImageFormat::Auto, Origin::Mount),
             },
             2,
         );
@@ -638,13 +656,14 @@ mod tests {
                     size,
                     ignored: derived.ignored,
                 }),
+                image_format: (ImageFormat::Auto, Origin::Mount),
             },
             0,
         );
         assert_eq!(
             text,
             "source=file\niops=300\niops_per_gb=3\niops_per_gb_min=100\n\
-             size=107374182400\nsize_gib=100\nsize_from=qcow2\nper_gb_limits=iops\n\
+             size=107374182400\nsize_gib=100\nsize_from=qcow2\nimage_format=auto\nimage_format_source=mount\nper_gb_limits=iops\n\
              iops_max_ignored=200\n"
         );
     }

@@ -326,3 +326,130 @@ fn cinder_names_directories_and_remount() {
     );
     assert_eq!(field(&b, "bps_rd_per_gb_min").as_deref(), Some("20971520"));
 }
+
+/// `user.throttle.image_format=raw` on a directory: a raw disk's guest
+/// writing a qcow2 header gets no larger limit, not even after a remount,
+/// where `auto` (the mount remembers nothing) believes the header.
+#[test]
+fn image_format_raw_keeps_a_forged_header_out_across_a_remount() {
+    let setup = |src: &Path| {
+        for dir in ["raw", "auto"] {
+            std::fs::create_dir(src.join(dir)).unwrap();
+            sparse(&src.join(dir), "guest.img", 100 * GIB);
+        }
+    };
+    let mut m = Mount::with_setup(setup, &["-o", "iops_per_gb=3"]);
+    setfattr(&m.path("raw"), "user.throttle.image_format", "raw");
+    for dir in ["raw", "auto"] {
+        let image = m.path(&format!("{dir}/guest.img"));
+        let guest = OpenOptions::new().write(true).open(&image).unwrap();
+        // 1 TiB by the header: 3072 IOPS instead of 300.
+        guest
+            .write_all_at(&forged_qcow2_header(1 << 40), 0)
+            .unwrap();
+        let e = effective(&image);
+        assert_eq!(
+            (e["iops"].as_str(), e["size_from"].as_str()),
+            ("300", "file"),
+            "{dir}: {e:?}"
+        );
+    }
+    let e = effective(&m.path("raw/guest.img"));
+    assert_eq!(e["image_format"], "raw", "{e:?}");
+    assert_eq!(e["image_format_source"], "directory:/raw", "{e:?}");
+
+    let src = m.src().to_path_buf();
+    m.terminate();
+    let m = Mount::with_source(&src, &["-o", "iops_per_gb=3"]);
+    let (raw, auto) = (m.path("raw/guest.img"), m.path("auto/guest.img"));
+    let e = effective(&auto);
+    assert_eq!(
+        (e["iops"].as_str(), e["size_from"].as_str()),
+        ("3072", "qcow2"),
+        "auto: {e:?}"
+    );
+    let e = effective(&raw);
+    assert_eq!(
+        (e["iops"].as_str(), e["size_from"].as_str()),
+        ("300", "file"),
+        "raw: {e:?}"
+    );
+
+    // Live on a handle held open: the file's own `auto` wins over the
+    // directory's `raw` at once, and its removal gives `raw` back.
+    let _held = open_direct(&raw, false);
+    setfattr(&raw, "user.throttle.image_format", "auto");
+    assert_eq!(field(&raw, "iops").as_deref(), Some("3072"));
+    run(
+        "setfattr",
+        &["-x", "user.throttle.image_format", raw.to_str().unwrap()],
+    );
+    assert_eq!(field(&raw, "iops").as_deref(), Some("300"));
+
+    // Another value: EINVAL, the old one kept.
+    let dir = m.path("raw");
+    let out = setfattr_out(&dir, "user.throttle.image_format", "vmdk");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Invalid argument"),
+        "{out:?}"
+    );
+    assert_eq!(
+        getfattr(&dir, "user.throttle.image_format").as_deref(),
+        Some("raw")
+    );
+    assert_eq!(field(&raw, "image_format").as_deref(), Some("raw"));
+}
+
+/// `qcow2` and `auto` read a real qcow2 image's virtual size, `raw` (here
+/// the mount option) its file size; `qcow2` on a file without a header
+/// counts the file size.
+#[test]
+fn image_format_qcow2_auto_and_the_mount_option() {
+    let m = Mount::with_setup(
+        |src| sparse(src, "plain.img", 40 * GIB),
+        &["-o", "iops_per_gb=3,iops_per_gb_min=100,image_format=raw"],
+    );
+    let image = m.path("x.qcow2");
+    qemu_img_create("qcow2", &image, "50G");
+    let e = effective(&image);
+    assert_eq!(
+        (e["iops"].as_str(), e["size_from"].as_str()),
+        ("100", "file"),
+        "{e:?}"
+    );
+    assert_eq!(e["image_format_source"], "mount", "{e:?}");
+    for format in ["qcow2", "auto"] {
+        setfattr(&image, "user.throttle.image_format", format);
+        let e = effective(&image);
+        assert_eq!(
+            (e["iops"].as_str(), e["size_from"].as_str()),
+            ("150", "qcow2"),
+            "{format}: {e:?}"
+        );
+        assert_eq!(
+            (
+                e["image_format"].as_str(),
+                e["image_format_source"].as_str()
+            ),
+            (format, "file")
+        );
+    }
+    let plain = m.path("plain.img");
+    setfattr(&plain, "user.throttle.image_format", "qcow2");
+    let e = effective(&plain);
+    assert_eq!(
+        (e["iops"].as_str(), e["size_from"].as_str()),
+        ("120", "file"),
+        "{e:?}"
+    );
+    // Shown by `throttlefs get`, removed by `throttlefs unset`.
+    let out = common::ctl_ok(&["get", plain.to_str().unwrap()]);
+    assert!(out.contains("own image format: qcow2"), "{out}");
+    common::ctl_ok(&["unset", plain.to_str().unwrap(), "image_format"]);
+    assert_eq!(field(&plain, "image_format").as_deref(), Some("raw"));
+    common::ctl_ok(&["set", "--image-format", "auto", plain.to_str().unwrap()]);
+    assert_eq!(
+        getfattr(&plain, "user.throttle.image_format").as_deref(),
+        Some("auto")
+    );
+}

@@ -285,6 +285,7 @@ proptest! {
             Some(Attr::Stats) => Some(format!("{PREFIX}stats")),
             Some(Attr::Active) => Some(format!("{PREFIX}active")),
             Some(Attr::Group) => Some(format!("{PREFIX}group")),
+            Some(Attr::ImageFormat) => Some(format!("{PREFIX}image_format")),
             Some(Attr::Qos(setting)) => {
                 prop_assert!(throttlefs::qos::is_name(setting));
                 Some(format!("{PREFIX}{setting}"))
@@ -1295,6 +1296,7 @@ proptest! {
                 group: None,
                 qos: Default::default(),
                 sizing: None,
+                image_format: (Default::default(), Origin::Mount),
             },
             0,
         );

@@ -41,7 +41,7 @@ _throttlefs() {
 
     case "${cmd}" in
         throttlefs)
-            opts="-f -o -v -h -V --foreground --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --io-threads --io-uring --sandbox --seccomp --group --passthrough --help --version stat top set get unset completions"
+            opts="-f -o -v -h -V --foreground --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --io-threads --io-uring --sandbox --seccomp --image-format --group --passthrough --help --version stat top set get unset completions"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -91,6 +91,10 @@ _throttlefs() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --image-format)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --group)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -135,7 +139,7 @@ _throttlefs() {
             return 0
             ;;
         throttlefs__subcmd__set)
-            opts="-o -h --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --group --weight --reserve-iops --reserve-bps --group-limits --help"
+            opts="-o -h --bps --bps-rd --bps-wr --iops --iops-rd --iops-wr --group --weight --reserve-iops --reserve-bps --image-format --group-limits --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -182,6 +186,10 @@ _throttlefs() {
                     return 0
                     ;;
                 --reserve-bps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-format)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_throttlefs_global_optspecs
-    string join \n f/foreground bps= bps-rd= bps-wr= iops= iops-rd= iops-wr= o= v io-threads= io-uring= sandbox= seccomp= group= passthrough h/help V/version
+    string join \n f/foreground bps= bps-rd= bps-wr= iops= iops-rd= iops-wr= o= v io-threads= io-uring= sandbox= seccomp= image-format= group= passthrough h/help V/version
 end
 
 function __fish_throttlefs_needs_command
@@ -35,6 +35,7 @@ complete -c throttlefs -n "__fish_throttlefs_needs_command" -l io-threads -d 'I/
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -l io-uring -d 'FUSE requests over io_uring: auto (when the kernel offers it), on (or fail), off (/dev/fuse only, the default)' -r
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -l sandbox -d 'confine the daemon once mounted: landlock (the default: only the source directory, only the capabilities it needs; asked for explicitly, a kernel without Landlock fails the mount), none' -r
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -l seccomp -d 'system calls the daemon never makes: kill (the default: they kill it), log (they are logged by the kernel, for diagnosing), none' -r
+complete -c throttlefs -n "__fish_throttlefs_needs_command" -l image-format -d 'how per-GiB limits size a disk where no user.throttle.image_format says: raw (the file\'s size), qcow2 (the header\'s virtual size), auto (probe the header, the default)' -r
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -l group -d 'limits shared by the files of throttle group NAME, e.g. tenant1:bps=20M,iops=400; repeatable' -r
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s f -l foreground -d 'stay in the foreground, logging to stderr, instead of detaching once the mount is live (and logging to syslog)'
 complete -c throttlefs -n "__fish_throttlefs_needs_command" -s v -d 'more log output; repeat for even more'
@@ -63,6 +64,7 @@ complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l group -d '
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l weight -d 'share of its group when the group is saturated, 1 to 10000 (default 100)' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l reserve-iops -d 'operations/s reserved in its group while it has requests waiting' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l reserve-bps -d 'bytes/s reserved in its group while it has requests waiting' -r
+complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l image-format -d 'how per-GiB limits size the disk: raw (the file\'s size), qcow2 (the header\'s virtual size) or auto (probe; files below a directory inherit it)' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -l group-limits -d 'set the limits of throttle group NAME instead (PATH: the mount point)' -r
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand set" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c throttlefs -n "__fish_throttlefs_using_subcommand get" -l group-limits -d 'show the limits of throttle group NAME instead (PATH: the mount point)' -r

@@ -19,6 +19,7 @@ use crate::options::{
     GROUP_NAME_RULE, LimitFlags, canonical_limit_name, given_twice, limit_names, valid_group_name,
 };
 use crate::qos;
+use crate::sizing::{IMAGE_FORMAT, ImageFormat};
 use crate::xattr::{self, Attr, OwnSet};
 
 /// The name `unset` takes for the group membership.
@@ -54,6 +55,11 @@ struct SetCli {
     /// bytes/s reserved in its group while it has requests waiting
     #[arg(long, value_name = "BYTES", conflicts_with = "group_limits")]
     reserve_bps: Option<String>,
+    /// how per-GiB limits size the disk: raw (the file's size), qcow2
+    /// (the header's virtual size) or auto (probe; files below a directory
+    /// inherit it)
+    #[arg(long, value_name = "raw|qcow2|auto", conflicts_with = "group_limits")]
+    image_format: Option<String>,
     /// set the limits of throttle group NAME instead (PATH: the mount point)
     #[arg(long, value_name = "NAME", conflicts_with = "group")]
     group_limits: Option<String>,
@@ -87,7 +93,7 @@ struct UnsetCli {
     group_limits: Option<String>,
     /// a file or directory on a throttlefs mount
     path: PathBuf,
-    /// limit names (bps_wr, iops_max, ...), `group`, `weight`, `reserve_iops` or `reserve_bps`
+    /// limit names (bps_wr, iops_max, ...), `group`, `weight`, `reserve_iops`, `reserve_bps` or `image_format`
     #[arg(required = true, value_name = "NAME")]
     names: Vec<String>,
 }
@@ -284,11 +290,15 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
         Some(g) => Some(xattr::group_name(g.as_bytes()).map_err(Failure::usage)?),
         None => None,
     };
-    if given.is_empty() && group.is_none() && qos_given.is_empty() {
+    let image_format = match &cli.image_format {
+        Some(f) => Some(ImageFormat::parse(f).map_err(Failure::usage)?),
+        None => None,
+    };
+    if given.is_empty() && group.is_none() && qos_given.is_empty() && image_format.is_none() {
         return Err(Failure::usage(match target {
             Target::Object => {
                 "nothing to set: give a limit (--bps-wr 10M, -o bps_max=20M), --group NAME, \
-                 --weight N or a reservation"
+                 --weight N, a reservation or --image-format"
             }
             Target::Group(_) => "nothing to set: give a limit (--bps 200M, -o bps_max=400M)",
         }));
@@ -312,6 +322,11 @@ pub fn set_main(args: Vec<OsString>) -> Result<(), Failure> {
         set_attr(&cli.path, &attr, value.as_bytes())
             .map_err(|e| io_failure(&cli.path, &attr, &e))?;
     }
+    if let Some(format) = image_format {
+        let attr = format!("{}{IMAGE_FORMAT}", xattr::PREFIX);
+        set_attr(&cli.path, &attr, format.as_str().as_bytes())
+            .map_err(|e| io_failure(&cli.path, &attr, &e))?;
+    }
     Ok(())
 }
 
@@ -327,7 +342,8 @@ pub fn unset_main(args: Vec<OsString>) -> Result<(), Failure> {
             group = true;
             continue;
         }
-        if qos::is_name(name) && matches!(target, Target::Object) {
+        // Removed as weight and reservations are: an attribute of its own.
+        if (qos::is_name(name) || name == IMAGE_FORMAT) && matches!(target, Target::Object) {
             if !qos_names.contains(&name) {
                 qos_names.push(name);
             }
@@ -464,6 +480,9 @@ pub fn get_main(args: Vec<OsString>) -> Result<(), Failure> {
         .collect();
     if !own_qos.is_empty() {
         println!("own qos:         {}", join_limits(&own_qos));
+    }
+    if let Ok(v) = get_text(path, &format!("{}{IMAGE_FORMAT}", xattr::PREFIX)) {
+        println!("own image format: {}", v.trim_end_matches(['\n', '\0']));
     }
     if !in_force.sizing.is_empty() {
         let fields: Vec<String> = in_force

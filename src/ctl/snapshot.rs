@@ -88,7 +88,8 @@ pub struct FileRow {
     /// sets them.
     pub qos: Vec<(String, String)>,
     /// With per-GiB limits, the size they were computed for and what
-    /// came of it: `size`, `size_gib`, `size_from`, `per_gb_limits` and
+    /// came of it: `size`, `size_gib`, `size_from`, `image_format`,
+    /// `image_format_source`, `per_gb_limits` and
     /// any `*_ignored` burst, as `user.throttle.effective` gives them.
     pub sizing: Vec<(String, String)>,
     /// Its buckets in force, and its group's (only when the file was
@@ -258,9 +259,12 @@ pub fn parse_effective(row: &mut FileRow, text: &str) {
             xattr::PASSTHROUGH_HANDLES => row.passthrough = value.parse().unwrap_or(0),
             _ if is_limit(name) => row.limits.push((name.to_string(), value.to_string())),
             _ if crate::qos::is_name(name) => row.qos.push((name.to_string(), value.to_string())),
-            "size" | "size_gib" | "size_from" | "per_gb_limits" => {
-                row.sizing.push((name.to_string(), value.to_string()))
-            }
+            "size"
+            | "size_gib"
+            | "size_from"
+            | "per_gb_limits"
+            | "image_format"
+            | "image_format_source" => row.sizing.push((name.to_string(), value.to_string())),
             _ if name.ends_with("_ignored") => {
                 row.sizing.push((name.to_string(), value.to_string()))
             }
@@ -397,6 +401,7 @@ mod tests {
                 group: Some(("g.1".into(), Origin::File)),
                 qos: Default::default(),
                 sizing: None,
+                image_format: (Default::default(), Origin::Mount),
             }),
         }];
         let text = render_active(files, |_| odd.to_string(), &[], 64 * 1024);

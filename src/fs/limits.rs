@@ -39,7 +39,7 @@ use super::{
 use crate::options::{is_per_gb_name, per_gb_in_group};
 use crate::qos::{self, QosSettings};
 use crate::scheduler::Msg;
-use crate::sizing;
+use crate::sizing::{self, IMAGE_FORMAT, ImageFormat};
 use crate::stats::{self, Effective, Origin};
 use crate::throttle::Limits;
 use crate::xattr::{self, Attr, OwnSet};
@@ -148,6 +148,9 @@ impl ThrottleFs {
             .find_up(node, &dirs, |fd| self.own_limits(fd))
             .unwrap_or((self.limits, Origin::Mount));
         let group = self.find_up(node, &dirs, |fd| self.own_group(fd));
+        let image_format = self
+            .find_up(node, &dirs, |fd| self.own_image_format(fd))
+            .unwrap_or((self.image_format, Origin::Mount));
         let mut qos = QosSettings::default();
         for name in qos::NAMES {
             if let Some((value, origin)) = self.find_up(node, &dirs, |fd| self.own_qos(fd, name)) {
@@ -160,7 +163,50 @@ impl ThrottleFs {
             group,
             qos,
             sizing: None,
+            image_format,
         }
+    }
+
+    /// An object's own `user.throttle.image_format`, if it has a valid one.
+    fn own_image_format(&self, fd: RawFd) -> Option<ImageFormat> {
+        let path = proc_path(fd);
+        let name = CString::new(format!("{}{IMAGE_FORMAT}", xattr::PREFIX)).expect("no NUL");
+        let value = xattr_fetch(|buf, len| {
+            // SAFETY: buf is null with len 0, or valid for len bytes.
+            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len) }
+        })
+        .ok()?;
+        match ImageFormat::parse_bytes(&value) {
+            Ok(format) => Some(format),
+            Err(why) => {
+                log::warn!("{}: ignoring it: {why}", self.display_path(fd));
+                None
+            }
+        }
+    }
+
+    /// setxattr of `user.throttle.image_format` on a file or directory:
+    /// validated, stored in canonical form, and the per-GiB limits of the
+    /// files it reaches sized again at once.
+    pub(super) fn set_image_format(
+        &self,
+        node: &InodeRef,
+        name: &CString,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        let label = self.display_path(node.fd);
+        let format = ImageFormat::parse_bytes(value).map_err(|why| {
+            log::warn!("{label}: refused: {why}");
+            Errno::EINVAL
+        })?;
+        if !node.is_file() && !node.is_dir() {
+            return Err(Errno::EINVAL);
+        }
+        set_raw(node.fd, name, format.as_str().as_bytes(), flags)?;
+        log::info!("{label}: {IMAGE_FORMAT}={}", format.as_str());
+        self.after_change(node);
+        Ok(())
     }
 
     /// An object's own `user.throttle.<name>` (weight or a reservation), if
