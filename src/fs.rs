@@ -880,18 +880,11 @@ impl ThrottleFs {
     /// and answer; the bytes written.
     fn write_here(handle: &Handle, offset: u64, data: &[u8], reply: ReplyWrite) -> usize {
         let r = handle.write_at(offset, data);
-        let moved = fio::record_outcome(handle, Direction::Write, r.as_ref().copied());
+        let moved = fio::record_write(handle, offset, r.as_ref().copied());
         match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(Errno::from(e)),
         }
-        sizing::after_write(
-            handle.file,
-            &handle.shared,
-            handle.raw(),
-            offset,
-            moved as u64,
-        );
         moved
     }
 
@@ -927,10 +920,11 @@ impl ThrottleFs {
             handle.unthrottled.start(write);
         }
         Box::new(move |result: &io::Result<usize>| {
-            let moved = fio::record_outcome(&handle, dir, result.as_ref().copied());
-            if write {
-                sizing::after_write(file, &handle.shared, handle.raw(), offset, moved as u64);
-            }
+            let moved = if write {
+                fio::record_write(&handle, offset, result.as_ref().copied())
+            } else {
+                fio::record_outcome(&handle, dir, result.as_ref().copied())
+            };
             match credited {
                 Some((file_flight, scheduler)) => {
                     let unmoved = fio::unmoved(dir, requested, moved);

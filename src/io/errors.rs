@@ -124,6 +124,21 @@ pub fn record_outcome(handle: &Handle, dir: Direction, result: Result<usize, &io
     }
 }
 
+/// A write of `handle` at `offset` ended with `result`: `record_outcome`,
+/// then, as the write may have resized the disk, its per-GiB limits
+/// looked at again (`sizing::after_write`). The bytes written.
+pub fn record_write(handle: &Handle, offset: u64, result: Result<usize, &io::Error>) -> usize {
+    let moved = record_outcome(handle, Direction::Write, result);
+    crate::sizing::after_write(
+        handle.file,
+        &handle.shared,
+        handle.raw(),
+        offset,
+        moved as u64,
+    );
+    moved
+}
+
 /// `op` on the underlying file of `handle` failed with `e`, and the
 /// caller gets `e`: count it and log it as `ErrorLog` says.
 pub fn record_error(handle: &Handle, op: IoOp, e: &io::Error) {

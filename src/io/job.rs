@@ -7,7 +7,7 @@ use std::sync::Arc;
 use fuser::{Errno, ReplyData, ReplyEmpty, ReplyWrite};
 
 use super::buffer::WriteData;
-use super::errors::{IoOp, record_error, record_outcome};
+use super::errors::{IoOp, record_error, record_outcome, record_write};
 use super::flight::Flight;
 use super::handle::{Handle, copy_range, fsync};
 use crate::sizing;
@@ -124,18 +124,11 @@ impl Job {
                 reply,
             } => {
                 let r = handle.write_queued(offset, &data);
-                let moved = record_outcome(&handle, Direction::Write, r.as_ref().copied());
+                let moved = record_write(&handle, offset, r.as_ref().copied());
                 match r {
                     Ok(n) => reply.written(n as u32),
                     Err(e) => reply.error(Errno::from(e)),
                 }
-                sizing::after_write(
-                    handle.file,
-                    &handle.shared,
-                    handle.raw(),
-                    offset,
-                    moved as u64,
-                );
                 unmoved(Direction::Write, requested, moved)
             }
             Job::Fsync {

@@ -36,7 +36,7 @@ mod queue;
 mod uring;
 
 pub use buffer::{AlignedBuf, WriteData};
-pub use errors::{ErrorLog, IoOp, record_error, record_outcome};
+pub use errors::{ErrorLog, IoOp, record_error, record_outcome, record_write};
 pub use flight::{Completion, Flight};
 pub use handle::{DirectFd, Handle, copy_range, fsync, on_fuse, pwrite_full};
 pub use job::{Job, Released, unmoved};
