@@ -1187,6 +1187,14 @@ fn remove_raw(fd: RawFd, name: &CString) -> Result<()> {
     check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(|_| ())
 }
 
+/// The value of attribute `name` of the object at `path`.
+fn get_raw(path: &CString, name: &CString) -> io::Result<Vec<u8>> {
+    xattr_fetch(|buf, len| {
+        // SAFETY: buf is null with len 0, or valid for len bytes.
+        unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len) }
+    })
+}
+
 /// The attribute names of an object, NUL-separated.
 fn list_names(path: &CString) -> io::Result<Vec<u8>> {
     xattr_fetch(|buf, len| {
@@ -1954,10 +1962,7 @@ impl Filesystem for ThrottleFs {
             };
         }
         let path = proc_path(node.fd);
-        let mut r = xattr_fetch(|buf, len| {
-            // SAFETY: buf is null with len 0, or valid for len bytes.
-            unsafe { libc::getxattr(path.as_ptr(), cname.as_ptr(), buf, len) }
-        });
+        let mut r = get_raw(&path, &cname);
         // Limits read back in canonical form (plain integers, seconds),
         // whatever was written on the source.
         let limit = match &attr {

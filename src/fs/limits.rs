@@ -33,8 +33,8 @@ use std::time::Duration;
 use fuser::{Errno, INodeNo};
 
 use super::{
-    InodeRef, Result, ThrottleFs, XATTR_VALUE_MAX_BYTES, last_errno, list_names, proc_path,
-    remove_raw, set_raw, stat_fd, xattr_fetch,
+    InodeRef, Result, ThrottleFs, XATTR_VALUE_MAX_BYTES, get_raw, last_errno, list_names,
+    proc_path, remove_raw, set_raw, stat_fd,
 };
 use crate::options::{is_per_gb_name, per_gb_in_group};
 use crate::qos::{self, QosSettings};
@@ -169,17 +169,26 @@ impl ThrottleFs {
 
     /// An object's own `user.throttle.image_format`, if it has a valid one.
     fn own_image_format(&self, fd: RawFd) -> Option<ImageFormat> {
-        let path = proc_path(fd);
-        let name = CString::new(format!("{}{IMAGE_FORMAT}", xattr::PREFIX)).expect("no NUL");
-        let value = xattr_fetch(|buf, len| {
-            // SAFETY: buf is null with len 0, or valid for len bytes.
-            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len) }
-        })
-        .ok()?;
-        match ImageFormat::parse_bytes(&value) {
-            Ok(format) => Some(format),
+        let name = format!("{}{IMAGE_FORMAT}", xattr::PREFIX);
+        self.own_attr(fd, &name, "it", ImageFormat::parse_bytes)
+    }
+
+    /// An object's own attribute `name` parsed by `parse`, if it has one
+    /// and it is valid; an invalid one (written on the source directly) is
+    /// ignored with a warning that names `what`.
+    fn own_attr<T>(
+        &self,
+        fd: RawFd,
+        name: &str,
+        what: &str,
+        parse: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
+    ) -> Option<T> {
+        let name = CString::new(name).expect("no NUL");
+        let value = get_raw(&proc_path(fd), &name).ok()?;
+        match parse(&value) {
+            Ok(v) => Some(v),
             Err(why) => {
-                log::warn!("{}: ignoring it: {why}", self.display_path(fd));
+                log::warn!("{}: ignoring {what}: {why}", self.display_path(fd));
                 None
             }
         }
@@ -212,20 +221,10 @@ impl ThrottleFs {
     /// An object's own `user.throttle.<name>` (weight or a reservation), if
     /// it has a valid one.
     fn own_qos(&self, fd: RawFd, name: &str) -> Option<u64> {
-        let path = proc_path(fd);
-        let attr = CString::new(format!("{}{name}", xattr::PREFIX)).expect("no NUL");
-        let value = xattr_fetch(|buf, len| {
-            // SAFETY: buf is null with len 0, or valid for len bytes.
-            unsafe { libc::getxattr(path.as_ptr(), attr.as_ptr(), buf, len) }
+        let attr = format!("{}{name}", xattr::PREFIX);
+        self.own_attr(fd, &attr, "it", |value| {
+            qos::parse(name, &String::from_utf8_lossy(value))
         })
-        .ok()?;
-        match qos::parse(name, &String::from_utf8_lossy(&value)) {
-            Ok(v) => Some(v),
-            Err(why) => {
-                log::warn!("{}: ignoring it: {why}", self.display_path(fd));
-                None
-            }
-        }
     }
 
     /// setxattr of `user.throttle.weight`, `reserve_iops` or `reserve_bps`
@@ -333,20 +332,7 @@ impl ThrottleFs {
 
     /// An object's own `user.throttle.group`, if it has a valid one.
     fn own_group(&self, fd: RawFd) -> Option<String> {
-        let path = proc_path(fd);
-        let name = CString::new(xattr::GROUP).expect("no NUL");
-        let value = xattr_fetch(|buf, len| {
-            // SAFETY: buf is null with len 0, or valid for len bytes.
-            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len) }
-        })
-        .ok()?;
-        match xattr::group_name(&value) {
-            Ok(group) => Some(group),
-            Err(why) => {
-                log::warn!("{}: ignoring its group: {why}", self.display_path(fd));
-                None
-            }
-        }
+        self.own_attr(fd, xattr::GROUP, "its group", xattr::group_name)
     }
 
     /// An object's own limits, `None` when it has none. A stored set that
@@ -395,11 +381,7 @@ impl ThrottleFs {
                 continue;
             };
             let cname = CString::new(name).map_err(|_| Errno::EINVAL)?;
-            let value = xattr_fetch(|buf, len| {
-                // SAFETY: buf is null with len 0, or valid for len bytes.
-                unsafe { libc::getxattr(path.as_ptr(), cname.as_ptr(), buf, len) }
-            });
-            match value {
+            match get_raw(&path, &cname) {
                 Ok(v) => {
                     set.values
                         .insert(limit, String::from_utf8_lossy(&v).into_owned());
