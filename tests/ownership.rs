@@ -155,6 +155,26 @@ const OPS: [(&str, &str); 5] = [
     ("fallocate", "fallocate -l 8192 \"$1\""),
 ];
 
+/// How `dut/FILE` (mode `was` before) differs from `ref/FILE` after the
+/// same operation: on the source under the mount, through the mount, or
+/// in its mode alone read right after, before a full stat refreshes the
+/// kernel's cache. `None` when they agree.
+fn mode_difference(m: &common::Mount, file: &str, was: u32) -> Option<String> {
+    let quick = mode_only(&m.path(&format!("dut/{file}")));
+    let want = owner_and_mode(&m.src_path(&format!("ref/{file}")));
+    let got = owner_and_mode(&m.src_path(&format!("dut/{file}")));
+    let seen = owner_and_mode(&m.path(&format!("dut/{file}")));
+    (got != want || seen != want || quick != want.2).then(|| {
+        format!(
+            "{file} (was {was:o}): plain {}, source under the mount {}, \
+             seen through the mount {}, its mode alone at once {quick:o}",
+            fmt(want),
+            fmt(got),
+            fmt(seen)
+        )
+    })
+}
+
 /// Each operation, by nobody (or by root, who keeps the bits), leaves the
 /// files' modes as on the source.
 fn assert_modification_kills_privileges_like_the_source(root: bool, args: &[&str]) {
@@ -186,18 +206,7 @@ fn assert_modification_kills_privileges_like_the_source(root: bool, args: &[&str
                     sh_as(root, script, &target);
                 }
             }
-            // First, before a full stat refreshes the kernel's cache.
-            let quick = mode_only(&m.path(&format!("dut/{file}")));
-            let want = owner_and_mode(&m.src_path(&format!("ref/{file}")));
-            let got = owner_and_mode(&m.src_path(&format!("dut/{file}")));
-            let seen = owner_and_mode(&m.path(&format!("dut/{file}")));
-            if got != want || seen != want || quick != want.2 {
-                diffs.push(format!(
-                    "{file} (was {mode:o}): plain {:o}, source under the mount {:o}, \
-                     seen through the mount {:o}, its mode alone at once {quick:o}",
-                    want.2, got.2, seen.2
-                ));
-            }
+            diffs.extend(mode_difference(&m, &file, mode));
         }
     }
     assert!(diffs.is_empty(), "modes differ:\n{}", diffs.join("\n"));
@@ -351,19 +360,7 @@ fn assert_chown_to_no_change_kills_privileges_like_the_source(args: &[&str]) {
                     std::os::unix::fs::fchown(&f, None, None).unwrap();
                 }
             }
-            let quick = mode_only(&m.path(&format!("dut/{file}")));
-            let want = owner_and_mode(&m.src_path(&format!("ref/{file}")));
-            let got = owner_and_mode(&m.src_path(&format!("dut/{file}")));
-            let seen = owner_and_mode(&m.path(&format!("dut/{file}")));
-            if got != want || seen != want || quick != want.2 {
-                diffs.push(format!(
-                    "{file} (was {mode:o}): plain {}, source under the mount {}, \
-                     seen through the mount {}, its mode alone at once {quick:o}",
-                    fmt(want),
-                    fmt(got),
-                    fmt(seen)
-                ));
-            }
+            diffs.extend(mode_difference(&m, &file, mode));
         }
     }
     assert!(diffs.is_empty(), "modes differ:\n{}", diffs.join("\n"));

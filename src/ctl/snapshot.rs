@@ -171,6 +171,16 @@ fn is_limit(name: &str) -> bool {
 }
 
 /// Parses `user.throttle.active` of the mount at `mount`.
+/// `NAME:VALUE,...` of `user.throttle.active`'s `limits=` and `qos=`
+/// fields, as (name, value) pairs.
+fn name_value_list(value: &str) -> Vec<(String, String)> {
+    value
+        .split(',')
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
 pub fn parse_active(mount: &str, text: &str) -> (Vec<FileRow>, u64) {
     let mut files = Vec::new();
     let mut unlisted = 0;
@@ -198,21 +208,9 @@ pub fn parse_active(mount: &str, text: &str) -> (Vec<FileRow>, u64) {
                 "group" => row.group = Some(value),
                 "group_source" => row.group_source = Some(value),
                 xattr::PASSTHROUGH_HANDLES => row.passthrough = value.parse().unwrap_or(0),
-                "qos" => {
-                    row.qos = value
-                        .split(',')
-                        .filter_map(|l| l.split_once(':'))
-                        .map(|(n, v)| (n.to_string(), v.to_string()))
-                        .collect();
-                }
+                "qos" => row.qos = name_value_list(&value),
                 "size_gib" | "size_from" => row.sizing.push((name.to_string(), value)),
-                "limits" => {
-                    row.limits = value
-                        .split(',')
-                        .filter_map(|l| l.split_once(':'))
-                        .map(|(n, v)| (n.to_string(), v.to_string()))
-                        .collect();
-                }
+                "limits" => row.limits = name_value_list(&value),
                 _ => {
                     row.activity.set(name, value.parse().unwrap_or(0));
                 }
